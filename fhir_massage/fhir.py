@@ -293,7 +293,7 @@ def outcome_text(outcome: Mapping[str, Any] | None, *, limit: int = 3) -> str:
             text = f"issue type '{issue['code']}'"
         if text:
             where = issue.get("expression") or issue.get("location")
-            if isinstance(where, list) and where:
+            if isinstance(where, list) and where and not any(str(w) in str(text) for w in where[:2]):
                 text = f"{text} (at {', '.join(str(w) for w in where[:2])})"
             parts.append(" ".join(str(text).split()))
     more = len(parts) - limit

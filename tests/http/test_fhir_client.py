@@ -116,6 +116,17 @@ def test_error_message_uses_details_text_and_coding_not_raw_body(client: FhirCli
 
 
 @responses.activate
+def test_error_message_does_not_repeat_a_path_already_in_diagnostics(client: FhirClient) -> None:
+    body = {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "structure", "diagnostics": "Extra inputs (Patient.foo)",
+         "expression": ["Patient.foo"]}]}
+    responses.post(f"{BASE}/Patient", status=400, json=body)
+    with pytest.raises(FhirError) as info:
+        client.create({"resourceType": "Patient"})
+    assert info.value.message.count("Patient.foo") == 1
+
+
+@responses.activate
 def test_error_without_outcome_says_so_and_hides_query(client: FhirClient) -> None:
     responses.get(f"{BASE}/Patient", status=400, body="<html>nope</html>", content_type="text/html")
     with pytest.raises(FhirError) as info:
