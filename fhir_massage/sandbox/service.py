@@ -1,0 +1,372 @@
+"""The sandbox's FHIR core: the RESTful interactions (R4 §3.1.0) over the store, with access enforcement.
+
+No Flask here: every method takes the caller's ``Grant`` and the public FHIR base URL and returns a ``Result``
+(status, body, headers) or raises ``FhirProblem``. fhir_api.py is the HTTP glue; transactions.py reuses these
+methods per Bundle entry.
+
+Access rules (the contract in access.py):
+- the interaction on the type must be granted, else 403;
+- with ``grant.patient`` set, types in the Patient compartment (searchparams.PATIENT_COMPARTMENT) are limited to
+  that patient's compartment: a search naming another patient (patient=/subject=) is 403, any other search is
+  silently narrowed to the patient; reading another patient's resource is 403 (not 404: the sandbox does not hide
+  that the id exists, it only refuses its data); creating/updating/deleting outside the compartment is 403.
+  Types outside the compartment (Practitioner, Organization, Location, Device, Medication, ...) follow the type
+  permission only. _include/_revinclude results the grant may not read are left out.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+
+from fhir_massage.sandbox.access import Grant
+from fhir_massage.sandbox.outcome import FhirProblem, bad_request, forbidden, issue, not_found, outcome
+from fhir_massage.sandbox.search import COMPARTMENT, Search, compartment_patients, parse
+from fhir_massage.sandbox.searchparams import PATIENT_COMPARTMENT, RESOURCE_TYPES
+from fhir_massage.sandbox.store import Record, Store
+from fhir_massage.sandbox.validation import valid_id, validate
+
+
+@dataclass
+class Result:
+    status: int
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    resource: dict[str, Any] | None = None  # the stored resource, for Prefer handling / bundle entries
+
+
+def http_date(instant: str) -> str:
+    return format_datetime(datetime.fromisoformat(instant.replace("Z", "+00:00")), usegmt=True)
+
+
+def version_headers(base: str, resource: dict[str, Any]) -> dict[str, str]:
+    meta = resource.get("meta") or {}
+    vid = meta.get("versionId", "1")
+    return {
+        "ETag": f'W/"{vid}"',
+        "Last-Modified": http_date(meta["lastUpdated"]),
+        "Location": f"{base}/{resource['resourceType']}/{resource['id']}/_history/{vid}",
+    }
+
+
+def parse_etag(value: str) -> int | None:
+    v = value.strip()
+    if v.startswith("W/"):
+        v = v[2:]
+    v = v.strip('"')
+    return int(v) if v.isdigit() else None
+
+
+def check_type(rtype: str) -> None:
+    if rtype not in RESOURCE_TYPES:
+        raise FhirProblem(404, f"The resource type '{rtype}' is not supported by this server.", code="not-supported")
+
+
+def check_id(rid: str) -> None:
+    if not valid_id(rid):
+        raise bad_request(f"'{rid[:80]}' is not a valid FHIR id (1-64 letters, digits, '-' or '.').", code="value")
+
+
+class FhirService:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- access --------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def require(grant: Grant, rtype: str, interaction: str) -> None:
+        if not grant.allows(rtype, interaction):
+            raise forbidden(f"This access token does not allow '{interaction}' on {rtype}.")
+
+    @staticmethod
+    def may_see(grant: Grant, resource: dict[str, Any]) -> bool:
+        if grant.patient is None or resource.get("resourceType") not in PATIENT_COMPARTMENT:
+            return True
+        return grant.patient in compartment_patients(resource)
+
+    def require_compartment(self, grant: Grant, resource: dict[str, Any], verb: str) -> None:
+        if not self.may_see(grant, resource):
+            raise forbidden(
+                f"This access token is limited to Patient/{grant.patient}; it may not {verb} a"
+                f" {resource.get('resourceType')} outside that patient's record."
+            )
+
+    # -- instance interactions -----------------------------------------------------------------------------------
+
+    def read(self, grant: Grant, base: str, rtype: str, rid: str) -> Result:
+        check_type(rtype)
+        self.require(grant, rtype, "read")
+        check_id(rid)
+        rec = self._current(rtype, rid)
+        self.require_compartment(grant, rec.body or {}, "read")
+        return self._found(base, rec.body or {}, 200)
+
+    def vread(self, grant: Grant, base: str, rtype: str, rid: str, vid: str) -> Result:
+        check_type(rtype)
+        self.require(grant, rtype, "vread")
+        check_id(rid)
+        if not vid.isdigit():
+            raise not_found(f"{rtype}/{rid} has no version '{vid[:40]}'.")
+        rec = self.store.get_version(rtype, rid, int(vid))
+        if rec is None:
+            raise not_found(f"{rtype}/{rid} has no version {vid}.")
+        if rec.deleted:
+            raise FhirProblem(410, f"Version {vid} of {rtype}/{rid} is a deletion.", code="deleted")
+        self.require_compartment(grant, rec.body or {}, "read")
+        return self._found(base, rec.body or {}, 200)
+
+    def _current(self, rtype: str, rid: str) -> Record:
+        rec = self.store.get(rtype, rid)
+        if rec is None:
+            raise not_found(f"{rtype}/{rid} does not exist.")
+        if rec.deleted:
+            raise FhirProblem(410, f"{rtype}/{rid} was deleted.", code="deleted")
+        return rec
+
+    @staticmethod
+    def _found(base: str, resource: dict[str, Any], status: int) -> Result:
+        headers = version_headers(base, resource)
+        if status == 200:
+            headers.pop("Location")
+        return Result(status, resource, headers, resource)
+
+    def create(
+        self, grant: Grant, base: str, rtype: str, body: Any, *, if_none_exist: str | None = None, new_id: str | None = None
+    ) -> Result:
+        check_type(rtype)
+        self.require(grant, rtype, "create")
+        resource = validate(body, expected_type=rtype)
+        resource = {**resource}
+        if if_none_exist:
+            existing = self.conditional_matches(grant, base, rtype, if_none_exist)
+            if len(existing) > 1:
+                raise FhirProblem(
+                    412,
+                    f"The condition '{if_none_exist}' matches {len(existing)} {rtype} resources; a conditional create"
+                    " needs at most one match.",
+                    code="multiple-matches",
+                )
+            if existing:
+                return self._found(base, existing[0], 200)
+        # R4 §3.1.0.7: on create the server assigns the id and ignores any id in the body.
+        resource["id"] = new_id or str(uuid.uuid4())
+        self.require_compartment(grant, resource, "create")
+        with self.store.transaction():
+            stored = self.store.put(resource, "POST")
+        return Result(201, stored, version_headers(base, stored), stored)
+
+    def conditional_matches(self, grant: Grant, base: str, rtype: str, query: str) -> list[dict[str, Any]]:
+        pairs = parse_qsl(query.lstrip("?"), keep_blank_values=True)
+        if not pairs:
+            raise bad_request("A conditional create needs search parameters (If-None-Exist / ifNoneExist).")
+        q = parse(rtype, pairs, base, strict=True)
+        self._restrict(grant, q)
+        sql, args = self._where(q)
+        rows = self.store.query(f"SELECT r.rid FROM resources r WHERE {sql} LIMIT 2", args)
+        return self.store.get_many([(rtype, r[0]) for r in rows])
+
+    def update(self, grant: Grant, base: str, rtype: str, rid: str, body: Any, *, if_match: str | None = None) -> Result:
+        check_type(rtype)
+        check_id(rid)
+        resource = validate(body, expected_type=rtype)
+        if "id" not in resource:
+            raise bad_request("An update (PUT) body must carry the id.", code="required", expression=f"{rtype}.id")
+        if resource["id"] != rid:
+            raise bad_request(
+                f"The id in the body ({resource['id']}) differs from the id in the URL ({rid}).",
+                expression=f"{rtype}.id",
+            )
+        with self.store.transaction():
+            current = self.store.get(rtype, rid)
+            exists = current is not None and not current.deleted
+            self.require(grant, rtype, "update" if exists else "create")
+            if if_match is not None:
+                wanted = parse_etag(if_match)
+                if wanted is None:
+                    raise bad_request(f"If-Match must be a version ETag like W/\"3\", not '{if_match[:40]}'.")
+                if not exists or current is None or current.version != wanted:
+                    have = f"version {current.version}" if exists and current else "no current version"
+                    raise FhirProblem(
+                        412,
+                        f"{rtype}/{rid} has {have}, not version {wanted}: someone else changed it. Read it again and"
+                        " re-apply your change.",
+                        code="conflict",
+                    )
+            if exists and current is not None and current.body:
+                self.require_compartment(grant, current.body, "update")
+            self.require_compartment(grant, resource, "write")
+            stored = self.store.put(dict(resource), "PUT")
+        status = 200 if exists else 201
+        headers = version_headers(base, stored)
+        return Result(status, stored, headers, stored)
+
+    def delete(self, grant: Grant, base: str, rtype: str, rid: str) -> Result:
+        check_type(rtype)
+        self.require(grant, rtype, "delete")
+        check_id(rid)
+        with self.store.transaction():
+            current = self.store.get(rtype, rid)
+            if current is not None and current.body:
+                self.require_compartment(grant, current.body, "delete")
+            rec = self.store.delete(rtype, rid)
+        # R4 §3.1.0.8: deleting something absent or already deleted is a success too (idempotent).
+        headers = {"ETag": f'W/"{rec.version}"'} if rec else {}
+        return Result(
+            200, outcome(issue("informational", f"{rtype}/{rid} deleted.", severity="information")), headers
+        )
+
+    def history(self, grant: Grant, base: str, rtype: str, rid: str) -> Result:
+        check_type(rtype)
+        self.require(grant, rtype, "history")
+        check_id(rid)
+        versions = self.store.history(rtype, rid)
+        if not versions:
+            raise not_found(f"{rtype}/{rid} does not exist.")
+        for rec, _ in versions:
+            if rec.body:
+                self.require_compartment(grant, rec.body, "read")
+        entries = []
+        for rec, method in versions:
+            entry: dict[str, Any] = {"fullUrl": f"{base}/{rtype}/{rid}"}
+            if rec.body:
+                entry["resource"] = rec.body
+            entry["request"] = {"method": method, "url": rtype if method == "POST" else f"{rtype}/{rid}"}
+            entry["response"] = {
+                "status": {"POST": "201 Created", "PUT": "200 OK", "DELETE": "200 OK"}.get(method, "200 OK"),
+                "etag": f'W/"{rec.version}"',
+                "lastModified": rec.last_updated,
+            }
+            entries.append(entry)
+        bundle = {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "history",
+            "total": len(entries),
+            "link": [{"relation": "self", "url": f"{base}/{rtype}/{rid}/_history"}],
+            "entry": entries,
+        }
+        return Result(200, bundle)
+
+    # -- search --------------------------------------------------------------------------------------------------
+
+    def _restrict(self, grant: Grant, q: Search) -> None:
+        if grant.patient is None or q.resource_type not in PATIENT_COMPARTMENT:
+            return
+        others = {p for p in q.named_patients if p != grant.patient}
+        if others:
+            raise forbidden(
+                f"This access token is limited to Patient/{grant.patient}; it may not search another patient's"
+                f" {q.resource_type} resources."
+            )
+        q.where.append(
+            f"EXISTS (SELECT 1 FROM search_index s WHERE s.rtype = r.rtype AND s.rid = r.rid"
+            f" AND s.param = '{COMPARTMENT}' AND s.rtid = ?)"
+        )
+        q.args.append(grant.patient)
+
+    @staticmethod
+    def _where(q: Search) -> tuple[str, list[Any]]:
+        where = ["r.rtype = ?", "r.deleted = 0", *q.where]
+        return " AND ".join(where), [q.resource_type, *q.args]
+
+    def search(
+        self, grant: Grant, base: str, rtype: str, pairs: list[tuple[str, str]], *, strict: bool = False
+    ) -> Result:
+        check_type(rtype)
+        self.require(grant, rtype, "search")
+        q = parse(rtype, pairs, base, strict=strict)
+        self._restrict(grant, q)
+        where, args = self._where(q)
+        total = self.store.query(f"SELECT COUNT(*) FROM resources r WHERE {where}", args)[0][0]
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "searchset",
+            "total": total,
+            "link": [],
+        }
+        entries: list[dict[str, Any]] = []
+        if not q.summary_count:
+            order = ", ".join([*q.order, "r.lu ASC", "r.rid ASC"])
+            rows = self.store.query(
+                f"SELECT r.rid, r.body FROM resources r WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+                [*args, *q.order_args, q.count, q.offset],
+            )
+            matches = [orjson.loads(b) for _, b in rows]
+            seen = {(rtype, m["id"]) for m in matches}
+            for m in matches:
+                entries.append({"fullUrl": f"{base}/{rtype}/{m['id']}", "resource": m, "search": {"mode": "match"}})
+            for res in self._included(grant, base, q, [m["id"] for m in matches], seen):
+                entries.append(
+                    {
+                        "fullUrl": f"{base}/{res['resourceType']}/{res['id']}",
+                        "resource": res,
+                        "search": {"mode": "include"},
+                    }
+                )
+        if q.ignored:
+            entries.append({"resource": outcome(*q.ignored), "search": {"mode": "outcome"}})
+        bundle["link"] = self._links(base, q, total)
+        if entries:
+            bundle["entry"] = entries
+        return Result(200, bundle)
+
+    def _included(
+        self, grant: Grant, base: str, q: Search, ids: list[str], seen: set[tuple[str, str]]
+    ) -> list[dict[str, Any]]:
+        if not ids or not (q.includes or q.revincludes):
+            return []
+        marks = ",".join("?" * len(ids))
+        keys: list[tuple[str, str]] = []
+        for src, pname, target in q.includes:
+            sql = (
+                f"SELECT rtarget, rtid FROM search_index WHERE rtype = ? AND rid IN ({marks}) AND param = ?"
+                " AND rtarget IS NOT NULL AND (rref NOT LIKE 'http%' OR rref LIKE ?)"
+            )
+            args: list[Any] = [src, *ids, pname, f"{base}/%"]
+            if target:
+                sql += " AND rtarget = ?"
+                args.append(target)
+            keys.extend((t, i) for t, i in self.store.query(sql, args))
+        for src, pname, target in q.revincludes:
+            if target and target != q.resource_type:
+                continue
+            refs = [f"{q.resource_type}/{i}" for i in ids]
+            refs += [f"{base}/{r}" for r in refs]
+            rows = self.store.query(
+                f"SELECT DISTINCT rid FROM search_index WHERE rtype = ? AND param = ? AND rref IN ({','.join('?' * len(refs))})",
+                [src, pname, *refs],
+            )
+            keys.extend((src, r[0]) for r in rows)
+        out = []
+        for key in keys:
+            if key in seen or key[0] not in RESOURCE_TYPES:
+                continue
+            seen.add(key)
+            for res in self.store.get_many([key]):
+                if grant.allows(key[0], "read") and self.may_see(grant, res):
+                    out.append(res)
+        return out
+
+    @staticmethod
+    def _links(base: str, q: Search, total: int) -> list[dict[str, str]]:
+        def url(offset: int) -> str:
+            params = [*q.echo, ("_count", str(q.count))]
+            if offset:
+                params.append(("_offset", str(offset)))
+            return f"{base}/{q.resource_type}?{urlencode(params)}"
+
+        links = [{"relation": "self", "url": url(q.offset)}]
+        if q.summary_count:
+            return links
+        if q.offset + q.count < total and q.count > 0:
+            links.append({"relation": "next", "url": url(q.offset + q.count)})
+        if q.offset > 0:
+            links.append({"relation": "previous", "url": url(max(0, q.offset - q.count))})
+        return links

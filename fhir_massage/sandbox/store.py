@@ -1,0 +1,201 @@
+"""SQLite storage for the sandbox: current versions, full history, and the search index.
+
+One connection guarded by one re-entrant lock: the WSGI server is threaded, SQLite in-memory databases are
+per-connection, and a sandbox needs correctness far more than write concurrency. ``transaction()`` holds the lock
+for the whole unit of work, so a FHIR transaction Bundle is one SQLite transaction (all or nothing) and nested
+units become SAVEPOINTs (a batch entry that fails rolls back alone).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+from fhir_massage.sandbox.search import index_rows
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS resources (
+  rtype TEXT NOT NULL, rid TEXT NOT NULL, version INTEGER NOT NULL, lu REAL NOT NULL, lu_text TEXT NOT NULL,
+  deleted INTEGER NOT NULL DEFAULT 0, body BLOB, PRIMARY KEY (rtype, rid));
+CREATE TABLE IF NOT EXISTS history (
+  rtype TEXT NOT NULL, rid TEXT NOT NULL, version INTEGER NOT NULL, lu_text TEXT NOT NULL,
+  deleted INTEGER NOT NULL DEFAULT 0, method TEXT NOT NULL, body BLOB, PRIMARY KEY (rtype, rid, version));
+CREATE TABLE IF NOT EXISTS search_index (
+  rtype TEXT NOT NULL, rid TEXT NOT NULL, param TEXT NOT NULL, sys TEXT, code TEXT, sval TEXT, raw TEXT,
+  lo REAL, hi REAL, rref TEXT, rtarget TEXT, rtid TEXT, num REAL);
+CREATE INDEX IF NOT EXISTS ix_res_type_lu ON resources (rtype, deleted, lu);
+CREATE INDEX IF NOT EXISTS ix_si_owner ON search_index (rtype, rid, param);
+CREATE INDEX IF NOT EXISTS ix_si_code ON search_index (rtype, param, code);
+CREATE INDEX IF NOT EXISTS ix_si_ref ON search_index (rtype, param, rref);
+CREATE INDEX IF NOT EXISTS ix_si_rtid ON search_index (rtype, param, rtid);
+CREATE INDEX IF NOT EXISTS ix_si_sval ON search_index (rtype, param, sval);
+CREATE INDEX IF NOT EXISTS ix_si_lo ON search_index (rtype, param, lo);
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    rtype: str
+    rid: str
+    version: int
+    last_updated: str
+    deleted: bool
+    body: dict[str, Any] | None
+
+
+def now_instant() -> tuple[float, str]:
+    now = datetime.now(timezone.utc)
+    return now.timestamp(), now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Store:
+    def __init__(self, path: Path | None = None) -> None:
+        target = str(path) if path is not None else ":memory:"
+        self._conn = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+        self._lock = threading.RLock()
+        self._depth = 0
+        if path is not None:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(SCHEMA)
+        self._last_ts = 0.0
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock:
+            depth = self._depth
+            name = f"sp{depth}"
+            self._conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT {name}")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if depth == 0:
+                    self._conn.execute("ROLLBACK")
+                else:
+                    self._conn.execute(f"ROLLBACK TO {name}")
+                    self._conn.execute(f"RELEASE {name}")
+                raise
+            self._depth -= 1
+            self._conn.execute("COMMIT" if depth == 0 else f"RELEASE {name}")
+
+    def query(self, sql: str, args: list[Any] | tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # -- reads -------------------------------------------------------------------------------------------------
+
+    def get(self, rtype: str, rid: str) -> Record | None:
+        rows = self.query(
+            "SELECT version, lu_text, deleted, body FROM resources WHERE rtype = ? AND rid = ?", (rtype, rid)
+        )
+        if not rows:
+            return None
+        version, lu, deleted, body = rows[0]
+        return Record(rtype, rid, version, lu, bool(deleted), orjson.loads(body) if body else None)
+
+    def get_many(self, keys: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        out = []
+        for rtype, rid in keys:
+            rec = self.get(rtype, rid)
+            if rec and not rec.deleted and rec.body:
+                out.append(rec.body)
+        return out
+
+    def get_version(self, rtype: str, rid: str, version: int) -> Record | None:
+        rows = self.query(
+            "SELECT lu_text, deleted, body FROM history WHERE rtype = ? AND rid = ? AND version = ?",
+            (rtype, rid, version),
+        )
+        if not rows:
+            return None
+        lu, deleted, body = rows[0]
+        return Record(rtype, rid, version, lu, bool(deleted), orjson.loads(body) if body else None)
+
+    def history(self, rtype: str, rid: str) -> list[tuple[Record, str]]:
+        rows = self.query(
+            "SELECT version, lu_text, deleted, body, method FROM history WHERE rtype = ? AND rid = ?"
+            " ORDER BY version DESC",
+            (rtype, rid),
+        )
+        return [
+            (Record(rtype, rid, v, lu, bool(d), orjson.loads(b) if b else None), method) for v, lu, d, b, method in rows
+        ]
+
+    # -- writes (call inside transaction()) --------------------------------------------------------------------
+
+    def _stamp(self) -> tuple[float, str]:
+        # Strictly increasing timestamps so _lastUpdated sorting and ranges are deterministic.
+        ts, text = now_instant()
+        if ts <= self._last_ts:
+            ts = self._last_ts + 0.001
+            text = datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self._last_ts = ts
+        return ts, text
+
+    def put(self, resource: dict[str, Any], method: str) -> dict[str, Any]:
+        """Store a new version of ``resource`` (its id set); fills meta.versionId/lastUpdated and re-indexes."""
+        rtype, rid = resource["resourceType"], resource["id"]
+        with self.transaction():
+            current = self.get(rtype, rid)
+            version = current.version + 1 if current else 1
+            ts, text = self._stamp()
+            meta = dict(resource.get("meta") or {})
+            meta["versionId"] = str(version)
+            meta["lastUpdated"] = text
+            resource = {**resource, "meta": meta}
+            body = orjson.dumps(resource)
+            self._conn.execute(
+                "INSERT OR REPLACE INTO resources (rtype, rid, version, lu, lu_text, deleted, body)"
+                " VALUES (?, ?, ?, ?, ?, 0, ?)",
+                (rtype, rid, version, ts, text, body),
+            )
+            self._conn.execute(
+                "INSERT INTO history (rtype, rid, version, lu_text, deleted, method, body) VALUES (?, ?, ?, ?, 0, ?, ?)",
+                (rtype, rid, version, text, method, body),
+            )
+            self._conn.execute("DELETE FROM search_index WHERE rtype = ? AND rid = ?", (rtype, rid))
+            self._conn.executemany(
+                "INSERT INTO search_index (rtype, rid, param, sys, code, sval, raw, lo, hi, rref, rtarget, rtid, num)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(rtype, rid, *row) for row in index_rows(resource)],
+            )
+        return resource
+
+    def delete(self, rtype: str, rid: str) -> Record | None:
+        """Mark deleted (a new history version with no body); None if there was nothing to delete."""
+        with self.transaction():
+            current = self.get(rtype, rid)
+            if current is None or current.deleted:
+                return None
+            ts, text = self._stamp()
+            version = current.version + 1
+            self._conn.execute(
+                "UPDATE resources SET version = ?, lu = ?, lu_text = ?, deleted = 1, body = NULL"
+                " WHERE rtype = ? AND rid = ?",
+                (version, ts, text, rtype, rid),
+            )
+            self._conn.execute(
+                "INSERT INTO history (rtype, rid, version, lu_text, deleted, method, body)"
+                " VALUES (?, ?, ?, ?, 1, 'DELETE', NULL)",
+                (rtype, rid, version, text),
+            )
+            self._conn.execute("DELETE FROM search_index WHERE rtype = ? AND rid = ?", (rtype, rid))
+            return Record(rtype, rid, version, text, True, None)
+
+    def wipe(self) -> None:
+        with self.transaction():
+            for table in ("resources", "history", "search_index"):
+                self._conn.execute(f"DELETE FROM {table}")
