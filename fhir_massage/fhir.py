@@ -684,12 +684,15 @@ class FhirClient:
             return FhirError(f"The FHIR server redirected {method} {path} ({status}); redirects are not followed. "
                              "Check the FHIR base URL.", status=status, url=_no_query(response.url))
         error = error_for_status(status, outcome, _no_query(response.url), what=f"The FHIR server ({method} {path})")
+        challenge = _bearer_error_description(response.headers.get("WWW-Authenticate"))
+        if status in (401, 403) and outcome is None and challenge:
+            error.message = error.message.split(" (no explanation")[0] + f": {challenge}."
+            error.args = (error.message,)
         if status == 401 and self.token_source is not None:
             error.message = error.message.rstrip(".") + "; the token was refused and refreshing it did not help."
             error.args = (error.message,)
-        wait = self._retry_after(response.headers.get("Retry-After"))
-        if wait is not None:
-            error.retry_after = wait  # type: ignore[attr-defined]  # lets a caller tell the user when to retry
+        # Seconds the server asked us to wait (None if it did not say): lets a caller tell the user when to retry.
+        error.retry_after = self._retry_after(response.headers.get("Retry-After"))  # type: ignore[attr-defined]
         return error
 
     def _retry_after(self, value: str | None) -> float | None:
@@ -776,7 +779,8 @@ def _query_string(params: str | Params) -> str:
     pairs: list[tuple[str, str]] = []
     for key, value in items:
         values = value if isinstance(value, (list, tuple)) else [value]
-        pairs.extend((key, str(v)) for v in values)  # a list repeats the parameter (AND, search.html#combining)
+        # None means "not given": sending the text "None" would be a search for that string.
+        pairs.extend((key, str(v)) for v in values if v is not None)  # a list repeats the parameter (AND, search.html#combining)
     return urlencode(pairs)
 
 
@@ -809,6 +813,14 @@ def _as_etag(version: str) -> str:
 def _etag_version(etag: str) -> str | None:
     m = re.match(r'^(?:W/)?"([^"]*)"$', etag.strip())
     return m.group(1) if m else None
+
+
+def _bearer_error_description(header: str | None) -> str | None:
+    """``error_description`` from a ``WWW-Authenticate: Bearer ...`` challenge (RFC 6750 §3), if any."""
+    if not header:
+        return None
+    m = re.search(r'error_description="([^"]{1,300})"', header)
+    return " ".join(m.group(1).split()) if m else None
 
 
 def _status_code(status: Any) -> int | None:

@@ -459,6 +459,22 @@ def test_401_without_a_refreshed_token_is_not_repeated(sleeps: Sleeps) -> None:
 
 
 @responses.activate
+def test_401_without_outcome_uses_the_bearer_challenge(client: FhirClient) -> None:
+    responses.get(f"{BASE}/Patient/p1", status=401,
+                  headers={"WWW-Authenticate": 'Bearer error="invalid_token", error_description="The token expired"'})
+    with pytest.raises(FhirAuthError, match="401 Unauthorized: The token expired") as info:
+        client.read("Patient", "p1")
+    assert info.value.retry_after is None
+
+
+def test_none_parameters_are_left_out(client: FhirClient) -> None:
+    with responses.RequestsMock() as mock:
+        mock.get(f"{BASE}/Observation", json=searchset([]),
+                 match=[matchers.query_param_matcher({"patient": "p1"})])
+        client.search("Observation", {"patient": "p1", "date": None})
+
+
+@responses.activate
 def test_403_does_not_refresh(sleeps: Sleeps) -> None:
     tokens = Tokens("old", "new")
     client = FhirClient(BASE, token_source=tokens, sleep=sleeps)
