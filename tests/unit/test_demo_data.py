@@ -404,3 +404,11 @@ def test_package_data_patterns_ship_the_demo_files() -> None:
     files = [p.relative_to(DEMO_DIR).as_posix() for p in (DEMO_DIR / "synthea").iterdir()]
     unmatched = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
     assert unmatched == []
+
+
+def test_hand_made_resources_match_the_seeded_bundle(bundles: list[dict]) -> None:
+    resources = demo.hand_made_resources("demo-tom-becker", TODAY)
+    (bundle,) = [b for b in bundles if b["entry"][0]["resource"]["id"] == "demo-tom-becker"]
+    assert resources == [e["resource"] for e in bundle["entry"]]
+    with pytest.raises(KeyError):
+        demo.hand_made_resources("demo-nobody", TODAY)

@@ -26,7 +26,9 @@ from typing import Any, Callable
 
 from fhir_massage import codes as C
 
-__all__ = ["DEMO_USERS", "DEMO_PATIENTS", "demo_bundles", "synthea_bundle", "synthea_manifest", "HAND_MADE"]
+__all__ = [
+    "DEMO_USERS", "DEMO_PATIENTS", "HAND_MADE", "demo_bundles", "hand_made_resources", "synthea_bundle", "synthea_manifest",
+]  # fmt: skip
 
 # Namespace for the entries' urn:uuid fullUrls of hand-made resources (ids are readable slugs, fullUrls must be
 # URIs: a uuid5 of "Type/id" keeps them stable across runs).
