@@ -324,6 +324,10 @@ def test_synthea_manifest_episodes_point_at_kept_resources() -> None:
         bundle = synthea_bundle(item["patientId"])
         res = {f"{e['resource']['resourceType']}/{e['resource']['id']}": e["resource"] for e in bundle["entry"]}
         assert res[f"Patient/{item['patientId']}"]["birthDate"] == item["birthDate"]
+        counts: dict[str, int] = {}
+        for key in res:
+            counts[key.split("/")[0]] = counts.get(key.split("/")[0], 0) + 1
+        assert counts == item["resourceCounts"], item["file"]
         for ep in item["episodes"]:
             if ep["kind"] == "Condition":
                 cond = res[f"Condition/{ep['resourceId']}"]
