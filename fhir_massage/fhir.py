@@ -407,17 +407,18 @@ class FhirClient:
 
     def capabilities(self) -> dict[str, Any]:
         """``GET [base]/metadata`` (http.html#capabilities)."""
-        return self._expect_type(self._json("GET", self._url("metadata"), idempotent=True), "CapabilityStatement")
+        url = self._url("metadata")
+        return self._expect_type(self._json("GET", url, idempotent=True), "CapabilityStatement", url)
 
     def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
         """``GET [base]/[type]/[id]``; ``FhirNotFound`` for 404 and for 410 (deleted)."""
         url = self._url(_rtype(resource_type), _rid(resource_id))
-        return self._expect_type(self._json("GET", url, idempotent=True), resource_type)
+        return self._expect_type(self._json("GET", url, idempotent=True), resource_type, url)
 
     def vread(self, resource_type: str, resource_id: str, version_id: str) -> dict[str, Any]:
         """``GET [base]/[type]/[id]/_history/[vid]``."""
         url = self._url(_rtype(resource_type), _rid(resource_id), "_history", _rid(str(version_id)))
-        return self._expect_type(self._json("GET", url, idempotent=True), resource_type)
+        return self._expect_type(self._json("GET", url, idempotent=True), resource_type, url)
 
     def search(self, resource_type: str | None, params: Params = None, *, method: str = "auto") -> dict[str, Any]:
         """One page of a search: the searchset Bundle. ``resource_type=None`` searches the whole system.
@@ -581,11 +582,11 @@ class FhirClient:
     def _json(self, method: str, url: str, *, idempotent: bool) -> Any:
         return self._body(self._request(method, url, idempotent=idempotent), required=True)
 
-    def _expect_type(self, body: Any, resource_type: str) -> dict[str, Any]:
+    def _expect_type(self, body: Any, resource_type: str, url: str) -> dict[str, Any]:
         if not isinstance(body, dict) or body.get("resourceType") != resource_type:
             got = body.get("resourceType") if isinstance(body, dict) else type(body).__name__
             raise FhirError(f"Expected a {resource_type} from the FHIR server but got {got or 'no resourceType'}.",
-                            code="fhir-bad-body")
+                            code="fhir-bad-body", url=url)
         return body
 
     def _searchset(self, body: Any, url: str) -> dict[str, Any]:
