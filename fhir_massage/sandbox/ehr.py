@@ -1,0 +1,100 @@
+"""The sandbox's EHR simulator: pick a user, a patient and an app, and the app opens in an iframe, launched the way
+an EHR embeds a SMART app (SMART App Launch 2.2 "EHR launch": the EHR opens the app's launch URL with ``iss`` and
+an opaque ``launch``).
+
+- ``GET /ehr``: the picker.
+- ``GET /ehr/launch?client_id=..&user=..&patient=..[&intent=..][&encounter=..][&embed=0|1]``: creates a launch;
+  ``embed=1`` (default) shows the EHR frame with the app inside, ``embed=0`` redirects straight to the app's launch
+  URL (tests and demos that need no clicks).
+- ``GET /ehr/smart-style.json``: the SMART styling document (SMART 2.2 "Styling", ``smart_style_url``).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from flask import Blueprint, current_app, jsonify, redirect, render_template, request
+
+from fhir_massage.errors import InvalidInput
+
+bp = Blueprint("sandbox_ehr", __name__, template_folder="templates", url_prefix="/ehr")
+
+# Keys from SMART 2.2 "Styling"; the values are the simulator's own look (static/sandbox.css uses the same).
+SMART_STYLE = {
+    "color_background": "#f5f7f9",
+    "color_error": "#b00020",
+    "color_highlight": "#005f73",
+    "color_modal_backdrop": "rgba(0, 0, 0, 0.45)",
+    "color_success": "#1b7f3b",
+    "color_text": "#1d2329",
+    "dim_border_radius": "4px",
+    "dim_font_size": "16px",
+    "dim_spacing_size": "16px",
+    "font_family_body": "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif",
+    "font_family_heading": "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif",
+}
+
+
+def _auth():
+    from fhir_massage.sandbox.auth import current
+
+    return current()
+
+
+def _secure(resp, frame_src: str = "'none'"):
+    # The simulator's own pages: no scripts at all; it may frame only the app it launched.
+    resp.headers["Content-Security-Policy"] = (
+        "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+        f"frame-src {frame_src}; frame-ancestors 'none'; base-uri 'none'"
+    )
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@bp.get("")
+@bp.get("/")
+def index():
+    auth = _auth()
+    clients = [c for c in auth.clients.values() if c.launch_url]
+    resp = current_app.make_response(render_template(
+        "ehr/index.html", users=auth.users(), patients=auth.patients(), clients=clients, error=None))
+    return _secure(resp)
+
+
+@bp.get("/launch")
+def launch():
+    auth = _auth()
+    args = request.args
+    client = auth.query_client(args.get("client_id", ""))
+    if client is None or not client.launch_url:
+        return _error("No registered app with a launch URL has that client_id.")
+    patient = args.get("patient") or None
+    known = {p["id"]: p for p in auth.patients()}
+    try:
+        out = auth.create_launch(client.client_id, args.get("user", ""), patient, encounter=args.get("encounter") or None,
+                                 intent=args.get("intent") or None)
+    except InvalidInput as exc:
+        return _error(exc.message)
+    if args.get("embed", "1") == "0":
+        return redirect(out["launch_url"], code=302)
+    user = auth.find_user(args.get("user"))
+    origin = urlsplit(out["launch_url"])
+    resp = current_app.make_response(render_template(
+        "ehr/frame.html", app_url=out["launch_url"], client=client, user=user,
+        patient=known.get(patient) if patient else None, patient_id=patient))
+    return _secure(resp, frame_src=f"{origin.scheme}://{origin.netloc}")
+
+
+@bp.get("/smart-style.json")
+def smart_style():
+    resp = jsonify(SMART_STYLE)
+    resp.headers["Access-Control-Allow-Origin"] = "*"
+    return resp
+
+
+def _error(message: str):
+    resp = current_app.make_response((render_template("auth/error.html", title="Cannot launch the app",
+                                                      message=message), 400))
+    return _secure(resp)
