@@ -1,0 +1,188 @@
+"""Sandbox search semantics, against the FHIR core with an in-memory store (no HTTP).
+
+Each table row names the R4 rule it checks (http://hl7.org/fhir/R4/search.html sections)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fhir_massage.sandbox.access import OPEN
+from fhir_massage.sandbox.outcome import FhirProblem
+from fhir_massage.sandbox.service import FhirService
+from fhir_massage.sandbox.store import Store
+
+BASE = "http://127.0.0.1:9/fhir"
+SCT = "http://snomed.info/sct"
+CLIN = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+
+
+def put(svc: FhirService, resource: dict) -> dict:
+    return svc.update(OPEN, BASE, resource["resourceType"], resource["id"], resource).resource
+
+
+def ids(result) -> list[str]:
+    return [e["resource"]["id"] for e in result.body.get("entry", []) if e["search"]["mode"] == "match"]
+
+
+def cond(cid: str, patient: str, code: str, onset, status: str = "active", **extra) -> dict:
+    c = {
+        "resourceType": "Condition",
+        "id": cid,
+        "clinicalStatus": {"coding": [{"system": CLIN, "code": status}]},
+        "code": {"coding": [{"system": SCT, "code": code}], "text": f"code {code}"},
+        "subject": {"reference": f"Patient/{patient}"},
+        **extra,
+    }
+    if isinstance(onset, dict):
+        c["onsetPeriod"] = onset
+    elif onset:
+        c["onsetDateTime"] = onset
+    return c
+
+
+@pytest.fixture
+def svc() -> FhirService:
+    s = FhirService(Store(None))
+    put(s, {"resourceType": "Patient", "id": "p1", "name": [{"family": "Müller", "given": ["Zoë"]}],
+            "gender": "female", "birthDate": "1970-05-06",
+            "identifier": [{"system": "urn:mrn", "value": "MRN-1"}]})
+    put(s, {"resourceType": "Patient", "id": "p2", "name": [{"family": "Mullins", "given": ["Ann"]}],
+            "gender": "male", "birthDate": "1980"})
+    put(s, cond("c1", "p1", "128053003", "2020-03-15"))
+    put(s, cond("c2", "p1", "38341003", "2021-07-01T10:00:00Z", status="resolved"))
+    put(s, cond("c3", "p2", "128053003", {"start": "2019-12-30", "end": "2020-01-05"}))
+    put(s, cond("c4", "p2", "44054006", {"start": "2022-01-01"}))  # open-ended: ongoing
+    return s
+
+
+SEARCHES = [
+    # token (§3.1.1.4.6)
+    ("token system|code", "Condition", [("code", f"{SCT}|128053003")], ["c1", "c3"]),
+    ("token code only", "Condition", [("code", "38341003")], ["c2"]),
+    ("token |code needs no system", "Condition", [("code", "|38341003")], []),
+    ("token comma is OR", "Condition", [("code", "38341003,44054006")], ["c2", "c4"]),
+    ("token :not", "Condition", [("clinical-status:not", "resolved")], ["c1", "c3", "c4"]),
+    ("token on code element", "Patient", [("gender", "male")], ["p2"]),
+    ("token on Identifier", "Patient", [("identifier", "urn:mrn|MRN-1")], ["p1"]),
+    ("repeated param is AND", "Condition", [("code", "128053003"), ("patient", "p2")], ["c3"]),
+    # reference (§3.1.1.4.4)
+    ("reference Type/id", "Condition", [("patient", "Patient/p1")], ["c1", "c2"]),
+    ("reference bare id", "Condition", [("subject", "p2")], ["c3", "c4"]),
+    ("reference absolute URL on this server", "Condition", [("patient", f"{BASE}/Patient/p1")], ["c1", "c2"]),
+    ("reference :Type modifier", "Condition", [("subject:Patient", "p1")], ["c1", "c2"]),
+    # string (§3.1.1.4.9): starts-with, case- and accent-insensitive
+    ("string starts-with folds accents/case", "Patient", [("family", "mull")], ["p1", "p2"]),
+    ("string folding on ü", "Patient", [("family", "MULLER")], ["p1"]),
+    ("string :exact keeps accents", "Patient", [("family:exact", "Müller")], ["p1"]),
+    ("string :exact is exact", "Patient", [("family:exact", "muller")], []),
+    ("string :contains", "Patient", [("name", "ins")], []),
+    ("string :contains mid-word", "Patient", [("name:contains", "llin")], ["p2"]),
+    ("string name covers given", "Patient", [("name", "zoe")], ["p1"]),
+    # date (§3.1.1.4.2): ranges
+    ("date eq year contains day", "Condition", [("onset-date", "2020")], ["c1"]),
+    ("date eq month", "Condition", [("onset-date", "2020-03")], ["c1"]),
+    ("date eq needs full containment", "Condition", [("onset-date", "2019-12")], []),
+    ("date ge overlaps period", "Condition", [("onset-date", "ge2020-01-01")], ["c1", "c2", "c3", "c4"]),
+    ("date gt after the whole day", "Condition", [("onset-date", "gt2020-03-15")], ["c2", "c4"]),
+    ("date lt", "Condition", [("onset-date", "lt2020-01-01")], ["c3"]),
+    ("date le includes the day", "Condition", [("onset-date", "le2020-03-15")], ["c1", "c3"]),
+    ("date ne", "Condition", [("onset-date", "ne2020-03-15")], ["c2", "c3", "c4"]),
+    ("date open period is ongoing", "Condition", [("onset-date", "gt2030-01-01")], ["c4"]),
+    ("date with time and zone", "Condition", [("onset-date", "ge2021-07-01T11:00:00+02:00"), ("onset-date", "le2021-07-01T12:00:00+02:00")], ["c2"]),
+    ("birthdate partial stored", "Patient", [("birthdate", "1980-06-01")], []),
+    ("birthdate partial stored ge", "Patient", [("birthdate", "ge1980-06-01")], ["p2"]),
+    # common
+    ("_id", "Condition", [("_id", "c2,c4")], ["c2", "c4"]),
+    ("_lastUpdated ge today", "Condition", [("_lastUpdated", "ge2000-01-01")], ["c1", "c2", "c3", "c4"]),
+    ("_lastUpdated lt past", "Condition", [("_lastUpdated", "lt2000-01-01")], []),
+]
+
+
+@pytest.mark.parametrize("rtype,pairs,expected", [r[1:] for r in SEARCHES], ids=[r[0] for r in SEARCHES])
+def test_search_semantics(svc: FhirService, rtype: str, pairs: list, expected: list) -> None:
+    result = svc.search(OPEN, BASE, rtype, pairs)
+    assert sorted(ids(result)) == sorted(expected)
+    assert result.body["total"] == len(expected)
+
+
+def test_sort_by_date_both_ways(svc: FhirService) -> None:
+    asc = ids(svc.search(OPEN, BASE, "Condition", [("_sort", "onset-date")]))
+    desc = ids(svc.search(OPEN, BASE, "Condition", [("_sort", "-onset-date")]))
+    assert asc == ["c3", "c1", "c2", "c4"]
+    assert desc == ["c4", "c2", "c1", "c3"]
+
+
+def test_sort_on_a_token_is_refused(svc: FhirService) -> None:
+    with pytest.raises(FhirProblem) as err:
+        svc.search(OPEN, BASE, "Condition", [("_sort", "code")])
+    assert err.value.status == 400
+
+
+def test_paging_links_are_absolute_and_cover_everything(svc: FhirService) -> None:
+    first = svc.search(OPEN, BASE, "Condition", [("_count", "3"), ("code", "128053003,38341003,44054006")]).body
+    links = {l["relation"]: l["url"] for l in first["link"]}
+    assert links["self"].startswith(BASE + "/Condition?")
+    assert "_offset=3" in links["next"] and "previous" not in links
+    second = svc.search(OPEN, BASE, "Condition", [("code", "128053003,38341003,44054006"), ("_count", "3"), ("_offset", "3")]).body
+    assert "next" not in {l["relation"] for l in second["link"]}
+    assert {l["relation"] for l in second["link"]} >= {"self", "previous"}
+    got = [e["resource"]["id"] for e in first["entry"] + second["entry"]]
+    assert sorted(got) == ["c1", "c2", "c3", "c4"] and first["total"] == 4
+
+
+def test_count_is_capped_and_checked(svc: FhirService) -> None:
+    big = svc.search(OPEN, BASE, "Condition", [("_count", "100000")]).body
+    assert "_count=1000" in big["link"][0]["url"]
+    with pytest.raises(FhirProblem) as err:
+        svc.search(OPEN, BASE, "Condition", [("_count", "lots")])
+    assert err.value.status == 400 and "_count" in err.value.message
+
+
+def test_summary_count_gives_total_only(svc: FhirService) -> None:
+    body = svc.search(OPEN, BASE, "Condition", [("_summary", "count")]).body
+    assert body["total"] == 4 and "entry" not in body
+
+
+def test_include_and_revinclude(svc: FhirService) -> None:
+    body = svc.search(OPEN, BASE, "Condition", [("_id", "c1"), ("_include", "Condition:patient")]).body
+    modes = sorted((e["search"]["mode"], e["resource"]["id"]) for e in body["entry"])
+    assert modes == [("include", "p1"), ("match", "c1")]
+    body = svc.search(OPEN, BASE, "Patient", [("_id", "p2"), ("_revinclude", "Condition:patient")]).body
+    assert sorted((e["search"]["mode"], e["resource"]["id"]) for e in body["entry"]) == [
+        ("include", "c3"), ("include", "c4"), ("match", "p2")]
+
+
+def test_include_of_a_non_reference_param_is_a_400(svc: FhirService) -> None:
+    with pytest.raises(FhirProblem):
+        svc.search(OPEN, BASE, "Condition", [("_include", "Condition:code")])
+
+
+def test_unknown_parameter_is_reported_or_strict_400(svc: FhirService) -> None:
+    body = svc.search(OPEN, BASE, "Condition", [("colour", "blue"), ("code", "38341003")]).body
+    outcome_entries = [e for e in body["entry"] if e["search"]["mode"] == "outcome"]
+    assert len(outcome_entries) == 1
+    assert "colour" in outcome_entries[0]["resource"]["issue"][0]["diagnostics"]
+    assert ids(svc.search(OPEN, BASE, "Condition", [("colour", "blue"), ("code", "38341003")])) == ["c2"]
+    with pytest.raises(FhirProblem) as err:
+        svc.search(OPEN, BASE, "Condition", [("colour", "blue")], strict=True)
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize("pairs", [
+    [("onset-date", "2020-13")], [("onset-date", "xx2020")], [("onset-date", "")], [("_offset", "x")],
+    [("code:exact", "1")], [("clinical-status:missing", "maybe")], [("_include", "nonsense")],
+], ids=str)
+def test_bad_values_are_400_not_500(svc: FhirService, pairs: list) -> None:
+    with pytest.raises(FhirProblem) as err:
+        svc.search(OPEN, BASE, "Condition", pairs)
+    assert err.value.status == 400
+
+
+def test_index_follows_updates_and_deletes(svc: FhirService) -> None:
+    c1 = svc.read(OPEN, BASE, "Condition", "c1").resource
+    changed = {**c1, "code": {"coding": [{"system": SCT, "code": "999"}]}}
+    svc.update(OPEN, BASE, "Condition", "c1", changed)
+    assert ids(svc.search(OPEN, BASE, "Condition", [("code", "128053003")])) == ["c3"]
+    assert ids(svc.search(OPEN, BASE, "Condition", [("code", "999")])) == ["c1"]
+    svc.delete(OPEN, BASE, "Condition", "c1")
+    assert ids(svc.search(OPEN, BASE, "Condition", [("code", "999")])) == []
