@@ -47,6 +47,38 @@ TECHNIQUES: tuple[str, ...] = (
     "stretching",
 )
 
+# Which CPT code bills each technique: the ONE technique -> CPT mapping in the project (the ConceptMap in profiles/
+# must agree with it). (code, evidence) from reference/fhir-modelling.md "CPT": 97124 = massage (effleurage,
+# petrissage, tapotement) [V2]; 97140 = manual therapy incl. MLD and myofascial release [V2]; deep tissue, trigger
+# point and neuromuscular therapy as practised by massage therapists are billed 97124/97140 by convention [B];
+# stretching as therapeutic exercise 97110 [B]. Uncertain rows say so in the data.
+TECHNIQUE_CPT: dict[str, tuple[str, str]] = {
+    "swedish": ("97124", "V2"),
+    "deep-tissue": ("97124", "B"),
+    "myofascial-release": ("97140", "V2"),
+    "trigger-point": ("97140", "B"),
+    "lymphatic-drainage": ("97140", "V2"),
+    "neuromuscular": ("97140", "B"),
+    "stretching": ("97110", "B"),
+}
+# Short displays only: CPT long descriptors are AMA-copyrighted (reference: "store code + short display").
+CPT_DISPLAY: dict[str, str] = {
+    "97124": "Massage therapy",
+    "97140": "Manual therapy techniques",
+    "97110": "Therapeutic exercise",
+}
+UCUM = "http://unitsofmeasure.org"  # [V]
+DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"  # [B] Provenance.activity CREATE/UPDATE
+# "transmitter" lives in US Core's own code system, not in provenance-participant-type [V: US Core 3.1.1-8.0.0
+# CodeSystem us-core-provenance-participant-type].
+US_CORE_PROVENANCE_PARTICIPANT_TYPE = "http://hl7.org/fhir/us/core/CodeSystem/us-core-provenance-participant-type"
+COMMUNICATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/communication-category"  # [B]
+# Our own systems for what the app writes (identifiers derived from the app's draft ids; small app CodeSystems).
+IDENTIFIER_BASE = f"{CANONICAL_BASE}/identifier"
+ORDER_DETAIL_SYSTEM = f"{CANONICAL_BASE}/CodeSystem/massage-order-detail"
+TASK_IO_SYSTEM = f"{CANONICAL_BASE}/CodeSystem/massage-task-io"
+MESSAGE_CATEGORY_SYSTEM = f"{CANONICAL_BASE}/CodeSystem/massage-message-category"
+
 TECHNIQUE_DISPLAY: dict[str, str] = {
     "swedish": "Swedish massage",
     "deep-tissue": "Deep tissue massage",
