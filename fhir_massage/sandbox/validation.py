@@ -73,7 +73,7 @@ def validate(resource: Any, *, expected_type: str | None = None) -> dict[str, An
     if "id" in resource and not valid_id(resource["id"]):
         raise FhirProblem(
             400,
-            "The id must be 1 to 64 characters of letters, digits, '-' and '.'.",
+            f"{rtype}.id must be 1 to 64 characters of letters, digits, '-' and '.'.",
             code="value",
             expression=f"{rtype}.id",
         )
