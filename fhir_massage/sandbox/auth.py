@@ -482,7 +482,7 @@ class SandboxAuth:
             access_token=token["access_token"],
             refresh_token=token.get("refresh_token"),
             refresh_expires_at=refresh_expires,
-            clock=self.store.clock,
+            clock=lambda: self.store.clock(),  # late-bound: tests move the store's clock
         )
         self.store.add_token(rec)
         # SMART launch context rides in the token response (SMART 2.2 "Launch context arrives with your

@@ -1,0 +1,546 @@
+"""The sandbox's SMART authorization server against real HTTP on loopback: every strict rule an EHR enforces."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from fhir_massage.sandbox.demo import DEMO_PATIENTS
+from fhir_massage.serving import serve_in_thread
+from tests.fixtures.smart_sandbox import (
+    LAUNCH_URL,
+    REDIRECT_URI,
+    V2_SCOPES,
+    _key_pair,
+    _public_jwks,
+    authorize,
+    client_assertion,
+    create_launch,
+    get_token,
+    pkce_pair,
+    redirect_params,
+    register_client,
+    token_request,
+)
+
+pytestmark = pytest.mark.integration
+
+PATIENT_A = DEMO_PATIENTS[0]["id"]
+PATIENT_B = DEMO_PATIENTS[1]["id"]
+
+
+def fhir_get(sb, path, token, **params):
+    return requests.get(f"{sb.fhir_base}/{path}", params=params, timeout=10,
+                        headers={"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"})
+
+
+def code_for(sb, client_id, scopes=V2_SCOPES, patient=PATIENT_A, **ctx):
+    launch = create_launch(sb, client_id, "dr-ada-grey", patient, **ctx)
+    verifier, challenge = pkce_pair()
+    params = redirect_params(authorize(sb, client_id, scopes, launch=launch["launch"],
+                                       verifier_challenge=(verifier, challenge)))
+    return params["code"], verifier
+
+
+def exchange(sb, client_id, code, verifier, **assertion):
+    return token_request(sb, client_id, {"grant_type": "authorization_code", "code": code,
+                                         "redirect_uri": REDIRECT_URI, "code_verifier": verifier}, **assertion)
+
+
+# --- discovery --------------------------------------------------------------------------------------------------
+
+def test_smart_configuration_and_capability_statement_agree(smart_sandbox):
+    sb = smart_sandbox
+    conf = requests.get(f"{sb.fhir_base}/.well-known/smart-configuration", timeout=10).json()
+    assert conf["issuer"] == sb.url
+    assert conf["authorization_endpoint"] == f"{sb.url}/auth/authorize"
+    assert conf["token_endpoint"] == f"{sb.url}/auth/token"
+    assert conf["code_challenge_methods_supported"] == ["S256"]
+    assert set(conf["token_endpoint_auth_signing_alg_values_supported"]) == {"RS384", "ES384"}
+    assert {"launch-ehr", "launch-standalone", "permission-v1", "permission-v2", "authorize-post"} <= set(
+        conf["capabilities"])
+    cap = requests.get(f"{sb.fhir_base}/metadata", timeout=10).json()
+    security = cap["rest"][0]["security"]
+    assert security["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
+    ext = next(e for e in security["extension"]
+               if e["url"] == "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris")
+    uris = {e["url"]: e["valueUri"] for e in ext["extension"]}
+    assert uris["authorize"] == conf["authorization_endpoint"]
+    assert uris["token"] == conf["token_endpoint"]
+    assert uris["introspect"] == conf["introspection_endpoint"]
+    assert uris["revoke"] == conf["revocation_endpoint"]
+    oidc = requests.get(f"{sb.url}/.well-known/openid-configuration", timeout=10).json()
+    assert oidc["issuer"] == sb.url and oidc["id_token_signing_alg_values_supported"] == ["RS256"]
+
+
+def test_capability_only_discovery_mode(make_smart_sandbox):
+    sb = make_smart_sandbox(seed=False, auth={"discovery": "capability-only"})
+    assert requests.get(f"{sb.fhir_base}/.well-known/smart-configuration", timeout=10).status_code == 404
+    security = requests.get(f"{sb.fhir_base}/metadata", timeout=10).json()["rest"][0]["security"]
+    assert security["extension"][0]["extension"][0]["valueUri"] == f"{sb.url}/auth/authorize"
+
+
+# --- EHR launch and tokens ----------------------------------------------------------------------------------------
+
+def test_ehr_launch_token_response_carries_context_and_valid_id_token(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-public", patient=PATIENT_A, encounter="enc-1", intent="order-massage",
+                    fhir_context=[{"reference": "ServiceRequest/sr-1"}], need_patient_banner=False)
+    assert tok["token_type"] == "Bearer" and tok["expires_in"] == 3600
+    assert tok["patient"] == PATIENT_A and tok["encounter"] == "enc-1"
+    assert tok["intent"] == "order-massage" and tok["fhirContext"] == [{"reference": "ServiceRequest/sr-1"}]
+    assert tok["need_patient_banner"] is False
+    assert tok["smart_style_url"] == f"{sb.url}/ehr/smart-style.json"
+    assert tok["refresh_token"]  # online_access was asked
+    assert set(tok["scope"].split()) == set(V2_SCOPES.split())
+    keys = KeySet.import_key_set(requests.get(f"{sb.url}/auth/jwks", timeout=10).json())
+    idt = jwt.decode(tok["id_token"], keys, algorithms=["RS256"])
+    assert idt.header["alg"] == "RS256"
+    assert idt.claims["iss"] == sb.url and idt.claims["aud"] == "test-public"
+    assert idt.claims["fhirUser"] == f"{sb.fhir_base}/Practitioner/dr-ada-grey"
+    style = requests.get(tok["smart_style_url"], timeout=10).json()
+    assert style["color_highlight"] and style["font_family_body"]
+
+
+def test_nonce_is_echoed_in_id_token(smart_sandbox):
+    sb = smart_sandbox
+    launch = create_launch(sb, "test-public", "dr-ada-grey", PATIENT_A)
+    verifier, challenge = pkce_pair()
+    nonce = secrets.token_urlsafe(12)
+    params = redirect_params(authorize(sb, "test-public", V2_SCOPES, launch=launch["launch"],
+                                       verifier_challenge=(verifier, challenge), extra={"nonce": nonce}))
+    tok = exchange(sb, "test-public", params["code"], verifier).json()
+    assert jwt.decode(tok["id_token"], KeySet.import_key_set(
+        requests.get(f"{sb.url}/auth/jwks", timeout=10).json())).claims["nonce"] == nonce
+
+
+def test_state_is_echoed_and_authorize_post_works(smart_sandbox):
+    sb = smart_sandbox
+    launch = create_launch(sb, "test-public", "dr-ada-grey", PATIENT_A)
+    state = "s-" + secrets.token_urlsafe(20)
+    resp = authorize(sb, "test-public", V2_SCOPES, launch=launch["launch"], extra={"state": state}, method="POST")
+    params = redirect_params(resp)
+    assert resp.headers["Location"].startswith(REDIRECT_URI + "?")
+    assert params["state"] == state and params["code"]
+
+
+@pytest.mark.parametrize("client_id", ["test-basic", "test-rs384", "test-es384"])
+def test_confidential_clients(smart_sandbox, client_id):
+    tok = get_token(smart_sandbox, client_id)
+    assert fhir_get(smart_sandbox, f"Patient/{PATIENT_A}", tok["access_token"]).status_code == 200
+
+
+def test_confidential_client_without_credentials_is_refused(smart_sandbox):
+    sb = smart_sandbox
+    code, verifier = code_for(sb, "test-basic")
+    resp = requests.post(sb.token_url, data={"grant_type": "authorization_code", "code": code, "client_id": "test-basic",
+                                             "redirect_uri": REDIRECT_URI, "code_verifier": verifier}, timeout=10)
+    assert resp.status_code in (400, 401) and resp.json()["error"] == "invalid_client"
+    bad = requests.post(sb.token_url, auth=("test-basic", "wrong"), timeout=10,
+                        data={"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
+                              "code_verifier": verifier})
+    assert bad.status_code == 401 and bad.json()["error"] == "invalid_client"
+
+
+def test_private_key_jwt_from_jwks_uri(smart_sandbox):
+    from flask import Flask, jsonify
+
+    key = _key_pair("ES384")
+    jwks_app = Flask("client-jwks")
+    jwks_app.add_url_rule("/jwks.json", "jwks", lambda: jsonify(_public_jwks(key, "ES384")))
+    server = serve_in_thread(jwks_app)
+    try:
+        cid = "jwks-uri-" + secrets.token_hex(4)
+        register_client(smart_sandbox, {"client_id": cid, "redirect_uris": [REDIRECT_URI], "launch_url": LAUNCH_URL,
+                                        "auth_method": "private_key_jwt", "jwks_uri": f"{server.url}/jwks.json"},
+                        key=key)
+        assert get_token(smart_sandbox, cid)["access_token"]
+    finally:
+        server.stop()
+
+
+def test_jwks_uri_must_be_https_or_loopback(smart_sandbox):
+    resp = requests.post(f"{smart_sandbox.url}/_sandbox/clients", timeout=10, json={
+        "client_id": "plain-http-jwks", "redirect_uris": [REDIRECT_URI], "auth_method": "private_key_jwt",
+        "jwks_uri": "http://example.org/jwks.json"})
+    assert resp.status_code == 400 and "https" in resp.json()["error_description"]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        pytest.param({"exp_offset": 600}, "5 minutes", id="exp more than 5 minutes away"),
+        pytest.param({"aud": "http://127.0.0.1:1/other/token"}, "aud", id="aud not the token URL"),
+        pytest.param({"iss": "someone-else"}, "", id="iss differs from sub"),
+        pytest.param({"alg": "RS256"}, "RS384", id="RS256 is not an accepted assertion alg"),
+    ],
+)
+def test_bad_client_assertions_are_refused(smart_sandbox, overrides, fragment):
+    import time
+
+    sb = smart_sandbox
+    code, verifier = code_for(sb, "test-rs384")
+    if "exp_offset" in overrides:
+        overrides = {"exp": int(time.time()) + overrides.pop("exp_offset")}
+    resp = exchange(sb, "test-rs384", code, verifier, **overrides)
+    assert resp.status_code in (400, 401), resp.text
+    body = resp.json()
+    assert body["error"] == "invalid_client"
+    assert fragment.lower() in body.get("error_description", "").lower()
+
+
+def test_jti_replay_is_refused(smart_sandbox):
+    sb = smart_sandbox
+    jti = secrets.token_urlsafe(12)
+    code, verifier = code_for(sb, "test-es384")
+    assert exchange(sb, "test-es384", code, verifier, jti=jti).status_code == 200
+    code2, verifier2 = code_for(sb, "test-es384")
+    replay = exchange(sb, "test-es384", code2, verifier2, jti=jti)
+    assert replay.status_code in (400, 401) and replay.json()["error"] == "invalid_client"
+    assert "jwt id" in replay.json()["error_description"].lower()
+
+
+# --- authorize refusals -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "extra, error, fragment",
+    [
+        pytest.param({"code_challenge": None, "code_challenge_method": None}, "invalid_request", "PKCE",
+                     id="missing PKCE"),
+        pytest.param({"code_challenge_method": "plain"}, "invalid_request", "S256", id="plain PKCE"),
+        pytest.param({"code_challenge_method": None}, "invalid_request", "S256", id="method missing means plain"),
+        pytest.param({"aud": "http://127.0.0.1:1/fhir"}, "invalid_request", "aud", id="wrong aud"),
+        pytest.param({"aud": None}, "invalid_request", "aud", id="missing aud"),
+        pytest.param({"launch": "not-a-launch-we-issued"}, "invalid_request", "launch", id="unknown launch"),
+        pytest.param({"response_type": "token"}, "unsupported_response_type", "", id="implicit flow"),
+        pytest.param({"scope": "patient/Condition.rs"}, "invalid_scope", "launch", id="launch without launch scope"),
+    ],
+)
+def test_authorize_refusals_redirect_with_error_and_state(smart_sandbox, extra, error, fragment):
+    sb = smart_sandbox
+    launch = create_launch(sb, "test-public", "dr-ada-grey", PATIENT_A)
+    state = secrets.token_urlsafe(16)
+    resp = authorize(sb, "test-public", V2_SCOPES, launch=launch["launch"], extra={"state": state, **extra})
+    params = redirect_params(resp)
+    assert resp.headers["Location"].startswith(REDIRECT_URI)
+    assert params["error"] == error and params["state"] == state
+    assert "code" not in params
+    assert fragment.lower() in params.get("error_description", "").lower()
+
+
+def test_launch_is_single_use_and_bound_to_its_client(smart_sandbox):
+    sb = smart_sandbox
+    launch = create_launch(sb, "test-public", "dr-ada-grey", PATIENT_A)
+    assert "code" in redirect_params(authorize(sb, "test-public", V2_SCOPES, launch=launch["launch"]))
+    again = redirect_params(authorize(sb, "test-public", V2_SCOPES, launch=launch["launch"]))
+    assert again["error"] == "invalid_request"
+    other = create_launch(sb, "test-basic", "dr-ada-grey", PATIENT_A)
+    assert redirect_params(authorize(sb, "test-public", V2_SCOPES, launch=other["launch"]))["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({"client_id": "no-such-client"}, id="unknown client"),
+        pytest.param({"redirect_uri": REDIRECT_URI + "/extra"}, id="redirect_uri not registered exactly"),
+        pytest.param({"redirect_uri": None}, id="redirect_uri missing"),
+    ],
+)
+def test_bad_client_or_redirect_uri_is_an_error_page_not_a_redirect(smart_sandbox, extra):
+    resp = authorize(smart_sandbox, "test-public", V2_SCOPES, extra=extra)
+    assert resp.status_code == 400
+    assert "Location" not in resp.headers
+    assert resp.headers["Content-Type"].startswith("text/html")
+    assert "not registered" in resp.text
+    assert "Content-Security-Policy" in resp.headers
+
+
+# --- codes and refresh tokens -------------------------------------------------------------------------------------
+
+def test_code_replay_fails_and_revokes_what_the_code_issued(smart_sandbox):
+    sb = smart_sandbox
+    code, verifier = code_for(sb, "test-public")
+    first = exchange(sb, "test-public", code, verifier)
+    assert first.status_code == 200
+    tok = first.json()
+    assert fhir_get(sb, f"Patient/{PATIENT_A}", tok["access_token"]).status_code == 200
+    replay = exchange(sb, "test-public", code, verifier)
+    assert replay.status_code == 400 and replay.json()["error"] == "invalid_grant"
+    assert fhir_get(sb, f"Patient/{PATIENT_A}", tok["access_token"]).status_code == 401
+    refreshed = token_request(sb, "test-public", {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"]})
+    assert refreshed.status_code == 400 and refreshed.json()["error"] == "invalid_grant"
+
+
+def test_code_expires_after_60_seconds(make_smart_sandbox):
+    sb = make_smart_sandbox(seed=False)
+    store = sb.app.extensions["fhir_massage.sandbox"]["auth"].store
+    code, verifier = code_for(sb, "test-public")
+    real = store.clock
+    store.clock = lambda: real() + 61
+    resp = exchange(sb, "test-public", code, verifier)
+    assert resp.status_code == 400 and resp.json()["error"] == "invalid_grant"
+
+
+def test_wrong_code_verifier_is_refused(smart_sandbox):
+    sb = smart_sandbox
+    code, _ = code_for(sb, "test-public")
+    other_verifier, _ = pkce_pair()
+    resp = exchange(sb, "test-public", code, other_verifier)
+    assert resp.status_code == 400 and resp.json()["error"] == "invalid_grant"
+
+
+def test_access_token_expiry_and_refresh(make_smart_sandbox):
+    clients = [{"client_id": "short", "redirect_uris": [REDIRECT_URI], "launch_url": LAUNCH_URL,
+                "access_token_lifetime": 1}]
+    sb = make_smart_sandbox(clients=clients)
+    store = sb.app.extensions["fhir_massage.sandbox"]["auth"].store
+    tok = get_token(sb, "short", patient=PATIENT_A)
+    assert tok["expires_in"] == 1
+    assert fhir_get(sb, f"Patient/{PATIENT_A}", tok["access_token"]).status_code == 200
+    real = store.clock
+    store.clock = lambda: real() + 2  # two seconds later, without waiting for them
+    expired = fhir_get(sb, f"Patient/{PATIENT_A}", tok["access_token"])
+    assert expired.status_code == 401
+    assert 'error="invalid_token"' in expired.headers["WWW-Authenticate"]
+    fresh = token_request(sb, "short", {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"]})
+    assert fresh.status_code == 200, fresh.text
+    body = fresh.json()
+    assert body["patient"] == PATIENT_A and body["expires_in"] == 1
+    assert fhir_get(sb, f"Patient/{PATIENT_A}", body["access_token"]).status_code == 200
+
+
+def test_refresh_rotation_and_reuse_revokes_the_family(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-basic")
+    r1 = token_request(sb, "test-basic", {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"]}).json()
+    assert r1["refresh_token"] != tok["refresh_token"]
+    assert fhir_get(sb, f"Patient/{PATIENT_A}", r1["access_token"]).status_code == 200
+    reuse = token_request(sb, "test-basic", {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"]})
+    assert reuse.status_code == 400 and reuse.json()["error"] == "invalid_grant"
+    assert fhir_get(sb, f"Patient/{PATIENT_A}", r1["access_token"]).status_code == 401
+    after = token_request(sb, "test-basic", {"grant_type": "refresh_token", "refresh_token": r1["refresh_token"]})
+    assert after.status_code == 400
+
+
+def test_refresh_with_a_narrower_scope_and_not_wider(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-public")
+    wider = token_request(sb, "test-public", {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"],
+                                              "scope": "online_access patient/Observation.rs"})
+    assert wider.status_code == 400 and wider.json()["error"] == "invalid_scope"
+    narrow = token_request(sb, "test-public", {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"],
+                                               "scope": "online_access patient/Patient.rs"})
+    assert narrow.status_code == 200 and narrow.json()["scope"] == "online_access patient/Patient.rs"
+    assert fhir_get(sb, "Condition", narrow.json()["access_token"], patient=PATIENT_A).status_code == 403
+
+
+def test_no_refresh_token_without_offline_or_online_access(smart_sandbox):
+    tok = get_token(smart_sandbox, "test-public", scopes="launch openid fhirUser patient/Patient.rs")
+    assert "refresh_token" not in tok
+
+
+# --- scopes on the FHIR API ---------------------------------------------------------------------------------------
+
+def test_no_token_unknown_token_are_401(smart_sandbox):
+    sb = smart_sandbox
+    assert requests.get(f"{sb.fhir_base}/Patient/{PATIENT_A}", timeout=10).status_code == 401
+    assert fhir_get(sb, f"Patient/{PATIENT_A}", "not-a-token").status_code == 401
+    assert requests.get(f"{sb.fhir_base}/metadata", timeout=10).status_code == 200
+
+
+def test_patient_token_cannot_read_another_patient(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-public", patient=PATIENT_A)["access_token"]
+    assert fhir_get(sb, f"Patient/{PATIENT_A}", tok).status_code == 200
+    assert fhir_get(sb, f"Patient/{PATIENT_B}", tok).status_code == 403
+    other = fhir_get(sb, "Condition", tok, patient=PATIENT_B)
+    assert other.status_code == 403 or not other.json().get("entry")
+    mine = fhir_get(sb, "Condition", tok, patient=PATIENT_A).json()
+    assert all(e["resource"]["subject"]["reference"] == f"Patient/{PATIENT_A}" for e in mine.get("entry", []))
+
+
+def test_v2_scopes_enforced_per_type_and_interaction(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-public", scopes="launch patient/Condition.rs")["access_token"]
+    assert fhir_get(sb, "Condition", tok, patient=PATIENT_A).status_code == 200
+    assert fhir_get(sb, "Observation", tok, patient=PATIENT_A).status_code == 403
+    create = requests.post(f"{sb.fhir_base}/Condition", timeout=10, json={
+        "resourceType": "Condition", "subject": {"reference": f"Patient/{PATIENT_A}"},
+        "code": {"text": "test"}}, headers={"Authorization": f"Bearer {tok}",
+                                            "Content-Type": "application/fhir+json"})
+    assert create.status_code == 403
+
+
+def test_v1_scopes_map_to_read_and_search(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-public", scopes="launch patient/*.read")
+    assert tok["scope"] == "launch patient/*.read"
+    assert fhir_get(sb, "Observation", tok["access_token"], patient=PATIENT_A).status_code == 200
+    create = requests.post(f"{sb.fhir_base}/Condition", timeout=10, json={
+        "resourceType": "Condition", "subject": {"reference": f"Patient/{PATIENT_A}"}, "code": {"text": "x"}},
+        headers={"Authorization": f"Bearer {tok['access_token']}", "Content-Type": "application/fhir+json"})
+    assert create.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "dialect, requested, granted",
+    [
+        pytest.param("v2", "launch patient/*.read patient/Condition.rs", "launch patient/Condition.rs",
+                     id="v2-only server drops v1 scopes"),
+        pytest.param("v1", "launch patient/*.read patient/Condition.rs", "launch patient/*.read",
+                     id="v1-only server drops v2 scopes"),
+    ],
+)
+def test_scope_dialect_per_client(smart_sandbox, dialect, requested, granted):
+    cid = f"dialect-{dialect}-{secrets.token_hex(3)}"
+    register_client(smart_sandbox, {"client_id": cid, "redirect_uris": [REDIRECT_URI], "launch_url": LAUNCH_URL,
+                                    "scope_dialect": dialect})
+    assert get_token(smart_sandbox, cid, scopes=requested)["scope"] == granted
+
+
+def test_narrowed_scopes_are_reported_and_enforced(smart_sandbox):
+    sb = smart_sandbox
+    cid = "narrow-" + secrets.token_hex(3)
+    register_client(sb, {"client_id": cid, "redirect_uris": [REDIRECT_URI], "launch_url": LAUNCH_URL,
+                         "allowed_scopes": ["launch", "openid", "fhirUser", "patient/Patient.rs"]})
+    tok = get_token(sb, cid, scopes=V2_SCOPES)
+    assert tok["scope"] == "launch openid fhirUser patient/Patient.rs"
+    assert "refresh_token" not in tok
+    assert fhir_get(sb, f"Patient/{PATIENT_A}", tok["access_token"]).status_code == 200
+    assert fhir_get(sb, "Condition", tok["access_token"], patient=PATIENT_A).status_code == 403
+
+
+def test_user_scopes_see_every_patient_in_the_sandbox(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-public", scopes="launch user/Patient.rs user/Practitioner.rs")["access_token"]
+    assert fhir_get(sb, f"Patient/{PATIENT_B}", tok).status_code == 200
+    assert fhir_get(sb, "Practitioner/dr-ada-grey", tok).status_code == 200
+
+
+# --- standalone launch ------------------------------------------------------------------------------------------
+
+def _form_fields(html: str) -> list[tuple[str, str]]:
+    import html as h
+
+    return [(h.unescape(n), h.unescape(v))
+            for n, v in re.findall(r'<input type="hidden" name="([^"]*)" value="([^"]*)"', html)]
+
+
+def test_standalone_launch_login_and_patient_picker(smart_sandbox):
+    sb = smart_sandbox
+    verifier, challenge = pkce_pair()
+    scopes = "openid fhirUser launch/patient patient/Patient.rs patient/Condition.rs offline_access"
+    page = authorize(sb, "test-public", scopes, verifier_challenge=(verifier, challenge))
+    assert page.status_code == 200 and "no passwords" in page.text
+    assert "<label" in page.text and "Content-Security-Policy" in page.headers
+    fields = _form_fields(page.text)
+    state = dict(fields)["state"]
+    login = requests.post(f"{sb.url}/auth/authorize", allow_redirects=False, timeout=10,
+                          data=fields + [("sandbox_user", "lmt-sam-reyes"), ("sandbox_action", "allow")])
+    assert login.status_code == 200 and DEMO_PATIENTS[1]["name"] in login.text
+    pick = requests.post(f"{sb.url}/auth/authorize", allow_redirects=False, timeout=10,
+                         data=_form_fields(login.text) + [("sandbox_patient", PATIENT_B), ("sandbox_action", "allow")])
+    params = redirect_params(pick)
+    assert params["state"] == state
+    tok = exchange(sb, "test-public", params["code"], verifier).json()
+    assert tok["patient"] == PATIENT_B
+    assert "launch/patient" in tok["scope"].split() and "offline_access" in tok["scope"].split()
+    idt = jwt.decode(tok["id_token"], KeySet.import_key_set(requests.get(f"{sb.url}/auth/jwks", timeout=10).json()))
+    assert idt.claims["fhirUser"].endswith("/Practitioner/lmt-sam-reyes")
+    # a login ticket works once
+    again = requests.post(f"{sb.url}/auth/authorize", allow_redirects=False, timeout=10,
+                          data=fields + [("sandbox_user", "dr-ada-grey"), ("sandbox_action", "allow")])
+    assert again.status_code == 200 and "Sign in" in again.text
+
+
+def test_standalone_deny_is_access_denied(smart_sandbox):
+    sb = smart_sandbox
+    page = authorize(sb, "test-public", "openid fhirUser launch/patient patient/Patient.rs")
+    fields = _form_fields(page.text)
+    deny = requests.post(f"{sb.url}/auth/authorize", allow_redirects=False, timeout=10,
+                         data=fields + [("sandbox_action", "deny")])
+    params = redirect_params(deny)
+    assert params["error"] == "access_denied" and params["state"] == dict(fields)["state"]
+
+
+# --- introspection and revocation ---------------------------------------------------------------------------------
+
+def test_introspection_and_revocation(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-basic")
+    url = f"{sb.url}/auth/introspect"
+    info = requests.post(url, data={"token": tok["access_token"]}, auth=("test-basic", "test-basic-secret"),
+                         timeout=10).json()
+    assert info["active"] is True and info["client_id"] == "test-basic" and info["patient"] == PATIENT_A
+    assert info["scope"] == tok["scope"]
+    # public clients cannot introspect; other clients cannot see this client's tokens
+    assert requests.post(url, data={"token": tok["access_token"], "client_id": "test-public"},
+                         timeout=10).status_code in (400, 401)
+    revoke = requests.post(f"{sb.url}/auth/revoke", data={"token": tok["refresh_token"]},
+                           auth=("test-basic", "test-basic-secret"), timeout=10)
+    assert revoke.status_code == 200
+    assert fhir_get(sb, f"Patient/{PATIENT_A}", tok["access_token"]).status_code == 401
+    info = requests.post(url, data={"token": tok["access_token"]}, auth=("test-basic", "test-basic-secret"),
+                         timeout=10).json()
+    assert info == {"active": False}
+
+
+def test_introspection_with_private_key_jwt(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-es384")
+    info = requests.post(f"{sb.url}/auth/introspect", timeout=10, data={
+        "token": tok["access_token"],
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": client_assertion(sb, "test-es384")}).json()
+    assert info["active"] is True and info["client_id"] == "test-es384"
+
+
+# --- EHR simulator ------------------------------------------------------------------------------------------------
+
+def test_ehr_simulator_pages(smart_sandbox):
+    sb = smart_sandbox
+    index = requests.get(f"{sb.url}/ehr", timeout=10)
+    assert index.status_code == 200
+    assert "frame-ancestors 'none'" in index.headers["Content-Security-Policy"]
+    assert DEMO_PATIENTS[0]["name"] in index.text and '<label for="client_id">' in index.text
+    framed = requests.get(f"{sb.url}/ehr/launch", timeout=10, params={
+        "client_id": "test-public", "user": "dr-ada-grey", "patient": PATIENT_A})
+    assert framed.status_code == 200
+    src = re.search(r'<iframe class="app" src="([^"]+)"', framed.text).group(1).replace("&amp;", "&")
+    assert src.startswith(LAUNCH_URL + "?")
+    q = parse_qs(urlsplit(src).query)
+    assert q["iss"] == [sb.fhir_base] and q["launch"][0]
+    assert "frame-src http://127.0.0.1:9" in framed.headers["Content-Security-Policy"]
+    direct = requests.get(f"{sb.url}/ehr/launch", allow_redirects=False, timeout=10, params={
+        "client_id": "test-public", "user": "lmt-sam-reyes", "patient": PATIENT_B, "embed": "0"})
+    assert direct.status_code == 302
+    launch = parse_qs(urlsplit(direct.headers["Location"]).query)["launch"][0]
+    verifier, challenge = pkce_pair()
+    params = redirect_params(authorize(sb, "test-public", V2_SCOPES, launch=launch,
+                                       verifier_challenge=(verifier, challenge)))
+    assert exchange(sb, "test-public", params["code"], verifier).json()["patient"] == PATIENT_B
+    bad = requests.get(f"{sb.url}/ehr/launch", params={"client_id": "nope", "user": "x"}, timeout=10)
+    assert bad.status_code == 400
+
+
+def test_simulator_escapes_text(make_smart_sandbox):
+    evil = '<script>alert(1)</script>'
+    sb = make_smart_sandbox(seed=False, auth={
+        "users": [{"id": "u1", "name": evil, "role": "physician", "fhirUser": "Practitioner/u1"}],
+        "patients": [{"id": "p1", "name": evil, "birthDate": "1970-01-01", "gender": "other", "story": evil}]})
+    page = requests.get(f"{sb.url}/ehr", timeout=10).text
+    assert evil not in page and "&lt;script&gt;" in page
+
+
+def test_admin_endpoints_refuse_bad_input(smart_sandbox):
+    sb = smart_sandbox
+    r = requests.post(f"{sb.url}/_sandbox/launches", json={"client_id": "test-public", "user": "nobody"}, timeout=10)
+    assert r.status_code == 400 and "unknown user" in r.json()["error_description"]
+    r = requests.post(f"{sb.url}/_sandbox/launches", data="x", timeout=10)
+    assert r.status_code == 400
