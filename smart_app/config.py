@@ -1,0 +1,216 @@
+"""Configuration of the SMART app: defaults, the EHR registrations, and how they are read from TOML.
+
+``create_app(config)`` takes a dict with these keys (all optional; the environment variable in brackets is read
+by ``from_env`` for the ``fhir-massage app`` command):
+
+=====================  ==========================================================================================
+SECRET_KEY             signs the CSRF tokens. Random per process when absent (fine for one process; several
+                       instances behind a load balancer must share one) [FHIR_MASSAGE_SECRET_KEY].
+PUBLIC_URL             the app's external URL (scheme://host[:port][/prefix]); the redirect URI is
+                       ``PUBLIC_URL + "/callback"`` and must be registered with the EHR exactly. Absent: taken from
+                       each request (only sensible for local development) [FHIR_MASSAGE_PUBLIC_URL].
+REGISTRATIONS          list of dicts, one per EHR, same keys as a TOML ``[[ehr]]`` table (see ``Registration``).
+STORE_URL              ``sqlite:///path.db`` (default ``sqlite:///:memory:``, one process only) or
+                       ``postgresql://...`` for several instances (see smart_app/store.py) [FHIR_MASSAGE_STORE_URL].
+TRUST_PROXY_TLS        True when a TLS-terminating proxy stands in front: the app then trusts one hop of
+                       X-Forwarded-Proto/Host and sets Secure cookies even though it itself speaks http.
+                       Without it the app refuses plain http on any non-loopback address.
+DISCOVERY_TTL          seconds a SMART discovery result is reused per issuer (default 3600).
+JWKS_TTL               seconds an issuer's JWKS is reused (default 3600; an unknown kid refetches once).
+STATE_TTL              seconds between the authorize redirect and the callback (default 600).
+SESSION_TTL            seconds a launch session lives without use (default 8 h, a clinical shift).
+DRAFT_TTL              seconds a draft (session notes, later issues) is kept (default 7 days).
+REFRESH_SKEW           refresh this many seconds before the access token expires (default 60; shortened to a
+                       quarter of the token's lifetime for very short-lived tokens).
+HTTP_TIMEOUT           (connect, read) seconds for every call to an EHR (default (5, 20)).
+STYLE_TTL              seconds a fetched smart_style_url document is reused within a launch (default 3600).
+=====================  ==========================================================================================
+
+A registration (TOML ``[[ehr]]`` table or dict):
+
+    iss               = "https://ehr.example.org/fhir"   # exact string the EHR sends; also the aud
+    client_id         = "fhir-massage"
+    name              = "Example EHR"                    # optional, shown on pages
+    auth              = "public" | "client_secret_basic" | "private_key_jwt"    (default "public")
+    client_secret_env = "EXAMPLE_EHR_SECRET"             # client_secret_basic: env var holding the secret, or
+    client_secret     = "..."                            #   the secret itself (keep such files private)
+    private_key_file  = "keys/example.pem"               # private_key_jwt: PEM or JWK JSON file (RSA or EC P-384);
+    private_key       = {...} | "-----BEGIN ..."         #   or the key inline (dicts only: JWK or PEM text)
+    private_key_alg   = "RS384" | "ES384"                # default from the key type
+    scope_dialect     = "auto" | "v1" | "v2"             # auto: from the server's capabilities
+    scopes            = "launch openid ..."              # optional override of the requested scopes
+    frame_ancestors   = ["https://ehr.example.org"]      # origins allowed to embed the app (default: iss origin)
+
+Relative ``private_key_file`` paths are relative to the TOML file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from fhir_massage import smart
+from fhir_massage.errors import InvalidInput
+
+DEFAULTS: dict[str, Any] = {
+    "SECRET_KEY": None,
+    "PUBLIC_URL": None,
+    "REGISTRATIONS": [],
+    "STORE_URL": "sqlite:///:memory:",
+    "TRUST_PROXY_TLS": False,
+    "DISCOVERY_TTL": 3600,
+    "JWKS_TTL": 3600,
+    "STATE_TTL": 600,
+    "SESSION_TTL": 8 * 3600,
+    "DRAFT_TTL": 7 * 24 * 3600,
+    "REFRESH_SKEW": 60,
+    "HTTP_TIMEOUT": (5.0, 20.0),
+    "STYLE_TTL": 3600,
+}
+
+AUTH_METHODS = ("public", "client_secret_basic", "private_key_jwt")
+_REG_KEYS = {"iss", "client_id", "name", "auth", "client_secret_env", "client_secret", "private_key_file",
+             "private_key", "private_key_alg", "scope_dialect", "scopes", "frame_ancestors"}
+
+
+@dataclass(frozen=True)
+class Registration:
+    iss: str
+    client_id: str
+    client_auth: smart.ClientAuth = field(repr=False)
+    name: str = ""
+    scope_dialect: str = "auto"
+    scopes: str | None = None
+    frame_ancestors: tuple[str, ...] = ()
+
+    @property
+    def auth_method(self) -> str:
+        return self.client_auth.method
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, base_dir: Path | None = None,
+                  environ: Mapping[str, str] | None = None) -> Registration:
+        env = os.environ if environ is None else environ
+        unknown = set(data) - _REG_KEYS
+        if unknown:
+            raise InvalidInput(f"Unknown key(s) in an EHR registration: {', '.join(sorted(unknown))}.")
+        iss = data.get("iss")
+        client_id = data.get("client_id")
+        if not isinstance(iss, str) or urlsplit(iss).scheme not in ("http", "https") or not urlsplit(iss).netloc:
+            raise InvalidInput(f"An EHR registration needs an absolute http(s) iss, not {iss!r}.")
+        if not isinstance(client_id, str) or not client_id:
+            raise InvalidInput(f"The registration for {iss} needs a client_id.")
+        method = data.get("auth", "public")
+        if method not in AUTH_METHODS:
+            raise InvalidInput(f"auth for {iss} must be one of {', '.join(AUTH_METHODS)}, not {method!r}.")
+        auth: smart.ClientAuth
+        if method == "public":
+            auth = smart.PublicClient(client_id)
+        elif method == "client_secret_basic":
+            secret = None
+            if data.get("client_secret_env"):
+                secret = env.get(str(data["client_secret_env"]))
+                if not secret:
+                    raise InvalidInput(f"The environment variable {data['client_secret_env']} (client secret for "
+                                       f"{iss}) is not set.")
+            elif data.get("client_secret"):
+                secret = str(data["client_secret"])
+            if not secret:
+                raise InvalidInput(f"{iss} uses client_secret_basic but no client_secret or client_secret_env is set.")
+            auth = smart.ClientSecretBasic(client_id, secret)
+        else:
+            if data.get("private_key") is not None:
+                key_src: Any = data["private_key"]
+            elif data.get("private_key_file"):
+                path = Path(str(data["private_key_file"]))
+                if not path.is_absolute() and base_dir is not None:
+                    path = base_dir / path
+                try:
+                    key_src = path.read_text()
+                except OSError as exc:
+                    raise InvalidInput(f"Cannot read the private key file for {iss} ({exc.strerror}).") from None
+            else:
+                raise InvalidInput(f"{iss} uses private_key_jwt but no private_key_file is set.")
+            try:
+                key = smart.load_private_key(key_src)
+                auth = smart.PrivateKeyJwt(client_id, key, data.get("private_key_alg"))
+            except Exception as exc:  # LaunchError from smart: re-raise as a config problem
+                raise InvalidInput(f"Private key for {iss}: {exc}") from None
+        dialect = data.get("scope_dialect", "auto")
+        if dialect not in ("auto", "v1", "v2"):
+            raise InvalidInput(f"scope_dialect for {iss} must be auto, v1 or v2.")
+        scopes = data.get("scopes")
+        if isinstance(scopes, list):
+            scopes = " ".join(str(s) for s in scopes)
+        ancestors = data.get("frame_ancestors")
+        if ancestors is None:
+            p = urlsplit(iss)
+            ancestors = [f"{p.scheme}://{p.netloc}"]
+        if isinstance(ancestors, str):
+            ancestors = [ancestors]
+        checked = []
+        for origin in ancestors:
+            p = urlsplit(str(origin))
+            if p.scheme not in ("http", "https") or not p.netloc or p.path not in ("", "/") or p.query:
+                raise InvalidInput(f"frame_ancestors entries are origins like https://ehr.example.org, not {origin!r}.")
+            checked.append(f"{p.scheme}://{p.netloc}")
+        return cls(iss=iss, client_id=client_id, client_auth=auth, name=str(data.get("name") or urlsplit(iss).netloc),
+                   scope_dialect=dialect, scopes=scopes or None, frame_ancestors=tuple(checked))
+
+
+def load_registrations_toml(path: str | Path) -> list[dict[str, Any]]:
+    """``[[ehr]]`` tables from a TOML file, as dicts (relative key paths made absolute)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise InvalidInput(f"Cannot read {path} ({exc.strerror}).") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"{path} is not valid TOML: {exc}.") from None
+    tables = data.get("ehr")
+    if not isinstance(tables, list) or not tables:
+        raise InvalidInput(f"{path} has no [[ehr]] tables.")
+    out = []
+    for t in tables:
+        t = dict(t)
+        if t.get("private_key_file") and not Path(t["private_key_file"]).is_absolute():
+            t["private_key_file"] = str((path.parent / t["private_key_file"]).resolve())
+        out.append(t)
+    return out
+
+
+def build_registry(items: list[Mapping[str, Any]]) -> dict[str, Registration]:
+    registry: dict[str, Registration] = {}
+    for item in items:
+        reg = item if isinstance(item, Registration) else Registration.from_dict(item)
+        if reg.iss in registry:
+            raise InvalidInput(f"{reg.iss} is registered twice.")
+        registry[reg.iss] = reg
+    return registry
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key in ("SECRET_KEY", "PUBLIC_URL", "STORE_URL"):
+        if env.get(f"FHIR_MASSAGE_{key}"):
+            out[key] = env[f"FHIR_MASSAGE_{key}"]
+    return out
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
