@@ -6,9 +6,12 @@ Frozen dataclasses the web layer fills from a form; the builders turn them into 
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Iterable
 
 from .codes import TECHNIQUE_DISPLAY, TECHNIQUES
@@ -22,46 +25,15 @@ LATERALITIES: dict[str, tuple[str, str]] = {
     "bilateral": ("51440002", "Right and left"),
 }
 
-# Body sites we can name (SNOMED body structure, reference/fhir-modelling.md "Body sites" [V]: DICOM CID 4031).
-# lateralizable: the site exists on both sides of the body, so an order must say which side (SNOMED's
-# Lateralizable body structure reference set 723264001 is the authority [V2]; this short list follows it for the
-# limb and girdle regions).
-# TODO(body-site hierarchy): switch to fhir_massage/knowledge/ (screening) once it lands; keep this as the fallback.
-_SITES: dict[str, tuple[str, bool]] = {
-    "77568009": ("Back", False),
-    "37822005": ("Lower back", False),
-    "52612000": ("Lumbar region", False),
-    "45048000": ("Neck", False),
-    "69536005": ("Head", False),
-    "774007": ("Head and neck", False),
-    "89545001": ("Face", False),
-    "41695006": ("Scalp", False),
-    "16982005": ("Shoulder", True),
-    "53120007": ("Upper limb", True),
-    "40983000": ("Upper arm", True),
-    "14975008": ("Forearm", True),
-    "85562004": ("Hand", True),
-    "61685007": ("Lower limb", True),
-    "68367000": ("Thigh", True),
-    "30021000": ("Lower leg", True),
-    "56459004": ("Foot", True),
-    "72696002": ("Knee", True),
-    "29836001": ("Hip", True),
-    "46862004": ("Buttock", True),
-    "22943007": ("Trunk", False),
-    "67734004": ("Upper trunk", False),
-    "63337009": ("Lower trunk", False),
-    "816094009": ("Chest", False),
-    "78904004": ("Chest wall", False),
-    "818981001": ("Abdomen", False),
-    "816092008": ("Pelvis", False),
-    "91470000": ("Axilla", True),
-    "122494005": ("Cervical spine", False),
-    "122495006": ("Thoracic spine", False),
-    "122496007": ("Lumbar spine", False),
-    "53620006": ("Temporomandibular joint", True),
-    "38266002": ("Entire body", False),
-}
+# Body sites we can name and which of them take a side: the screening knowledge base's body-site hierarchy
+# (fhir_massage/knowledge/body_sites.json: SNOMED body structures from DICOM CID 4031 [V], each with
+# ``lateralizable`` after SNOMED's Lateralizable body structure reference set 723264001 [V2]). Read as data through
+# its documented, stable file format (knowledge/README.md), once per process.
+@functools.lru_cache(maxsize=1)
+def _sites() -> dict[str, tuple[str, bool]]:
+    raw = json.loads((Path(__file__).parent / "knowledge" / "body_sites.json").read_text(encoding="utf-8"))
+    return {s["code"]: (s["display"], bool(s["lateralizable"])) for s in raw["sites"]}
+
 
 _SITE_RE = re.compile(r"^(\d{6,18})(?::([a-z]+))?$")
 
@@ -91,24 +63,24 @@ class Site:
 
 
 def site_display(code: str) -> str | None:
-    known = _SITES.get(code)
+    known = _sites().get(code)
     return known[0] if known else None
 
 
 def is_lateralizable(code: str) -> bool:
-    known = _SITES.get(code)
+    known = _sites().get(code)
     return bool(known and known[1])
 
 
 def parse_site(value: str) -> Site | None:
     """``"72696002:left"`` -> Site; None when the string is not a site we know (see ``site_problem``)."""
     m = _SITE_RE.match(value.strip()) if isinstance(value, str) else None
-    if not m or m.group(1) not in _SITES:
+    if not m or m.group(1) not in _sites():
         return None
     side = m.group(2)
     if side is not None and side not in LATERALITIES:
         return None
-    return Site(code=m.group(1), display=_SITES[m.group(1)][0], laterality=side)
+    return Site(code=m.group(1), display=_sites()[m.group(1)][0], laterality=side)
 
 
 def site_problem(value: str) -> str | None:
@@ -116,9 +88,9 @@ def site_problem(value: str) -> str | None:
     if not m:
         return f"'{value}' is not a body site code (expected a SNOMED code, optionally ':left', ':right' or ':bilateral')."
     code, side = m.group(1), m.group(2)
-    if code not in _SITES:
+    if code not in _sites():
         return f"Body site {code} is not one we can treat or name; pick a site from the list."
-    name = _SITES[code][0]
+    name = _sites()[code][0]
     if side is not None and side not in LATERALITIES:
         return f"'{side}' is not a side; use left, right or bilateral for the {name.lower()}."
     if side is not None and not is_lateralizable(code):

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from ..codes import COMMUNICATION_CATEGORY, MESSAGE_CATEGORY_SYSTEM, coding
 from ..errors import InvalidInput
 from ..orders_model import ref_problem
-from .order import IDENTIFIER_BASE, identifier, instant, ref
+from .order import IDENTIFIER_BASE, identifier, instant, meta, ref
 
 MESSAGE_ID_SYSTEM = f"{IDENTIFIER_BASE}/message"
 CATEGORIES: dict[str, tuple[str, str, str]] = {
@@ -61,6 +61,7 @@ def communication(*, order_ref: str, patient_ref: str, sender_ref: str, recipien
     display, hl7_code, hl7_display = CATEGORIES[category]
     msg: dict[str, Any] = {
         "resourceType": "Communication",
+        "meta": meta("Communication"),
         "identifier": [identifier(MESSAGE_ID_SYSTEM, draft_id)],
         "basedOn": [ref(order_ref)],
     }

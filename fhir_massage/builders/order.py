@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..codes import (
+    CANONICAL_BASE,
     CPT,
     CPT_DISPLAY,
     IDENTIFIER_BASE,
@@ -48,6 +49,7 @@ from ..fhir import request_entry, transaction_bundle
 from ..orders_model import LATERALITIES, OrderDraft, Schedule, Site, order_problems
 
 ORDER_ID_SYSTEM = f"{IDENTIFIER_BASE}/order-draft"
+REQUISITION_ID_SYSTEM = f"{IDENTIFIER_BASE}/order-requisition"
 TASK_ID_SYSTEM = f"{IDENTIFIER_BASE}/order-task"
 FINDING_ID_SYSTEM = f"{IDENTIFIER_BASE}/order-finding"
 BODY_STRUCTURE_ID_SYSTEM = f"{IDENTIFIER_BASE}/body-structure"
@@ -55,6 +57,20 @@ APP_ID_SYSTEM = f"{IDENTIFIER_BASE}/app"
 TARGET_BODY_STRUCTURE = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"  # [V] R4 extension
 CATEGORY_PT = coding(SNOMED, "91251008", "Physical therapy procedure (regime/therapy)")  # [V] reference
 APP_NAME = "fhir-massage"
+_PROFILE = f"{CANONICAL_BASE}/StructureDefinition/"
+PROFILES = {  # our profiles (profiles/input/fsh/profiles.fsh), declared in meta.profile of what we write
+    "ServiceRequest": _PROFILE + "massage-service-request",
+    "Procedure": _PROFILE + "massage-procedure",
+    "DetectedIssue": _PROFILE + "massage-contraindication",
+    "Observation": _PROFILE + "massage-pain-score",
+    "CarePlan": _PROFILE + "massage-plan",
+    "Task": _PROFILE + "massage-fulfillment",
+    "Communication": _PROFILE + "massage-feedback",
+}
+
+
+def meta(resource_type: str) -> dict[str, Any]:
+    return {"profile": [PROFILES[resource_type]]}
 
 # A fixed namespace so urn:uuid fullUrls are a pure function of the draft id (same draft -> same Bundle).
 _URN_NS = uuid.UUID("6f1b0c52-3c1e-5d0a-9a55-2f0e2c4b7a10")
@@ -98,21 +114,16 @@ def conditional_create(resource: Mapping[str, Any], full_url: str) -> dict[str, 
                          if_none_exist=[("identifier", f"{ident['system']}|{ident['value']}")])
 
 
-def technique_codings(techniques: Sequence[str]) -> list[dict[str, str]]:
-    """CPT codings first (what billing and EHRs read, reference "The order": code), then our technique codes."""
-    cpts: list[str] = []
-    for t in techniques:
-        cpt = TECHNIQUE_CPT[t][0]
-        if cpt not in cpts:
-            cpts.append(cpt)
-    return ([coding(CPT, c, CPT_DISPLAY.get(c)) for c in cpts]
-            + [coding(TECHNIQUE_SYSTEM, t, TECHNIQUE_DISPLAY[t]) for t in techniques])
+def technique_codings(technique: str) -> list[dict[str, str]]:
+    """CPT coding first (what billing and EHRs read, reference "The order": code), then our technique code.
+    Exactly one of each: the MassageCode rule set of our profiles slices code.coding into cpt 1..1, technique 1..1."""
+    cpt = TECHNIQUE_CPT[technique][0]
+    return [coding(CPT, cpt, CPT_DISPLAY.get(cpt)), coding(TECHNIQUE_SYSTEM, technique, TECHNIQUE_DISPLAY[technique])]
 
 
-def code_text(techniques: Sequence[str], sites: Sequence[Site]) -> str:
-    what = " + ".join(TECHNIQUE_DISPLAY[t] for t in techniques)
+def code_text(technique: str, sites: Sequence[Site]) -> str:
     where = "; ".join(s.text for s in sites)
-    return f"{what}: {where}" if where else what
+    return f"{TECHNIQUE_DISPLAY[technique]}: {where}" if where else TECHNIQUE_DISPLAY[technique]
 
 
 def body_site(site: Site) -> dict[str, Any]:
@@ -216,24 +227,44 @@ def precautions_text(draft: OrderDraft) -> str:
     return "Precautions: " + "; ".join(parts) + "." if parts else ""
 
 
-def service_request(draft: OrderDraft, *, findings_refs: Sequence[str], now: datetime,
+def _technique(draft: OrderDraft, technique: str | None) -> str:
+    if technique is None:
+        if len(draft.techniques) != 1:
+            raise InvalidInput("This draft has several techniques: say which one this order is for.")
+        return draft.techniques[0]
+    if technique not in draft.techniques:
+        raise InvalidInput(f"'{technique}' is not one of the draft's techniques.")
+    return technique
+
+
+def order_identifier(draft_id: str, technique: str) -> dict[str, str]:
+    """One order per technique (profiles: cpt 1..1, technique 1..1; reference "The order": one ServiceRequest per
+    technique family), so the order's identifier is the draft id plus the technique; ``requisition`` holds the bare
+    draft id and groups the orders signed together (R4 ServiceRequest.requisition, "composite request")."""
+    return identifier(ORDER_ID_SYSTEM, f"{draft_id}:{technique}")
+
+
+def service_request(draft: OrderDraft, *, findings_refs: Sequence[str], now: datetime, technique: str | None = None,
                     body_structure_refs: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The signed massage order (MassageServiceRequest). ``findings_refs`` -> supportingInfo (the DetectedIssues);
-    ``body_structure_refs`` maps ``Site.key`` -> reference of its BodyStructure (see ``body_structure_entries``).
+    """The signed order for one technique of the draft (MassageServiceRequest); ``technique`` may be left out when
+    the draft has only one. ``findings_refs`` -> supportingInfo (the DetectedIssues); ``body_structure_refs`` maps
+    ``Site.key`` -> reference of its BodyStructure (see ``body_structure_entries``).
     Raises InvalidInput if ``order_problems(draft)`` is not empty (the form should have shown them first)."""
     _require_valid(draft)
+    technique = _technique(draft, technique)
     sites = draft.parsed_sites()
     schedule = draft.schedule
-    sr: dict[str, Any] = {"resourceType": "ServiceRequest"}
+    sr: dict[str, Any] = {"resourceType": "ServiceRequest", "meta": meta("ServiceRequest")}
     extensions = target_body_structures(sites, body_structure_refs)
     if extensions:
         sr["extension"] = extensions
     sr.update({
-        "identifier": [identifier(ORDER_ID_SYSTEM, draft.draft_id)],
+        "identifier": [order_identifier(draft.draft_id, technique)],
+        "requisition": identifier(REQUISITION_ID_SYSTEM, draft.draft_id),
         "status": "active",
         "intent": "order",
         "category": [{"coding": [CATEGORY_PT], "text": "Medical massage"}],
-        "code": {"coding": technique_codings(draft.techniques), "text": code_text(draft.techniques, sites)},
+        "code": {"coding": technique_codings(technique), "text": code_text(technique, sites)},
         "orderDetail": order_details(draft, schedule),
         "quantityQuantity": sessions_quantity(schedule.total_sessions),
         "subject": ref(draft.patient_ref),
@@ -260,25 +291,29 @@ def service_request(draft: OrderDraft, *, findings_refs: Sequence[str], now: dat
     return sr
 
 
-def fulfillment_task(draft: OrderDraft, *, order_ref: str, now: datetime,
+def fulfillment_task(draft: OrderDraft, *, order_ref: str, now: datetime, technique: str | None = None,
                      owner_ref: str | None = None) -> dict[str, Any]:
-    """The request-fulfilment Task (workflow pattern, reference "Workflow: Task"): code ``fulfill``, focus and
-    basedOn = the order, ``restriction.repetitions`` = sessions authorized.
+    """The request-fulfilment Task of one order (workflow pattern, reference "Workflow: Task"): code ``fulfill``,
+    focus and basedOn = the order, ``restriction.repetitions`` = sessions authorized.
 
     Sessions done are tracked without extensions: one ``output`` per documented session (type ``session`` ->
-    the Procedure), counted by ``sessions_done(task)``; ``businessStatus.text`` repeats the count in words.
-    Status: ``ready`` when a therapist owns it already, ``requested`` while it waits for one."""
+    the Procedure, the Reference also carrying the Procedure's identifier), counted by ``sessions_done(task)``;
+    ``businessStatus.text`` repeats the count in words. Status: ``ready`` when a therapist owns it already,
+    ``requested`` while it waits for one."""
     _require_valid(draft)
+    technique = _technique(draft, technique)
     total = draft.schedule.total_sessions
     task: dict[str, Any] = {
         "resourceType": "Task",
-        "identifier": [identifier(TASK_ID_SYSTEM, draft.draft_id)],
+        "meta": meta("Task"),
+        "identifier": [identifier(TASK_ID_SYSTEM, f"{draft.draft_id}:{technique}")],
         "basedOn": [ref(order_ref)],
+        "groupIdentifier": identifier(REQUISITION_ID_SYSTEM, draft.draft_id),
         "status": "ready" if owner_ref else "requested",
         "businessStatus": business_status(0, total),
         "intent": "order",
         "code": {"coding": [coding(TASK_CODE, "fulfill", "Fulfill the focal request")]},
-        "description": f"Provide medical massage: {draft.schedule.text}",
+        "description": f"Provide {TECHNIQUE_DISPLAY[technique].lower()}: {draft.schedule.text}",
         "focus": ref(order_ref),
         "for": ref(draft.patient_ref),
     }
@@ -372,16 +407,17 @@ def _identified_ref(full_url: str, resource: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def _prepare_finding(issue: Mapping[str, Any], draft_id: str, index: int, order_urn: str) -> dict[str, Any]:
-    """A copy of a screening DetectedIssue made ready to be written with the order it was raised for."""
+def _prepare_finding(issue: Mapping[str, Any], draft_id: str, index: int,
+                     order_urns_: Sequence[str]) -> dict[str, Any]:
+    """A copy of a screening DetectedIssue made ready to be written with the orders it was raised for."""
     if not isinstance(issue, Mapping) or issue.get("resourceType") != "DetectedIssue":
         raise InvalidInput(f"Finding {index + 1} is not a DetectedIssue.")
     out = dict(issue)
     if not out.get("identifier"):
         out["identifier"] = [identifier(FINDING_ID_SYSTEM, f"{draft_id}:{index}")]
     implicated = [dict(r) for r in out.get("implicated") or []]
-    if not any(r.get("reference") == order_urn for r in implicated):
-        implicated.insert(0, ref(order_urn))
+    have = {r.get("reference") for r in implicated}
+    implicated = [ref(u) for u in order_urns_ if u not in have] + implicated
     out["implicated"] = implicated
     # reference "DetectedIssue": preliminary while drafting, final once the physician acts - signing is acting.
     if out.get("status") == "preliminary":
@@ -389,44 +425,51 @@ def _prepare_finding(issue: Mapping[str, Any], draft_id: str, index: int, order_
     return out
 
 
-def order_urns(draft_id: str) -> dict[str, str]:
-    """The fullUrls ``order_transaction`` uses for a draft (stable: same draft id, same urns)."""
-    return {"order": urn("order", draft_id), "task": urn("task", draft_id), "provenance": urn("provenance", draft_id)}
+def order_urns(draft_id: str, technique: str) -> dict[str, str]:
+    """The fullUrls ``order_transaction`` uses for one technique of a draft (same draft id, same urns)."""
+    return {"order": urn("order", draft_id, technique), "task": urn("task", draft_id, technique)}
 
 
 def order_transaction(draft: OrderDraft, finding_issues: Sequence[Mapping[str, Any]], now: datetime, *,
                       owner_ref: str | None = None, app_version: str | None = None,
                       body_structures: bool = True, conditional_provenance: bool = True) -> dict[str, Any]:
-    """ONE transaction Bundle that signs the order: [BodyStructures], ServiceRequest, DetectedIssues, Task,
-    Provenance. Every POST is conditional (see the module doc), so sending it twice writes one order.
+    """ONE transaction Bundle that signs the draft: [BodyStructures], one ServiceRequest and one fulfilment Task
+    per technique, the DetectedIssues, one Provenance. Every POST is conditional (see the module doc), so sending
+    it twice writes each resource once.
 
-    ``finding_issues`` are DetectedIssue dicts from the screening builder; each gets the order added to
-    ``implicated``, status final, and an identifier derived from the draft id if it has none."""
+    ``finding_issues`` are DetectedIssue dicts from the screening builder; each gets the orders added to
+    ``implicated``, status final, and an identifier derived from the draft id if it has none. Every order lists
+    every finding in supportingInfo (the screening ran on the whole draft)."""
     _require_valid(draft)
-    urns = order_urns(draft.draft_id)
+    per_technique = [(t, order_urns(draft.draft_id, t)) for t in draft.techniques]
+    sr_urns = [u["order"] for _, u in per_technique]
     sites = draft.parsed_sites()
     bs_entries, bs_refs = body_structure_entries(sites, draft.patient_ref) if body_structures else ([], {})
-    findings = [_prepare_finding(f, draft.draft_id, i, urns["order"]) for i, f in enumerate(finding_issues)]
+    findings = [_prepare_finding(f, draft.draft_id, i, sr_urns) for i, f in enumerate(finding_issues)]
     finding_urns = [urn("finding", draft.draft_id, f["identifier"][0]["system"], f["identifier"][0]["value"])
                     for f in findings]
     if len(set(finding_urns)) != len(finding_urns):
         raise InvalidInput("Two findings share one identifier; each finding must be written once.")
-    sr = service_request(draft, findings_refs=finding_urns, now=now, body_structure_refs=bs_refs)
-    task = fulfillment_task(draft, order_ref=urns["order"], now=now, owner_ref=owner_ref)
     written: list[tuple[str, dict[str, Any]]] = [(e["fullUrl"], e["resource"]) for e in bs_entries]
-    written.append((urns["order"], sr))
+    orders = []
+    for technique, urns in per_technique:
+        sr = service_request(draft, findings_refs=finding_urns, now=now, technique=technique,
+                             body_structure_refs=bs_refs)
+        orders.append(sr)
+        written.append((urns["order"], sr))
+        written.append((urns["task"], fulfillment_task(draft, order_ref=urns["order"], now=now,
+                                                       technique=technique, owner_ref=owner_ref)))
     written += list(zip(finding_urns, findings))
-    written.append((urns["task"], task))
     prov = provenance([_identified_ref(u, r) for u, r in written], author_ref=draft.requester_ref, now=now,
                       activity="CREATE", app_version=app_version)
     entries = [conditional_create(r, u) for u, r in written]
-    key = sr["identifier"][0] if conditional_provenance else None
-    entries.append(provenance_entry(prov, urns["provenance"], key=key))
+    key = orders[0]["identifier"][0] if conditional_provenance else None
+    entries.append(provenance_entry(prov, urn("provenance", draft.draft_id), key=key))
     return transaction_bundle(entries)
 
 
 __all__ = [
-    "ORDER_ID_SYSTEM", "TASK_ID_SYSTEM", "FINDING_ID_SYSTEM", "BODY_STRUCTURE_ID_SYSTEM", "TARGET_BODY_STRUCTURE",
+    "ORDER_ID_SYSTEM", "REQUISITION_ID_SYSTEM", "TASK_ID_SYSTEM", "PROFILES", "order_identifier", "FINDING_ID_SYSTEM", "BODY_STRUCTURE_ID_SYSTEM", "TARGET_BODY_STRUCTURE",
     "OUTPUT_SESSION", "OUTPUT_SESSION_NOT_DONE",
     "service_request", "fulfillment_task", "provenance", "order_transaction", "order_urns", "sessions_done",
     "business_status", "body_structure", "timing",

@@ -8,6 +8,7 @@ References: reference/fhir-modelling.md "The plan: CarePlan", "The order" (statu
 from __future__ import annotations
 
 import copy
+from html import escape
 from datetime import date, datetime
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +25,7 @@ from .order import (
     code_text,
     identifier,
     instant,
+    meta,
     ref,
     sessions_quantity,
     target_body_structures,
@@ -75,13 +77,21 @@ def care_plan(*, draft_id: str, patient_ref: str, order_refs: Sequence[str], aut
     period = {"start": start.isoformat()}
     if end is not None:
         period["end"] = end.isoformat()
+    title = title or "Medical massage plan"
+    when = f"from {start.isoformat()}" + (f" to {end.isoformat()}" if end else "")
+    orders = ", ".join(order_refs)
     plan: dict[str, Any] = {
         "resourceType": "CarePlan",
+        "meta": meta("CarePlan"),
+        # US Core CarePlan (mirrored by MassagePlan) requires a narrative; generated = from the structured data
+        "text": {"status": "generated",
+                 "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><p>{escape(title)}, {escape(when)}: '
+                        f'{escape(orders)}</p></div>'},
         "identifier": [identifier(PLAN_ID_SYSTEM, draft_id)],
         "status": "active",
         "intent": "plan",
         "category": [{"coding": [coding(US_CORE_CAREPLAN_CATEGORY, "assess-plan", "Assessment and Plan of Treatment")]}],
-        "title": title or "Medical massage plan",
+        "title": title,
         "subject": ref(patient_ref),
         "period": period,
         "created": instant(now),
@@ -141,11 +151,11 @@ def task_follow_order(task: Mapping[str, Any], order_status: str, *, now: dateti
     return out
 
 
-def modify_order(sr: Mapping[str, Any], *, techniques: Sequence[str] | None = None,
+def modify_order(sr: Mapping[str, Any], *, technique: str | None = None,
                  sites: Sequence[str] | None = None, schedule: Schedule | None = None,
                  body_structure_refs: Mapping[str, str] | None = None, reason_text: str | None = None,
                  author_ref: str | None = None, now: datetime | None = None) -> dict[str, Any]:
-    """The order with new techniques, sites and/or schedule (the rest unchanged), for a PUT with If-Match.
+    """The order with a new technique, sites and/or schedule (the rest unchanged), for a PUT with If-Match.
 
     Changing the sites drops the old ``procedure-targetBodyStructure`` links; pass ``body_structure_refs``
     (``Site.key`` -> BodyStructure reference, existing ones) to link the new lateralized sites."""
@@ -154,11 +164,8 @@ def modify_order(sr: Mapping[str, Any], *, techniques: Sequence[str] | None = No
     if sr.get("status") not in _EDITABLE:
         raise InvalidInput(f"An order that is {sr.get('status')} cannot be changed; write a new order.")
     problems: list[str] = []
-    if techniques is not None:
-        if not techniques:
-            problems.append("Choose at least one technique.")
-        elif any(t not in TECHNIQUES for t in techniques) or len(set(techniques)) != len(techniques):
-            problems.append("Techniques must be known and listed once.")
+    if technique is not None and technique not in TECHNIQUES:
+        problems.append(f"Unknown technique '{technique}'.")
     if sites is not None:
         if not sites:
             problems.append("Choose at least one body site to treat.")
@@ -170,11 +177,10 @@ def modify_order(sr: Mapping[str, Any], *, techniques: Sequence[str] | None = No
         raise InvalidInput("The change cannot be made: " + " ".join(problems))
     out = copy.deepcopy(dict(sr))
     out.pop("text", None)
-    tech = list(techniques) if techniques is not None else _techniques_of(sr)
+    tech = technique if technique is not None else _technique_of(sr)
     parsed = ([s for s in (parse_site(v) for v in sites) if s is not None] if sites is not None else None)
-    if techniques is not None or sites is not None:
-        code_sites = parsed if parsed is not None else []
-        text = code_text(tech, code_sites) if parsed is not None else _with_sites_text(tech, sr)
+    if technique is not None or sites is not None:
+        text = code_text(tech, parsed) if parsed is not None else _with_sites_text(tech, sr)
         out["code"] = {"coding": technique_codings(tech), "text": text}
     if parsed is not None:
         out["bodySite"] = [body_site(s) for s in parsed]
@@ -196,17 +202,17 @@ def modify_order(sr: Mapping[str, Any], *, techniques: Sequence[str] | None = No
     return out
 
 
-def _techniques_of(sr: Mapping[str, Any]) -> list[str]:
+def _technique_of(sr: Mapping[str, Any]) -> str:
     found = [c.get("code") for c in codings(sr.get("code")) if c.get("system") == TECHNIQUE_SYSTEM]
     techniques = [t for t in found if t in TECHNIQUES]
-    if not techniques:
-        raise InvalidInput("The order names no technique we know; say which techniques it should have.")
-    return techniques
+    if len(techniques) != 1:
+        raise InvalidInput("The order does not name one technique we know; say which technique it should have.")
+    return techniques[0]
 
 
-def _with_sites_text(techniques: Sequence[str], sr: Mapping[str, Any]) -> str:
+def _with_sites_text(technique: str, sr: Mapping[str, Any]) -> str:
     where = "; ".join(str(b.get("text")) for b in sr.get("bodySite") or [] if isinstance(b, Mapping) and b.get("text"))
-    base = code_text(techniques, [])
+    base = code_text(technique, [])
     return f"{base}: {where}" if where else base
 
 

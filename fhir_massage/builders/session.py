@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..codes import (
     LOINC,
@@ -47,6 +47,7 @@ from .order import (
     conditional_create,
     identifier,
     instant,
+    meta,
     provenance,
     provenance_entry,
     ref,
@@ -74,9 +75,8 @@ class SessionNote:
     end: datetime | None = None
     status: str = "completed"  # completed | not-done
     status_reason: str = ""  # why not done (fever, new calf swelling, patient cancelled, ...)
-    techniques: tuple[str, ...] = ()
+    technique: str = ""  # the order's technique (one Procedure per technique: profiles, cpt 1..1 technique 1..1)
     sites: tuple[str, ...] = ()
-    technique_minutes: tuple[tuple[str, int], ...] = ()  # optional split of minutes, for CPT unit allocation
     pressure: str | None = None
     position: str = ""
     response: str = ""  # how the patient responded ("tolerated well")
@@ -106,23 +106,21 @@ def cpt_units(minutes: int) -> int:
     return (minutes + 7) // 15
 
 
-def session_cpt_minutes(note: SessionNote) -> dict[str, int]:
-    """Minutes per CPT code: from ``technique_minutes`` when given; all minutes to the one code otherwise.
-    Empty when several codes were used and the split is unknown (``session_problems`` asks for it)."""
-    if note.technique_minutes:
-        out: dict[str, int] = {}
-        for technique, minutes in note.technique_minutes:
-            cpt = TECHNIQUE_CPT[technique][0]
-            out[cpt] = out.get(cpt, 0) + minutes
-        return out
-    cpts = {TECHNIQUE_CPT[t][0] for t in note.techniques if t in TECHNIQUE_CPT}
-    return {cpts.pop(): note.minutes} if len(cpts) == 1 else {}
+def session_cpt(note: SessionNote) -> str | None:
+    known = TECHNIQUE_CPT.get(note.technique)
+    return known[0] if known else None
 
 
-def session_units(note: SessionNote) -> dict[str, int]:
-    """CPT units per code, CMS way [V2]: the units come from the pooled minutes of all timed codes; each code gets
-    its full 15-minute units, and the units left go to the codes with the most remaining minutes."""
-    per_code = session_cpt_minutes(note)
+def visit_units(notes: Sequence[SessionNote]) -> dict[str, int]:
+    """CPT units per code for one visit (the completed notes of one patient on one day, one per technique), CMS
+    way [V2, reference "Billing rules"]: the units come from the pooled minutes of all timed codes; each code
+    gets its full 15-minute units, and the units left go to the codes with the most remaining minutes.
+    E.g. 33 min of 97140 + 7 min of 97124 = 40 min = 3 units: 97140 x 2, 97124 x 1."""
+    per_code: dict[str, int] = {}
+    for n in notes:
+        cpt = session_cpt(n)
+        if n.status == "completed" and cpt:
+            per_code[cpt] = per_code.get(cpt, 0) + n.minutes
     total = cpt_units(sum(per_code.values()))
     units = {c: m // 15 for c, m in per_code.items()}
     left = total - sum(units.values())
@@ -146,6 +144,10 @@ def session_problems(note: SessionNote) -> dict[str, str]:
         problem = ref_problem(value, types, what)
         if problem:
             out[name] = problem
+    if not note.technique:
+        out["technique"] = "Say which technique (of the order) the session was for."
+    elif note.technique not in TECHNIQUES:
+        out["technique"] = f"Unknown technique '{note.technique}'."
     if note.status not in STATUSES:
         out["status"] = "A session is either completed or not done."
     if not isinstance(note.start, datetime) or note.start.tzinfo is None:
@@ -160,26 +162,11 @@ def session_problems(note: SessionNote) -> dict[str, str]:
             out["end"] = "The session must end after it starts."
         elif "start" not in out and note.minutes > MAX_SESSION_MINUTES:
             out["end"] = f"{note.minutes} minutes is longer than any session; check the start and end times."
-        if not note.techniques:
-            out["techniques"] = "Say which techniques were used."
-        elif any(t not in TECHNIQUES for t in note.techniques):
-            out["techniques"] = "Unknown technique: " + ", ".join(t for t in note.techniques if t not in TECHNIQUES)
         if not note.sites:
             out["sites"] = "Say which body sites were treated."
         for name, value in (("pain_before", note.pain_before), ("pain_after", note.pain_after)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10):
                 out[name] = "Pain is a whole number from 0 (no pain) to 10 (worst imaginable)."
-        if "techniques" not in out and "end" not in out:
-            split = dict(note.technique_minutes)
-            if note.technique_minutes:
-                if set(split) - set(note.techniques):
-                    out["technique_minutes"] = "Minutes are given for a technique that was not used."
-                elif any(m < 0 for m in split.values()) or sum(split.values()) > note.minutes:
-                    out["technique_minutes"] = (f"The minutes per technique add up to more than the "
-                                                f"{note.minutes}-minute session.")
-            elif len({TECHNIQUE_CPT[t][0] for t in note.techniques}) > 1:
-                out["technique_minutes"] = ("These techniques are billed under different codes; say how many "
-                                            "minutes went to each.")
     if note.sites:
         msgs = [m for m in (site_problem(s) for s in note.sites) if m]
         if msgs:
@@ -207,11 +194,6 @@ def _soap(note: SessionNote) -> list[str]:
         details.append(f"position: {note.position.strip()}")
     if details:
         out.append("Delivery: " + "; ".join(details) + ".")
-    units = session_units(note) if note.status == "completed" else {}
-    if units:
-        out.append("Timed units (CMS 8-minute rule): "
-                   + ", ".join(f"CPT {c} x {u}" for c, u in sorted(units.items()))
-                   + f" for {note.minutes} minutes.")
     return out
 
 
@@ -220,7 +202,7 @@ def procedure(note: SessionNote, now: datetime, *,
     """The session as a Procedure (MassageProcedure). Raises InvalidInput if ``session_problems`` is not empty."""
     _require_valid(note)
     sites = [s for s in (parse_site(v) for v in note.sites) if s is not None]
-    proc: dict[str, Any] = {"resourceType": "Procedure"}
+    proc: dict[str, Any] = {"resourceType": "Procedure", "meta": meta("Procedure")}
     extensions = target_body_structures(sites, body_structure_refs)
     if extensions:
         proc["extension"] = extensions
@@ -230,18 +212,16 @@ def procedure(note: SessionNote, now: datetime, *,
     if note.status == "not-done":
         proc["statusReason"] = {"text": note.status_reason.strip()}
     proc["category"] = {"coding": [CATEGORY_PT], "text": "Medical massage"}
-    if note.techniques:
-        proc["code"] = {"coding": technique_codings(note.techniques), "text": code_text(note.techniques, sites)}
-    else:  # a session cancelled before anything was chosen: what was due is the order's business
-        proc["code"] = {"text": "Medical massage session (not done)"}
+    proc["code"] = {"coding": technique_codings(note.technique), "text": code_text(note.technique, sites)}
     proc["subject"] = ref(note.patient_ref)
     if note.encounter_ref:
         proc["encounter"] = ref(note.encounter_ref)
     if note.status == "completed":
         proc["performedPeriod"] = {"start": instant(note.start), "end": instant(note.end)}  # type: ignore[arg-type]
     else:
-        # when the session was due: the plan view needs a date for "not done, and why"
-        proc["performedDateTime"] = instant(note.start)
+        # When the session was due (the plan view needs a date for "not done, and why"); a Period because our
+        # profile allows only Period (performed[x] 1..1), with no end: nothing was performed.
+        proc["performedPeriod"] = {"start": instant(note.start)}
     proc["recorder"] = ref(note.performer_ref)
     proc["performer"] = [{"function": {"coding": [coding(NUCC, NUCC_MASSAGE_THERAPIST, "Massage Therapist")]},
                           "actor": ref(note.performer_ref)}]
@@ -274,6 +254,7 @@ def pain_observations(note: SessionNote, procedure_ref: str, *, now: datetime) -
             continue
         out.append({
             "resourceType": "Observation",
+            "meta": meta("Observation"),
             "identifier": [identifier(OBSERVATION_ID_SYSTEM, f"{note.draft_id}:pain-{which}")],
             "basedOn": [ref(note.order_ref)],
             "partOf": [ref(procedure_ref)],
@@ -375,7 +356,6 @@ def session_transaction(note: SessionNote, task: Mapping[str, Any], now: datetim
 
 
 __all__ = [
-    "SESSION_ID_SYSTEM", "OBSERVATION_ID_SYSTEM", "PAIN_NRS", "SessionNote", "cpt_units", "session_units",
-    "session_cpt_minutes", "session_problems", "procedure", "pain_observations", "session_transaction",
+    "SESSION_ID_SYSTEM", "OBSERVATION_ID_SYSTEM", "PAIN_NRS", "SessionNote", "cpt_units", "visit_units", "session_cpt", "session_problems", "procedure", "pain_observations", "session_transaction",
     "session_recorded", "task_after_session", "session_urns",
 ]
