@@ -74,7 +74,8 @@ DEFAULTS: dict[str, Any] = {
 
 AUTH_METHODS = ("public", "client_secret_basic", "private_key_jwt")
 _REG_KEYS = {"iss", "client_id", "name", "auth", "client_secret_env", "client_secret", "private_key_file",
-             "private_key", "private_key_alg", "scope_dialect", "scopes", "frame_ancestors"}
+             "private_key", "private_key_alg", "scope_dialect", "scopes", "frame_ancestors",
+             "cds_iss", "cds_jwks_url", "cds_jwks"}  # CDS Hooks caller keys: read by smart_app/cds.py (docs/cds-hooks.md)
 
 
 @dataclass(frozen=True)
