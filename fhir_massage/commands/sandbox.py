@@ -47,10 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--fail-methods", default="", help="comma-separated methods to fail, e.g. POST,PUT (default all)")
     f.add_argument("--drop-every-n", type=int, default=0, help="every N-th FHIR request: close without answering")
     f.add_argument("--retry-after", type=int, default=None, help="Retry-After seconds on injected 429/503")
+    from fhir_massage.sandbox.auth_clients import add_cli_options
+
+    add_cli_options(p)  # --clients FILE, --client ID=REDIRECT[,LAUNCH], --discovery (SMART server's options)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from fhir_massage.sandbox.auth_clients import auth_options_from_args
     from fhir_massage.sandbox.faults import FaultConfig
     from fhir_massage.sandbox.server import SandboxConfig, create_sandbox_app
     from fhir_massage.serving import serve_in_thread, wait_ready
@@ -77,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         faults=faults,
         today=args.today,
         public_base=args.public_base,
+        auth=auth_options_from_args(args),
     )
     # werkzeug's access log prints query strings (name=, identifier=...): patient data stays out of logs.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -90,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
     wait_ready(f"{root}/_sandbox/health", deadline_s=30, ok=lambda r: r.status_code == 200)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {config.host}; the sandbox is for testing, not for real patient data",
+              file=sys.stderr)
+    if config.open:
+        print("WARNING: --open: NO AUTHORIZATION. Anyone who can reach this port may read and change every record.",
+              file=sys.stderr)
+    else:
+        print(f"EHR simulator: {root}/ehr  (SMART discovery: {root}/fhir/.well-known/smart-configuration)",
               file=sys.stderr)
     print(config.public_base or f"{root}/fhir", flush=True)
     try:

@@ -188,3 +188,29 @@ def parse_client_flag(value: str) -> dict[str, Any]:
         raise InvalidInput(f"--client {value!r}: expected CLIENT_ID=REDIRECT_URI[,LAUNCH_URL]")
     redirect, _, launch = rest.partition(",")
     return {"client_id": cid, "redirect_uris": [redirect], "launch_url": launch or None, "auth_method": "none"}
+
+
+# --- command-line options of `fhir-massage sandbox` ---------------------------------------------------------------
+
+def add_cli_options(parser) -> None:
+    """The SMART authorization server's options on the `fhir-massage sandbox` parser."""
+    g = parser.add_argument_group("SMART authorization server")
+    g.add_argument("--clients", type=Path, default=None, metavar="FILE",
+                   help="client registrations: a TOML file of [[client]] tables (client_id, redirect_uris, launch_url,"
+                        " auth_method, client_secret, jwks_file or jwks_uri, allowed_scopes, access_token_lifetime,"
+                        " refresh, scope_dialect, name)")
+    g.add_argument("--client", action="append", default=[], metavar="ID=REDIRECT[,LAUNCH]",
+                   help="register a public client quickly (repeatable)")
+    g.add_argument("--discovery", choices=("both", "capability-only"), default="both",
+                   help="capability-only: no .well-known/smart-configuration, only the CapabilityStatement (v1 style)")
+
+
+def auth_options_from_args(args) -> dict[str, Any]:
+    """SandboxConfig.auth from the parsed options; every registration is checked now, so mistakes stop the start."""
+    clients: list[dict[str, Any]] = []
+    if getattr(args, "clients", None):
+        clients += load_clients_toml(args.clients)
+    clients += [parse_client_flag(v) for v in getattr(args, "client", None) or []]
+    for c in clients:
+        client_from_dict(c)
+    return {"clients": clients, "discovery": getattr(args, "discovery", "both")}
