@@ -1,0 +1,65 @@
+"""The sandbox Flask app in-process (test client): admin endpoints, config defaults, and "never a 500" fuzzing."""
+
+from __future__ import annotations
+
+import json
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fhir_massage.sandbox.faults import FaultConfig
+from fhir_massage.sandbox.server import SandboxConfig, create_sandbox_app
+
+FJ = "application/fhir+json"
+
+
+@pytest.fixture(scope="module")
+def client():
+    app = create_sandbox_app(SandboxConfig(open=True, seed=False))
+    return app.test_client()
+
+
+def test_config_defaults() -> None:
+    cfg = SandboxConfig()
+    assert (cfg.host, cfg.port, cfg.data_dir, cfg.seed, cfg.open) == ("127.0.0.1", 0, None, True, False)
+    assert cfg.faults == FaultConfig() and not cfg.faults.active
+    assert cfg.today is None and cfg.public_base is None and cfg.auth == {}
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/_sandbox/health"), ("POST", "/_sandbox/reset"),
+                                         ("POST", "/_sandbox/faults"), ("DELETE", "/_sandbox/faults")])
+def test_admin_is_loopback_only(client, method: str, path: str) -> None:
+    r = client.open(path, method=method, json={}, environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert r.status_code == 403 and r.json["resourceType"] == "OperationOutcome"
+
+
+def test_admin_from_loopback(client) -> None:
+    r = client.get("/_sandbox/health", environ_base={"REMOTE_ADDR": "::1"})
+    assert r.status_code == 200 and r.json["status"] == "ok"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+element_names = st.sampled_from(["id", "meta", "name", "birthDate", "gender", "identifier", "subject", "code",
+                                 "onsetDateTime", "status", "intent", "telecom", "extension", "text", "active"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rtype=st.sampled_from(["Patient", "Condition", "ServiceRequest", "Nope", ""]),
+       body=st.dictionaries(element_names, json_values, max_size=5))
+def test_random_resources_never_500(client, rtype: str, body: dict) -> None:
+    r = client.post("/fhir/Patient", data=json.dumps({"resourceType": rtype, **body}), content_type=FJ)
+    assert r.status_code in (200, 201, 400, 404), r.data
+    assert r.json["resourceType"] in ("OperationOutcome", "Patient")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(["code", "patient", "onset-date", "name", "_count", "_sort", "_include", "_id",
+                             "_lastUpdated", "code:not", "name:exact", "value-quantity", "x:y", "_summary"]),
+       value=st.text(max_size=30), rtype=st.sampled_from(["Condition", "Patient", "Observation"]))
+def test_random_searches_never_500(client, name: str, value: str, rtype: str) -> None:
+    r = client.get(f"/fhir/{rtype}", query_string=[(name, value)])
+    assert r.status_code in (200, 400, 406), r.data
