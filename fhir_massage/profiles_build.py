@@ -246,9 +246,163 @@ def load_examples(examples_dir: Path = EXAMPLES_DIR) -> list[tuple[str, dict[str
     return out
 
 
-def knowledge_value_sets() -> list[dict[str, Any]]:
-    """ValueSets generated from the knowledge base (fhir_massage/knowledge)."""
-    return []
+KNOWLEDGE_DIR = ROOT / "fhir_massage" / "knowledge"
+_SYSTEMS = {
+    "snomed": "http://snomed.info/sct",
+    "icd10cm": "http://hl7.org/fhir/sid/icd-10-cm",
+    "rxnorm": "http://www.nlm.nih.gov/research/umls/rxnorm",
+    "loinc": "http://loinc.org",
+}
+_CONCEPT_COMMENTS = "http://hl7.org/fhir/StructureDefinition/valueset-concept-comments"  # R4 core extension
+
+
+def _vs(vs_id: str, title: str, description: str, version: str, compose: dict[str, Any], **extra: Any) -> dict:
+    name = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", vs_id) if part)
+    vs = {
+        "resourceType": "ValueSet",
+        "id": vs_id,
+        "url": f"{CANONICAL_BASE}/ValueSet/{vs_id}",
+        "version": version,
+        "name": name,
+        "title": title,
+        "status": "draft",
+        "experimental": False,
+        "publisher": "fhir-massage project",
+        "description": description,
+    }
+    vs.update(extra)
+    vs["compose"] = compose
+    return vs
+
+
+def _concept(entry: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"code": entry["code"]}
+    if entry.get("display"):
+        out["display"] = entry["display"]
+    if not entry.get("verified", False):
+        note = f"{entry.get('tag', '[B]')} not verified against a terminology source"
+        if entry.get("note"):
+            note += f": {entry['note']}"
+        out["extension"] = [{"url": _CONCEPT_COMMENTS, "valueString": note}]
+    return out
+
+
+def _icd_dotted_len_regex(sevenths: list[str]) -> str:
+    """ICD-10-CM codes (written with the dot) whose 7th character, if present, is one of ``sevenths``; shorter
+    codes match too (the encounter is unknown), as the knowledge base's README defines ``seventh``."""
+    allowed = "".join(sorted(sevenths))
+    return rf"[A-Z0-9]{{3}}(\.[A-Z0-9]{{1,3}})?|[A-Z0-9]{{3}}\.[A-Z0-9]{{3}}[{allowed}]"
+
+
+def _norm(prefix: str) -> str:
+    return prefix.replace(".", "").upper()
+
+
+def rule_value_set(rule: dict[str, Any], kb_version: str, observation_kinds: dict[str, Any]) -> dict[str, Any]:
+    """One ValueSet with every code that triggers ``rule``.
+
+    ICD-10-CM prefixes become ``filter: concept is-a <prefix>``: ICD-10-CM's hierarchy is positional, so "the code
+    and all its descendants" is a prefix test (what the screening engine does). ``exclude`` prefixes go to
+    compose.exclude; ``seventh`` adds a ``code regex`` filter on the dotted code.
+    """
+    codes = rule.get("codes") or {}
+    include: list[dict[str, Any]] = []
+    exclude: list[dict[str, Any]] = []
+    unverified_prefixes = []
+    for key in ("snomed", "rxnorm", "loinc"):
+        entries = list(codes.get(key) or [])
+        if key == "loinc" and not entries and rule.get("observation"):
+            kind = observation_kinds.get(rule["observation"]["kind"]) or {}
+            entries = [{"code": c, "verified": True} for c in kind.get("codes") or []]
+        if entries:
+            include.append({"system": _SYSTEMS[key], "concept": [_concept(e) for e in entries]})
+    icd = list(codes.get("icd10cm") or [])
+    prefixes = [_norm(e["prefix"]) for e in icd]
+    for entry in icd:
+        filters = [{"property": "concept", "op": "is-a", "value": entry["prefix"]}]
+        if entry.get("seventh"):
+            filters.append({"property": "code", "op": "regex", "value": _icd_dotted_len_regex(entry["seventh"])})
+        include.append({"system": _SYSTEMS["icd10cm"], "filter": filters})
+        if not entry.get("verified", False):
+            unverified_prefixes.append(entry["prefix"])
+        for ex in entry.get("exclude") or []:
+            clash = [p for p in prefixes if p != _norm(entry["prefix"]) and p.startswith(_norm(ex))]
+            if clash:
+                raise BuildError(f"rule {rule['id']}: exclude {ex} would also remove included prefixes {clash}")
+            exclude.append({"system": _SYSTEMS["icd10cm"], "filter": [{"property": "concept", "op": "is-a", "value": ex}]})
+    if not include:
+        raise BuildError(f"rule {rule['id']} has no codes: nothing to put in its ValueSet")
+    techniques = rule["techniques"] if rule["techniques"] != "*" else "all techniques"
+    if isinstance(techniques, list):
+        techniques = ", ".join(techniques)
+    also = ", ".join(a["id"] for a in rule.get("also") or [])
+    description = (
+        f"Codes that trigger the fhir-massage contraindication rule `{rule['id']}` ({rule['title']}): class "
+        f"{rule['class']}, {techniques}, scope {rule['scope']}, evidence {rule['evidenceClass']} {rule['tag']}. "
+        f"Generated from fhir_massage/knowledge/rules.json (kbVersion {kb_version}); do not edit."
+    )
+    if also:
+        description += f" Also used by the findings {also}."
+    if unverified_prefixes:
+        description += f" Unverified ([B]) ICD-10-CM prefixes: {', '.join(unverified_prefixes)}."
+    description += (
+        " ICD-10-CM filters `concept is-a P` mean the code P and every code that starts with P (the dot ignored)."
+    )
+    compose: dict[str, Any] = {"include": include}
+    if exclude:
+        compose["exclude"] = exclude
+    extra: dict[str, Any] = {"purpose": f"Source: {rule['source']}"}
+    return _vs(f"contraindication-{rule['id']}", f"Contraindication: {rule['title']}", description, kb_version,
+               compose, **extra)
+
+
+def body_site_value_sets(body_sites: dict[str, Any], kb_version: str) -> list[dict[str, Any]]:
+    """The treatable body sites (exactly the knowledge base's list) and the laterality qualifiers."""
+    sites = [
+        _concept({"code": s["code"], "display": s["display"], "verified": s.get("tag") in ("[V]", "[V2]"),
+                  "tag": s.get("tag")})
+        for s in body_sites["sites"]
+    ]
+    qualifiers = body_sites["laterality"]
+    qualifier_display = {"left": "Left", "right": "Right", "bilateral": "Right and left"}
+    laterality = [
+        {"code": code, "display": qualifier_display[side]} for code, side in sorted(qualifiers.items(), key=lambda kv: kv[1])
+    ]
+    return [
+        _vs(
+            "massage-body-site",
+            "Treatable body sites",
+            "SNOMED CT body structures fhir-massage orders and documents massage on (ServiceRequest.bodySite, "
+            "Procedure.bodySite). Laterality goes in CodeableConcept.text ('Left lower leg') and a BodyStructure "
+            "(procedure-targetBodyStructure) with a qualifier from massage-laterality. Generated from "
+            f"fhir_massage/knowledge/body_sites.json (kbVersion {kb_version}); do not edit.",
+            kb_version,
+            {"include": [{"system": _SYSTEMS["snomed"], "concept": sites}]},
+        ),
+        _vs(
+            "massage-laterality",
+            "Body site laterality",
+            "SNOMED CT laterality qualifiers for a treatment site (BodyStructure.locationQualifier). Generated from "
+            f"fhir_massage/knowledge/body_sites.json (kbVersion {kb_version}); do not edit.",
+            kb_version,
+            {"include": [{"system": _SYSTEMS["snomed"], "concept": laterality}]},
+        ),
+    ]
+
+
+def knowledge_value_sets(knowledge_dir: Path | None = None) -> list[dict[str, Any]]:
+    """ValueSets generated from the knowledge base: body sites, laterality and one per contraindication rule."""
+    kdir = knowledge_dir or KNOWLEDGE_DIR
+    try:
+        rules = json.loads((kdir / "rules.json").read_text(encoding="utf-8"))
+        body_sites = json.loads((kdir / "body_sites.json").read_text(encoding="utf-8"))
+        observations = json.loads((kdir / "observations.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"cannot read the knowledge base in {kdir}: {exc}") from exc
+    version = rules["kbVersion"]
+    out = body_site_value_sets(body_sites, version)
+    out += [rule_value_set(rule, version, observations.get("kinds") or {}) for rule in rules["rules"]]
+    return out
 
 
 def build(out: Path = PACKAGE_DIR, validator_out: Path = VALIDATOR_DIR) -> list[Path]:

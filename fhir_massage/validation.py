@@ -182,7 +182,9 @@ def _filter_match(flt: dict[str, Any], code: str) -> bool:
     if flt.get("property") == "concept" and op == "descendent-of":
         return norm.startswith(target) and norm != target
     if op == "regex":
-        return re.fullmatch(value, code) is not None
+        # Our regexes are written on the classification's form (ICD-10-CM with the dot); EHRs also send it without.
+        dotted = f"{norm[:3]}.{norm[3:]}" if "." not in code and len(norm) > 3 else code
+        return re.fullmatch(value, code) is not None or re.fullmatch(value, dotted) is not None
     if op == "=":
         return code == value
     return False
