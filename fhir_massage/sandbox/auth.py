@@ -226,9 +226,13 @@ class SmartPrivateKeyJWT(JWTBearerClientAssertion):
 
     def process_assertion_claims(self, assertion, resolve_key):
         try:
-            alg = jws.extract_compact(assertion.encode()).headers().get("alg")
+            header = jws.extract_compact(assertion.encode()).headers()
         except JoseError:
             raise InvalidClientError(description="Invalid JWT assertion.") from None
+        alg = header.get("alg")
+        if not header.get("kid"):
+            # SMART 2.2 "Authenticating with asymmetric keys": the JWT header SHALL name its key (kid).
+            raise InvalidClientError(description="Client assertion header has no 'kid'.")
         if alg not in CLIENT_ASSERTION_ALGS:
             raise InvalidClientError(description=f"Client assertions must be signed with RS384 or ES384, not {_ascii(str(alg))}.")
         try:
@@ -364,8 +368,16 @@ class SandboxAuth:
     def register_client(self, data: dict[str, Any] | Client) -> Client:
         client = data if isinstance(data, Client) else client_from_dict(data)
         with self._clients_lock:
+            if client.client_id in self.clients:
+                # Registrations are fixed once made: tests share the sandbox, and a silent overwrite would
+                # change another test's client under it.
+                raise InvalidInput(f"client_id {client.client_id!r} is already registered")
             self.clients[client.client_id] = client
         return client
+
+    def all_clients(self) -> list[Client]:
+        with self._clients_lock:
+            return list(self.clients.values())
 
     def query_client(self, client_id: str) -> Client | None:
         with self._clients_lock:
@@ -563,7 +575,7 @@ class SandboxAuth:
 
     # discovery ------------------------------------------------------------------------------------------------
     def dialects(self) -> set[str]:
-        ds = {c.scope_dialect for c in self.clients.values()} or {"both"}
+        ds = {c.scope_dialect for c in self.all_clients()} or {"both"}
         out = set()
         for d in ds:
             out |= {"v1", "v2"} if d == "both" else {d}
@@ -763,18 +775,43 @@ def authorize():
     return auth.server.create_authorization_response(grant=grant, grant_user=user)
 
 
+def _form_only():
+    """Token-type endpoints take form bodies only (RFC 6749 §3.2, §4.1.3): parameters in the query string could end up
+    in logs and proxies, so a strict server refuses them instead of reading them."""
+    if request.args:
+        return jsonify(error="invalid_request",
+                       error_description="Send the parameters in an application/x-www-form-urlencoded body, "
+                                         "not in the URL."), 400
+    if request.mimetype != "application/x-www-form-urlencoded":
+        return jsonify(error="invalid_request",
+                       error_description="The body must be application/x-www-form-urlencoded."), 400
+    return None
+
+
 @bp.post("/auth/token")
 def token():
-    return current().server.create_token_response()
+    refused = _form_only()
+    if refused is not None:
+        return refused
+    resp = current().server.create_token_response()
+    # No cookies are involved, so any origin may call it (SMART 2.2 "Considerations for CORS").
+    resp.headers["Access-Control-Allow-Origin"] = "*"
+    return resp
 
 
 @bp.post("/auth/introspect")
 def introspect():
+    refused = _form_only()
+    if refused is not None:
+        return refused
     return current().server.create_endpoint_response(SmartIntrospection.ENDPOINT_NAME)
 
 
 @bp.post("/auth/revoke")
 def revoke():
+    refused = _form_only()
+    if refused is not None:
+        return refused
     return current().server.create_endpoint_response(SmartRevocation.ENDPOINT_NAME)
 
 
@@ -831,7 +868,8 @@ def add_client():
     try:
         client = current().register_client(body)
     except InvalidInput as exc:
-        return jsonify(error="invalid_request", error_description=exc.message), 400
+        status = 409 if "already registered" in exc.message else 400
+        return jsonify(error="invalid_request", error_description=exc.message), status
     return jsonify({"client_id": client.client_id}), 201
 
 

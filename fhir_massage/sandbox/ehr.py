@@ -57,7 +57,7 @@ def _secure(resp, frame_src: str = "'none'"):
 @bp.get("/")
 def index():
     auth = _auth()
-    clients = [c for c in auth.clients.values() if c.launch_url]
+    clients = [c for c in auth.all_clients() if c.launch_url]
     resp = current_app.make_response(render_template(
         "ehr/index.html", users=auth.users(), patients=auth.patients(), clients=clients, error=None))
     return _secure(resp)

@@ -544,3 +544,81 @@ def test_admin_endpoints_refuse_bad_input(smart_sandbox):
     assert r.status_code == 400 and "unknown user" in r.json()["error_description"]
     r = requests.post(f"{sb.url}/_sandbox/launches", data="x", timeout=10)
     assert r.status_code == 400
+
+
+# --- more token-endpoint strictness -------------------------------------------------------------------------------
+
+def test_code_is_bound_to_its_client_and_redirect_uri(smart_sandbox):
+    sb = smart_sandbox
+    code, verifier = code_for(sb, "test-public")
+    stolen = token_request(sb, "test-basic", {"grant_type": "authorization_code", "code": code,
+                                              "redirect_uri": REDIRECT_URI, "code_verifier": verifier})
+    assert stolen.status_code == 400 and stolen.json()["error"] == "invalid_grant"
+    code, verifier = code_for(sb, "test-public")
+    wrong_uri = token_request(sb, "test-public", {"grant_type": "authorization_code", "code": code,
+                                                  "redirect_uri": REDIRECT_URI + "x", "code_verifier": verifier})
+    assert wrong_uri.status_code == 400 and wrong_uri.json()["error"] == "invalid_grant"
+
+
+def test_token_parameters_in_the_url_are_refused(smart_sandbox):
+    sb = smart_sandbox
+    code, verifier = code_for(sb, "test-public")
+    resp = requests.post(sb.token_url, params={"grant_type": "authorization_code", "code": code,
+                                               "client_id": "test-public", "redirect_uri": REDIRECT_URI,
+                                               "code_verifier": verifier}, timeout=10)
+    assert resp.status_code == 400 and resp.json()["error"] == "invalid_request"
+    as_json = requests.post(sb.token_url, json={"grant_type": "authorization_code", "code": code}, timeout=10)
+    assert as_json.status_code == 400 and "x-www-form-urlencoded" in as_json.json()["error_description"]
+
+
+def test_token_response_is_not_cached(smart_sandbox):
+    sb = smart_sandbox
+    code, verifier = code_for(sb, "test-public")
+    resp = exchange(sb, "test-public", code, verifier)
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert resp.headers["Content-Type"].startswith("application/json")
+
+
+def test_client_assertion_needs_a_kid(smart_sandbox):
+    import time
+
+    sb = smart_sandbox
+    key = sb.keys["test-rs384"]
+    now = int(time.time())
+    assertion = jwt.encode({"alg": "RS384"}, {"iss": "test-rs384", "sub": "test-rs384", "aud": sb.token_url,
+                                             "exp": now + 60, "jti": secrets.token_hex(8)}, key, algorithms=["RS384"])
+    code, verifier = code_for(sb, "test-rs384")
+    resp = requests.post(sb.token_url, timeout=10, data={
+        "grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI, "code_verifier": verifier,
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": assertion})
+    assert resp.json()["error"] == "invalid_client" and "kid" in resp.json()["error_description"]
+
+
+def test_assertion_signed_with_another_key_is_refused(smart_sandbox):
+    sb = smart_sandbox
+    code, verifier = code_for(sb, "test-es384")
+    impostor = _key_pair("ES384")
+    impostor_kid_swapped = sb.keys["test-es384"]
+    sb.keys["test-es384"] = impostor
+    try:
+        resp = exchange(sb, "test-es384", code, verifier)
+    finally:
+        sb.keys["test-es384"] = impostor_kid_swapped
+    assert resp.status_code in (400, 401) and resp.json()["error"] == "invalid_client"
+
+
+def test_launch_expires(make_smart_sandbox):
+    sb = make_smart_sandbox(seed=False)
+    store = sb.app.extensions["fhir_massage.sandbox"]["auth"].store
+    launch = create_launch(sb, "test-public", "dr-ada-grey", "p1")
+    real = store.clock
+    store.clock = lambda: real() + 601
+    params = redirect_params(authorize(sb, "test-public", V2_SCOPES, launch=launch["launch"]))
+    assert params["error"] == "invalid_request" and "launch" in params["error_description"]
+
+
+def test_client_ids_cannot_be_registered_twice(smart_sandbox):
+    resp = requests.post(f"{smart_sandbox.url}/_sandbox/clients", timeout=10, json={
+        "client_id": "test-public", "redirect_uris": ["http://127.0.0.1:9/evil"]})
+    assert resp.status_code == 409
