@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, current_app, request
 
-from fhir_massage.sandbox.access import Grant, OpenAuthorizer, Unauthorized
+from fhir_massage.sandbox.access import Grant, Unauthorized
 from fhir_massage.sandbox.capability import capability_statement
 from fhir_massage.sandbox.outcome import FhirProblem, issue, outcome
 from fhir_massage.sandbox.service import Result, check_type
@@ -62,8 +62,10 @@ def prefer() -> dict[str, str]:
 
 
 def grant() -> Grant:
-    authorizer = state().get("authorizer") or OpenAuthorizer()
+    authorizer = state().get("authorizer")
     try:
+        if authorizer is None:
+            raise Unauthorized("This sandbox requires authorization, but no authorization server is installed.")
         return authorizer.grant_for(request.headers.get("Authorization"))
     except Unauthorized as exc:
         raise FhirProblem(

@@ -99,15 +99,15 @@ def _strings(v: Any) -> Iterator[str]:
                     yield s
 
 
-def index_rows(resource: dict[str, Any]) -> list[Row]:
-    """All index rows for one resource (parameter table + the patient compartment)."""
+def index_rows(resource: dict[str, Any], compartment: set[str] | None = None) -> list[Row]:
+    """All index rows for one resource (parameter table + the patient compartment, computed unless given)."""
     rtype = resource["resourceType"]
     rows: list[Row] = []
     for name, sp in params_for(rtype).items():
         for path in sp.paths:
             for v in walk(resource, path):
                 rows.extend(_rows_for(name, sp, v))
-    for pid in compartment_patients(resource):
+    for pid in sorted(compartment if compartment is not None else compartment_patients(resource)):
         rows.append((COMPARTMENT, None, None, None, None, None, None, f"Patient/{pid}", "Patient", pid, None))
     return rows
 

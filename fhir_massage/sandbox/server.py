@@ -147,7 +147,8 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
         "service": service,
         "bundles": BundleProcessor(service),
         "faults": FaultInjector(config.faults),
-        "authorizer": OpenAuthorizer(),
+        # Fail closed: without --open, nothing is allowed until auth.install() sets the real authorizer.
+        "authorizer": OpenAuthorizer() if config.open else None,
         "capability_security": lambda: None,  # the SMART authorization server replaces this (auth.install)
     }
     app.register_blueprint(fhir_bp)

@@ -27,7 +27,7 @@ import orjson
 
 from fhir_massage.sandbox.access import Grant
 from fhir_massage.sandbox.outcome import FhirProblem, bad_request, forbidden, issue, not_found, outcome
-from fhir_massage.sandbox.search import COMPARTMENT, Search, compartment_patients, parse
+from fhir_massage.sandbox.search import COMPARTMENT, Search, compartment_patients, parse, parse_reference
 from fhir_massage.sandbox.searchparams import PATIENT_COMPARTMENT, RESOURCE_TYPES
 from fhir_massage.sandbox.store import Record, Store
 from fhir_massage.sandbox.validation import valid_id, validate
@@ -84,11 +84,31 @@ class FhirService:
         if not grant.allows(rtype, interaction):
             raise forbidden(f"This access token does not allow '{interaction}' on {rtype}.")
 
-    @staticmethod
-    def may_see(grant: Grant, resource: dict[str, Any]) -> bool:
+    def compartment_of(self, resource: dict[str, Any]) -> set[str]:
+        """Patients whose compartment holds ``resource``.
+
+        R4 puts a Provenance in a patient's compartment only when a target IS the Patient. An app that records
+        the provenance of an order (target = ServiceRequest, DetectedIssue) with patient scopes would then be
+        refused its own write, so the sandbox also follows local targets one step to the patients of the stored
+        resources they name (documented deviation; targets must exist first - transactions create Provenance last).
+        """
+        out = compartment_patients(resource)
+        if resource.get("resourceType") == "Provenance":
+            for target in resource.get("target") or []:
+                ref = target.get("reference") if isinstance(target, dict) else None
+                if not isinstance(ref, str):
+                    continue
+                _, t, rid = parse_reference(ref)
+                if t and rid and t != "Patient" and t in PATIENT_COMPARTMENT and "://" not in ref:
+                    rec = self.store.get(t, rid)
+                    if rec and rec.body:
+                        out |= compartment_patients(rec.body)
+        return out
+
+    def may_see(self, grant: Grant, resource: dict[str, Any]) -> bool:
         if grant.patient is None or resource.get("resourceType") not in PATIENT_COMPARTMENT:
             return True
-        return grant.patient in compartment_patients(resource)
+        return grant.patient in self.compartment_of(resource)
 
     def require_compartment(self, grant: Grant, resource: dict[str, Any], verb: str) -> None:
         if not self.may_see(grant, resource):
@@ -158,7 +178,7 @@ class FhirService:
         resource["id"] = new_id or str(uuid.uuid4())
         self.require_compartment(grant, resource, "create")
         with self.store.transaction():
-            stored = self.store.put(resource, "POST")
+            stored = self.store.put(resource, "POST", self.compartment_of(resource))
         return Result(201, stored, version_headers(base, stored), stored)
 
     def conditional_matches(self, grant: Grant, base: str, rtype: str, query: str) -> list[dict[str, Any]]:
@@ -201,7 +221,7 @@ class FhirService:
             if exists and current is not None and current.body:
                 self.require_compartment(grant, current.body, "update")
             self.require_compartment(grant, resource, "write")
-            stored = self.store.put(dict(resource), "PUT")
+            stored = self.store.put(dict(resource), "PUT", self.compartment_of(resource))
         status = 200 if exists else 201
         headers = version_headers(base, stored)
         return Result(status, stored, headers, stored)

@@ -145,7 +145,7 @@ class Store:
         self._last_ts = ts
         return ts, text
 
-    def put(self, resource: dict[str, Any], method: str) -> dict[str, Any]:
+    def put(self, resource: dict[str, Any], method: str, compartment: set[str] | None = None) -> dict[str, Any]:
         """Store a new version of ``resource`` (its id set); fills meta.versionId/lastUpdated and re-indexes."""
         rtype, rid = resource["resourceType"], resource["id"]
         with self.transaction():
@@ -170,7 +170,7 @@ class Store:
             self._conn.executemany(
                 "INSERT INTO search_index (rtype, rid, param, sys, code, sval, raw, lo, hi, rref, rtarget, rtid, num)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(rtype, rid, *row) for row in index_rows(resource)],
+                [(rtype, rid, *row) for row in index_rows(resource, compartment)],
             )
         return resource
 

@@ -175,8 +175,16 @@ class BundleProcessor:
 
     # -- transaction ------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _rank(entry: dict[str, Any]) -> tuple[int, int]:
+        # Within one method the spec leaves the order open; Provenance goes last so that its targets exist when
+        # its compartment is worked out (service.compartment_of).
+        res = entry.get("resource")
+        last = 1 if isinstance(res, dict) and res.get("resourceType") == "Provenance" else 0
+        return ORDER[entry["request"]["method"]], last
+
     def _transaction(self, grant: Grant, base: str, entries: list[dict[str, Any]], prefer_return: str) -> Result:
-        order = sorted(range(len(entries)), key=lambda i: ORDER[entries[i]["request"]["method"]])
+        order = sorted(range(len(entries)), key=lambda i: self._rank(entries[i]))
         results: dict[int, Result] = {}
         fulls = [e.get("fullUrl") for e in entries]
         seen_full = set()

@@ -142,3 +142,25 @@ def test_batch_reports_forbidden_entries_alone(svc: FhirService) -> None:
     out = BundleProcessor(svc).process(grant("p1"), BASE, bundle).body
     assert [e["response"]["status"][:3] for e in out["entry"]] == ["200", "403"]
     assert out["entry"][1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+
+
+def test_provenance_of_an_order_follows_its_target(svc: FhirService) -> None:
+    """R4 deviation (service.compartment_of): Provenance joins the compartment of the resources it targets."""
+    g = grant("p1")
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Provenance"},
+         "resource": {"resourceType": "Provenance", "recorded": "2024-01-01T00:00:00Z",
+                      "target": [{"reference": "urn:uuid:22222222-2222-2222-2222-222222222222"}],
+                      "agent": [{"who": {"reference": "Practitioner/dr"}}]}},
+        {"fullUrl": "urn:uuid:22222222-2222-2222-2222-222222222222", "request": {"method": "POST", "url": "ServiceRequest"},
+         "resource": {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
+                      "code": {"text": "massage"}, "subject": {"reference": "Patient/p1"}}},
+    ]}
+    out = BundleProcessor(svc).process(g, BASE, bundle).body
+    prov_id = out["entry"][0]["resource"]["id"]
+    assert match_ids(svc.search(g, BASE, "Provenance", [])) == [prov_id]
+    assert match_ids(svc.search(grant("p2"), BASE, "Provenance", [])) == []
+    assert status_of(svc.read, grant("p2"), BASE, "Provenance", prov_id) == 403
+    orphan = {"resourceType": "Provenance", "recorded": "2024-01-01T00:00:00Z",
+              "target": [{"reference": "Condition/c-p2"}], "agent": [{"who": {"reference": "Practitioner/dr"}}]}
+    assert status_of(svc.create, g, BASE, "Provenance", orphan) == 403
