@@ -630,10 +630,40 @@ def validate_resource(resource: Any, profile_url: str | None = None, *, path: st
             url = pkg.by_type[rtype][0]
             issues.append(Issue("warning", f"{path}.meta.profile", f"does not declare {url}; checked against it"))
             issues.extend(_walk(pkg, pkg.profiles[url], resource, path))
+    flagged = {i.path for i in issues if i.severity == "error"}
+    issues.extend(
+        i for i in _our_code_issues(resource, path, pkg) if i.path.removesuffix(".code") not in flagged
+    )
     issues = _drop_repeats(issues)
     if rtype == "Bundle":
         issues.extend(_bundle_issues(resource, path))
     return issues
+
+
+def _our_code_issues(resource: Any, path: str, pkg: _Package) -> list[Issue]:
+    """Every Coding (anywhere) whose system is one of our code systems must use a code defined there."""
+    out: list[Issue] = []
+    prefix = f"{CANONICAL_BASE}/CodeSystem/"
+
+    def visit(node: Any, at: str) -> None:
+        if isinstance(node, dict):
+            system, code = node.get("system"), node.get("code")
+            if isinstance(system, str) and system.startswith(prefix) and isinstance(code, str):
+                known = pkg.cs_codes(system)
+                if known is None:
+                    out.append(Issue("error", at, f"{system} is not a fhir-massage code system"))
+                elif code not in known:
+                    out.append(Issue("error", f"{at}.code", f"{code!r} is not a code of {system}"))
+            for key, val in node.items():
+                if node.get("resourceType") == "Bundle" and key == "entry":
+                    continue  # entries are checked one by one
+                visit(val, f"{at}.{key}")
+        elif isinstance(node, list):
+            for i, val in enumerate(node):
+                visit(val, f"{at}[{i}]")
+
+    visit(resource, path)
+    return out
 
 
 def _drop_repeats(issues: list[Issue]) -> list[Issue]:
