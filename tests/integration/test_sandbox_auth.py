@@ -622,3 +622,21 @@ def test_client_ids_cannot_be_registered_twice(smart_sandbox):
     resp = requests.post(f"{smart_sandbox.url}/_sandbox/clients", timeout=10, json={
         "client_id": "test-public", "redirect_uris": ["http://127.0.0.1:9/evil"]})
     assert resp.status_code == 409
+
+
+def test_signing_key_persists_in_the_data_dir(make_smart_sandbox, tmp_path):
+    first = make_smart_sandbox(seed=False, data_dir=tmp_path)
+    jwks1 = requests.get(f"{first.url}/auth/jwks", timeout=10).json()
+    first.stop()
+    second = make_smart_sandbox(seed=False, data_dir=tmp_path)
+    assert requests.get(f"{second.url}/auth/jwks", timeout=10).json() == jwks1
+    assert (tmp_path / "auth-signing-key.json").stat().st_mode & 0o077 == 0
+    assert "d" not in jwks1["keys"][0]  # never the private part
+
+
+def test_simulator_stylesheet_is_served_same_origin(smart_sandbox):
+    page = requests.get(f"{smart_sandbox.url}/ehr", timeout=10).text
+    href = re.search(r'<link rel="stylesheet" href="([^"]+)"', page).group(1)
+    assert href.startswith("/")
+    css = requests.get(f"{smart_sandbox.url}{href}", timeout=10)
+    assert css.status_code == 200 and "text/css" in css.headers["Content-Type"]
