@@ -273,3 +273,13 @@ def test_valueset_contains_answers_for_our_value_sets() -> None:
     assert valueset_contains(vs, codes.TECHNIQUE_SYSTEM, "reiki") is False
     assert valueset_contains(vs, codes.CPT, "swedish") is False
     assert valueset_contains("https://example.org/unknown", None, "x") is None
+
+
+def test_readme_lists_every_artifact() -> None:
+    readme = (ROOT / "profiles" / "README.md").read_text()
+    for path in PACKAGE_DIR.glob("*.json"):
+        res = json.loads(path.read_text())
+        if path.name == "package.json" or res["id"].startswith("contraindication-"):
+            continue
+        assert f"`{res['url']}`" in readme, res["url"]
+    assert "ValueSet/contraindication-<rule id>" in readme
