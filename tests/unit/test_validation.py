@@ -279,7 +279,7 @@ def test_readme_lists_every_artifact() -> None:
     readme = (ROOT / "profiles" / "README.md").read_text()
     for path in PACKAGE_DIR.glob("*.json"):
         res = json.loads(path.read_text())
-        if path.name == "package.json" or res["id"].startswith("contraindication-"):
+        if path.name in ("package.json", ".index.json") or res["id"].startswith("contraindication-"):
             continue
         assert f"`{res['url']}`" in readme, res["url"]
     assert "ValueSet/contraindication-<rule id>" in readme
