@@ -87,6 +87,12 @@ def body_json() -> Any:
             code="not-supported",
         )
     raw = request.get_data(cache=False)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit and request.content_length is None and len(raw) >= limit:
+        # A chunked body is cut at the limit by werkzeug rather than refused: refuse it here, not as "bad JSON".
+        raise FhirProblem(
+            413, f"The request body is larger than the {limit // (1024 * 1024)} MB this server accepts.", code="too-costly"
+        )
     if not raw.strip():
         raise FhirProblem(400, "The request body is empty; a FHIR resource was expected.", code="required")
     try:

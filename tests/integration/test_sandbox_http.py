@@ -131,6 +131,17 @@ def test_huge_body_is_413(sandbox_open_url: str) -> None:
     assert r.status_code == 413 and is_outcome(r)
 
 
+def test_huge_chunked_body_is_413(sandbox_open_url: str) -> None:
+    def chunks():
+        yield b'{"resourceType": "Patient", "name": [{"text": "'
+        for _ in range(11):
+            yield b"x" * (1024 * 1024)
+        yield b'"}]}'
+
+    r = requests.post(f"{sandbox_open_url}/Patient", data=chunks(), headers=H, timeout=30)
+    assert r.status_code == 413 and is_outcome(r)
+
+
 def test_invalid_resource_outcome_names_the_element(sandbox_open_url: str) -> None:
     r = post(sandbox_open_url, "Condition", {"resourceType": "Condition", "subject": {"reference": "Patient/x"},
                                              "onsetDateTime": "yesterday"})
