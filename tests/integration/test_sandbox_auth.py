@@ -640,3 +640,29 @@ def test_simulator_stylesheet_is_served_same_origin(smart_sandbox):
     assert href.startswith("/")
     css = requests.get(f"{smart_sandbox.url}{href}", timeout=10)
     assert css.status_code == 200 and "text/css" in css.headers["Content-Type"]
+
+
+def test_racing_redemptions_of_one_code_yield_one_token(smart_sandbox):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sb = smart_sandbox
+    code, verifier = code_for(sb, "test-public")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = sorted(pool.map(lambda _: exchange(sb, "test-public", code, verifier).status_code, range(8)))
+    assert statuses.count(200) <= 1 and set(statuses) <= {200, 400}
+    # whichever request won, the replays revoked it: the code gave nothing durable
+    assert statuses.count(400) >= 7
+
+
+def test_prompt_none_without_a_session_is_login_required(smart_sandbox):
+    params = redirect_params(authorize(smart_sandbox, "test-public", "openid fhirUser patient/Patient.rs",
+                                       extra={"prompt": "none"}))
+    assert params["error"] == "login_required"
+
+
+def test_relative_fhir_user_claim(make_smart_sandbox):
+    sb = make_smart_sandbox(seed=False, auth={"fhir_user": "relative"})
+    tok = get_token(sb, "test-public", patient="p1")
+    claims = jwt.decode(tok["id_token"], KeySet.import_key_set(
+        requests.get(f"{sb.url}/auth/jwks", timeout=10).json())).claims
+    assert claims["fhirUser"] == "Practitioner/dr-ada-grey"
