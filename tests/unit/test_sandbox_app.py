@@ -63,3 +63,27 @@ def test_random_resources_never_500(client, rtype: str, body: dict) -> None:
 def test_random_searches_never_500(client, name: str, value: str, rtype: str) -> None:
     r = client.get(f"/fhir/{rtype}", query_string=[(name, value)])
     assert r.status_code in (200, 400, 406), r.data
+
+
+def test_server_answers_are_valid_fhir(client) -> None:
+    """What the server sends must itself pass the R4 structure check it applies to clients."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    pid = client.post("/fhir/Patient", json={"resourceType": "Patient"}, content_type=FJ).json["id"]
+    client.put(f"/fhir/Patient/{pid}", json={"resourceType": "Patient", "id": pid, "gender": "male"}, content_type=FJ)
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/nope"}},
+        {"request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}}]}
+    answers = [
+        client.get("/fhir/metadata"),
+        client.get("/fhir/Patient?_count=1&_revinclude=Condition:patient&colour=red"),
+        client.get(f"/fhir/Patient/{pid}/_history"),
+        client.get("/fhir/Patient/nope"),
+        client.post("/fhir", json=batch, content_type=FJ),
+        client.post("/fhir", json={**batch, "type": "transaction", "entry": batch["entry"][1:]}, content_type=FJ),
+        client.delete(f"/fhir/Patient/{pid}"),
+    ]
+    for r in answers:
+        body = r.json
+        get_fhir_model_class(body["resourceType"]).model_validate(body)
+    assert [r.json.get("type") for r in answers[4:6]] == ["batch-response", "transaction-response"]
