@@ -329,6 +329,7 @@ class _Engine:
         return tuple(kb.widen(s, rule.margin) for s in base)
 
     _sites_by_ref: dict[str, tuple[Site, ...]]
+    _inferred: dict[str, str]
 
     def _fact_sites(self, fact: Any, cm: CodeMatch | None) -> tuple[Site, ...]:
         kb = self.kb
@@ -351,6 +352,16 @@ class _Engine:
                             site = Site(site.code, lat)
                         out_list.append(site)
             out = tuple(out_list)
+        if not out and kb.text_site_re is not None:
+            words = " ".join([getattr(fact, "text", None) or ""] + [d for _, _, d in getattr(fact, "codings", ()) if d])
+            found = []
+            for m in kb.text_site_re.finditer(words):
+                code = kb.text_sites[m.group(0).lower()]
+                info = kb.sites[code]
+                found.append(Site(code, lat if info.lateralizable else None))
+            if found:
+                out = tuple(dict.fromkeys(found))
+                self._inferred[fact.ref] = ", ".join(sorted({m.group(0).lower() for m in kb.text_site_re.finditer(words)}))
         self._sites_by_ref[fact.ref] = out
         return out
 
@@ -435,6 +446,12 @@ class _Engine:
                 qualifies = True
         else:  # active / current
             qualifies = active
+            stale_key = rule.time.get("staleActiveAfterDays")
+            if (active and stale_key and fact.abatement_latest is None and since_onset is not None
+                    and since_onset > th[stale_key]):
+                self.needs_review(fact.ref, f"'{fact.display[:120]}' ({rule.id}) is still recorded active {since_onset} days "
+                                            "after onset — probably never closed; confirm it has resolved before treating.")
+                return
             key = rule.time.get("acuteWindowDays")
             if not qualifies and key and since_onset is not None and since_onset <= th[key]:
                 qualifies = True
@@ -451,8 +468,16 @@ class _Engine:
                 weeks = _z3a_weeks(system, code)
                 if weeks is not None:
                     self.gestational_days.append((weeks * 7, self._condition_ev(fact, cm, active, unconfirmed)))
-        ev = self._condition_ev(fact, cm, active, unconfirmed, note)
-        self.fire(rule, self.sites_for(rule, fact, cm, ev), ev)
+        sites = self.sites_for(rule, fact, cm, None)
+        ev = self._condition_ev(fact, cm, active, unconfirmed, self._with_inferred(fact.ref, note, rule))
+        self.fire(rule, sites, ev)
+
+    def _with_inferred(self, ref: str, note: str | None, rule: Rule) -> str | None:
+        words = self._inferred.get(ref)
+        if not words or rule.scope != "site":
+            return note
+        extra = f"site inferred from the words '{words}'"
+        return f"{note}; {extra}" if note else extra
 
     def _history(self, fact: ConditionFact, rule: Rule, cm: CodeMatch, active: bool, unconfirmed: bool) -> None:
         note = None
@@ -463,22 +488,27 @@ class _Engine:
             note = f"{'ended' if fact.abatement_latest else 'onset'} {ago} days ago"
             if key and ago <= self.th[key]:
                 note += f" — within {self.th[key]:g} days: physician clearance needed"
-        ev = self._condition_ev(fact, cm, active, unconfirmed, note)
-        self.fire(rule, self.sites_for(rule, fact, cm, ev), ev)
+        sites = self.sites_for(rule, fact, cm, None)
+        ev = self._condition_ev(fact, cm, active, unconfirmed, self._with_inferred(fact.ref, note, rule))
+        self.fire(rule, sites, ev)
 
     def _unmatched_condition(self, fact: ConditionFact, active: bool) -> None:
         words = " ".join([fact.text or ""] + [d for _, _, d in fact.codings if d])
         if not words.strip():
             return
-        rx = self.kb.keyword_re["condition" if active else "condition-history"]
-        m = rx.search(words) if rx else None
-        if m is None:
+        key = ("condition" if active else "condition-history", words)
+        if key not in self._kw_memo:  # Synthea-style charts repeat the same problem text many times
+            rx = self.kb.keyword_re[key[0]]
+            found = rx.search(words) if rx else None
+            self._kw_memo[key] = found.group(0).lower() if found else None
+        word = self._kw_memo[key]
+        if word is None:
             return
         coded = any(s in ("snomed", "icd10cm") for s, _, _ in fact.codings)
         how = ("its code is not in the knowledge base" if coded
                else "it has no code the engine can read (text only or an unknown code system)")
         state = "active" if active else "resolved"
-        self.needs_review(fact.ref, f"Problem '{fact.display[:120]}' ({state}) mentions '{m.group(0).lower()}' but {how}; "
+        self.needs_review(fact.ref, f"Problem '{fact.display[:120]}' ({state}) mentions '{word}' but {how}; "
                                     "a clinician must check it.")
 
     # -- Medications -------------------------------------------------------------------------------------------
@@ -745,10 +775,12 @@ class _Engine:
                 continue
             code = fact.codings[0] if fact.codings else None
             cm = CodeMatch(_SYSTEM_URI.get(code[0], code[0]), code[1], code[2] or fact.display, "[B]", False) if code else None
+            sites = self.sites_for(rule, fact, None, None)
+            note = f"{max(ago, 0)} days ago" + (f"; recognised as surgery by the word '{word}'" if word else "")
             ev = Evidence(ref=fact.ref, display=f"Surgery: {fact.display}", status=fact.status,
                           dates={"performed": (fact.start or when).isoformat()}, code=cm,
-                          note=f"{max(ago, 0)} days ago" + (f"; recognised as surgery by the word '{word}'" if word else ""))
-            self.fire(rule, self.sites_for(rule, fact, None, ev), ev)
+                          note=self._with_inferred(fact.ref, note, rule))
+            self.fire(rule, sites, ev)
             if ago <= th["post_surgery_systemic_days"]:
                 early = ev
         if early is not None:
@@ -759,6 +791,8 @@ class _Engine:
 
     def run(self) -> tuple[list[Finding], list[dict[str, str]]]:
         self._sites_by_ref = {}
+        self._inferred = {}
+        self._kw_memo: dict[tuple[str, str], str | None] = {}
         self.conditions()
         self.medications()
         self.observations()

@@ -116,6 +116,8 @@ class KnowledgeBase:
     keyword_re: Mapping[str, re.Pattern[str] | None]  # condition | condition-history | medication | allergy | surgery
     allergy_codes: frozenset[str]
     history_rules: Mapping[str, tuple[str, ...]]  # rule id -> the rules whose historyOf names it
+    text_sites: Mapping[str, str]  # word -> site code, for problems/procedures with no coded site
+    text_site_re: re.Pattern[str] | None
     _raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
 
     # -- code lookups ------------------------------------------------------------------------------------------
@@ -241,12 +243,16 @@ def _techniques(value: Any, where: str) -> frozenset[str]:
     return out
 
 
-def _keyword_re(words: Iterable[str]) -> re.Pattern[str] | None:
+def _keyword_re(words: Iterable[str], *, anchored: bool = True, whole_word: bool = False) -> re.Pattern[str] | None:
     words = sorted({w.lower() for w in words if w}, key=len, reverse=True)
     if not words:
         return None
     # Word-start anchored so 'clot' does not fire inside another word; prefixes like 'pregnan' still work.
-    return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")", re.IGNORECASE)
+    # Surgery words are suffixes ('-ectomy' in 'prostatectomy'), so that list is matched anywhere.
+    body = "(?:" + "|".join(re.escape(w) for w in words) + ")"
+    if whole_word:
+        return re.compile(r"\b" + body + r"\b", re.IGNORECASE)
+    return re.compile((r"\b" if anchored else "") + body, re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=1)
@@ -363,6 +369,10 @@ def _default_kb() -> KnowledgeBase:
         for c in info.get("diastolic") or ():
             obs_code_kind[c] = kind
 
+    text_sites = {k.lower(): v for k, v in (raw_sites.get("textSites") or {}).items()}
+    for v in text_sites.values():
+        if v not in sites:
+            raise ValueError(f"body_sites textSites: unknown site {v}")
     icd_sites = {norm_icd(m["prefix"]): m for m in raw_icd_sites}
     for m in raw_icd_sites:
         if m["site"] not in sites:
@@ -386,9 +396,11 @@ def _default_kb() -> KnowledgeBase:
         icd_max_len=max(len(k) for k in icd),
         icd_sites=MappingProxyType(icd_sites),
         icd_site_max_len=max(len(k) for k in icd_sites),
-        keyword_re=MappingProxyType({k: _keyword_re(v) for k, v in kw.items()}),
+        keyword_re=MappingProxyType({k: _keyword_re(v, anchored=(k != "surgery")) for k, v in kw.items()}),
         allergy_codes=frozenset(allergy_codes),
         history_rules=MappingProxyType({k: tuple(v) for k, v in history_rules.items()}),
+        text_sites=MappingProxyType(text_sites),
+        text_site_re=_keyword_re(text_sites, whole_word=True),
         _raw=MappingProxyType({"rules": raw_by_id}),
     )
 
