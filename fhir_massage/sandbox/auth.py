@@ -27,12 +27,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import secrets
+import re
 import threading
-import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import requests
 from authlib.integrations.flask_oauth2 import AuthorizationServer
@@ -60,7 +59,6 @@ OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-u
 MAX_ASSERTION_LIFETIME = 300  # SMART 2.2: exp "no more than five minutes in the future"
 REFRESH_LIFETIME = {"offline_access": 30 * 24 * 3600, "online_access": 8 * 3600}
 
-log = logging.getLogger(__name__)
 # authlib logs issued tokens at DEBUG ("Issue token %r to %r"); tokens never go to a log here.
 logging.getLogger("authlib.oauth2.rfc6749.grants").setLevel(logging.INFO)
 
@@ -548,8 +546,6 @@ class SandboxAuth:
                                      expires_at=self.store.clock() + self.launch_lifetime))
         out = {"launch": launch_id, "iss": self.fhir_base(), "launch_url": None}
         if client.launch_url:
-            from urllib.parse import urlencode
-
             sep = "&" if urlsplit(client.launch_url).query else "?"
             out["launch_url"] = f"{client.launch_url}{sep}{urlencode({'iss': self.fhir_base(), 'launch': launch_id})}"
         return out
@@ -645,9 +641,7 @@ class SandboxAuth:
 
 
 def _valid_id(value: str) -> bool:
-    import re
-
-    return bool(re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", value))
+    return isinstance(value, str) and bool(re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", value))  # FHIR id datatype
 
 
 # --- the Authorizer the FHIR API calls ------------------------------------------------------------------------

@@ -598,13 +598,16 @@ def test_client_assertion_needs_a_kid(smart_sandbox):
 def test_assertion_signed_with_another_key_is_refused(smart_sandbox):
     sb = smart_sandbox
     code, verifier = code_for(sb, "test-es384")
-    impostor = _key_pair("ES384")
-    impostor_kid_swapped = sb.keys["test-es384"]
+    from joserfc.jwk import ECKey
+
+    original = sb.keys["test-es384"]
+    # same kid, different key: only the signature check can catch it
+    impostor = ECKey.import_key({**_key_pair("ES384").as_dict(private=True), "kid": original.kid})
     sb.keys["test-es384"] = impostor
     try:
         resp = exchange(sb, "test-es384", code, verifier)
     finally:
-        sb.keys["test-es384"] = impostor_kid_swapped
+        sb.keys["test-es384"] = original
     assert resp.status_code in (400, 401) and resp.json()["error"] == "invalid_client"
 
 
