@@ -282,24 +282,48 @@ class SmartOpenIDCode(OpenIDCode):
         return info
 
 
+class _RefreshView:
+    """A refresh token as introspection sees it: live until used, revoked or past its own expiry, whatever the
+    state of the access token it came with."""
+
+    def __init__(self, tok: Token) -> None:
+        self.tok = tok
+        self.client_id, self.scope, self.user, self.context = tok.client_id, tok.scope, tok.user, tok.context
+        self.issued_at = tok.issued_at
+        self.exp = tok.refresh_expires_at
+
+    def is_expired(self) -> bool:
+        return self.exp is not None and self.tok.clock() >= self.exp
+
+    def is_revoked(self) -> bool:
+        return self.tok.revoked or self.tok.refresh_used
+
+
 class SmartIntrospection(IntrospectionEndpoint):
     CLIENT_AUTH_METHODS = ["client_secret_basic", "private_key_jwt"]
 
     def query_token(self, token_string, token_type_hint):
         found = current().store.find_token(token_string, token_type_hint)
-        return found[0] if found else None
+        if not found:
+            return None
+        tok, kind = found
+        return _RefreshView(tok) if kind == "refresh_token" else tok
 
     def check_permission(self, token, client, request):
         return client.introspect_any or token.client_id == client.client_id
 
-    def introspect_token(self, token: Token):
+    def introspect_token(self, token: Token | _RefreshView):
         auth = current()
+        if isinstance(token, _RefreshView):
+            exp, token_type = token.exp, "refresh_token"
+        else:
+            exp, token_type = token.issued_at + token.expires_in, "Bearer"
         body = {
             "active": True,
             "scope": token.scope,
             "client_id": token.client_id,
-            "token_type": "Bearer",
-            "exp": int(token.issued_at + token.expires_in),
+            "token_type": token_type,
+            "exp": int(exp) if exp is not None else None,
             "iat": int(token.issued_at),
             "iss": auth.base(),
             "aud": auth.fhir_base(),
@@ -310,7 +334,7 @@ class SmartIntrospection(IntrospectionEndpoint):
         for key in ("patient", "encounter"):
             if token.context.get(key):
                 body[key] = token.context[key]
-        return body
+        return {k: v for k, v in body.items() if v is not None}
 
 
 class SmartRevocation(RevocationEndpoint):

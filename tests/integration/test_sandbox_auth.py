@@ -479,6 +479,9 @@ def test_introspection_and_revocation(smart_sandbox):
                          timeout=10).json()
     assert info["active"] is True and info["client_id"] == "test-basic" and info["patient"] == PATIENT_A
     assert info["scope"] == tok["scope"]
+    rt = requests.post(url, data={"token": tok["refresh_token"], "token_type_hint": "refresh_token"},
+                       auth=("test-basic", "test-basic-secret"), timeout=10).json()
+    assert rt["active"] is True and rt["token_type"] == "refresh_token" and rt["exp"] > info["exp"]
     # public clients cannot introspect; other clients cannot see this client's tokens
     assert requests.post(url, data={"token": tok["access_token"], "client_id": "test-public"},
                          timeout=10).status_code in (400, 401)
