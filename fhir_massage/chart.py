@@ -325,6 +325,14 @@ class _Reader:
             self._procedure(res, full_url, index)
         elif rtype == "Patient":
             self._patient(res, full_url, index)
+        elif rtype == "OperationOutcome":
+            # a search that failed (chart_fetch) or a server warning: the chart is incomplete, say so
+            for issue in res.get("issue") or ():
+                if isinstance(issue, dict) and issue.get("severity") in ("error", "fatal", "warning"):
+                    details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
+                    text = issue.get("diagnostics") or details.get("text")
+                    if isinstance(text, str) and text:
+                        self.warnings.append(f"Incomplete chart: {text[:300]}")
         else:
             key = rtype if isinstance(rtype, str) else "(no resourceType)"
             self.skipped[key] = self.skipped.get(key, 0) + 1

@@ -1,0 +1,119 @@
+"""Fetch what screening reads for one patient from a live FHIR R4 server, in ONE batch request when possible.
+
+The batch (FHIR R4 http.html#transaction, type ``batch``) holds GET searches: the Patient, Conditions,
+Observations of the LOINC codes screening uses, the three medication resources (with ``_include`` of the
+referenced Medication, search.html#include), AllergyIntolerance and Procedure. Each batch-response entry is a
+searchset page; further pages are followed with the client's paging (same-origin links only).
+
+Servers differ: some reject batch, some answer an entry with an error (an unsupported resource type or search
+parameter). Then the failed searches are repeated one by one, in parallel, and a search that still fails is
+reported as an OperationOutcome in the returned list, which chart.py turns into a warning: a missing part of the
+chart is shown to the clinician, never silently read as "nothing there".
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fhir_massage.errors import FhirError, FhirNotFound
+from fhir_massage.fhir import FhirClient, FhirResult, batch_bundle, entry_outcomes, request_entry, resources
+from fhir_massage.knowledge import load_kb
+
+__all__ = ["fetch_chart_resources", "chart_searches"]
+
+_COUNT = "200"
+_PAGE_CAP = 50
+
+
+def chart_searches(patient_id: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The searches, as (resource type, params). The Patient is read separately (first batch entry)."""
+    kb = load_kb()
+    loinc = sorted(kb.obs_code_kind)
+    obs_codes = ",".join(f"http://loinc.org|{c}" for c in loinc)
+    p = ("patient", patient_id)
+    return [
+        ("Condition", [p, ("_count", _COUNT)]),
+        ("Observation", [p, ("code", obs_codes), ("_count", _COUNT)]),
+        ("MedicationRequest", [p, ("_include", "MedicationRequest:medication"), ("_count", _COUNT)]),
+        ("MedicationStatement", [p, ("_include", "MedicationStatement:medication"), ("_count", _COUNT)]),
+        ("MedicationAdministration", [p, ("_include", "MedicationAdministration:medication"), ("_count", _COUNT)]),
+        ("AllergyIntolerance", [p, ("_count", _COUNT)]),
+        ("Procedure", [p, ("_count", _COUNT)]),
+    ]
+
+
+def _query(params: list[tuple[str, str]]) -> str:
+    from urllib.parse import urlencode
+
+    return urlencode(params, safe=",|:")
+
+
+def _outcome(what: str, error: Exception) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": "incomplete",
+                       "diagnostics": f"The server could not return the patient's {what}: {error}"}]}
+
+
+def fetch_chart_resources(client: FhirClient, patient_id: str) -> list[dict[str, Any]]:
+    """Every resource screening needs for ``patient_id`` (Patient first). Raises FhirNotFound when the Patient is
+    not there, FhirAuthError/FhirUnavailable as the client does; partial failures become OperationOutcomes."""
+    searches = chart_searches(patient_id)
+    entries = [request_entry("GET", f"Patient/{patient_id}")]
+    entries += [request_entry("GET", f"{rtype}?{_query(params)}") for rtype, params in searches]
+    out: list[dict[str, Any]] = []
+    failed: list[int] = []
+    try:
+        response = client.batch(batch_bundle(entries))
+        outcomes = entry_outcomes(response)
+    except FhirError as exc:
+        if exc.status in (401, 403):
+            raise
+        outcomes = None  # batch not supported (or refused): search one by one below
+    if outcomes is not None and len(outcomes) == len(entries):
+        first = outcomes[0]
+        if isinstance(first, FhirError):
+            if isinstance(first, FhirNotFound):
+                raise FhirNotFound(f"Patient {patient_id} was not found on the FHIR server.", status=404)
+            failed.append(-1)
+        elif first.resource is not None:
+            out.append(first.resource)
+        for i, result in enumerate(outcomes[1:]):
+            if isinstance(result, FhirResult) and isinstance(result.resource, dict) \
+                    and result.resource.get("resourceType") == "Bundle":
+                out.extend(_all_pages(client, result.resource))
+            else:
+                failed.append(i)
+    else:
+        failed = [-1] + list(range(len(searches)))
+
+    if -1 in failed:
+        out.insert(0, client.read("Patient", patient_id))
+        failed.remove(-1)
+    if failed:
+        def one(i: int) -> list[dict[str, Any]]:
+            rtype, params = searches[i]
+            try:
+                return client.search_all(rtype, params, page_cap=_PAGE_CAP)
+            except FhirError as exc:
+                if exc.status in (401, 403):
+                    raise
+                return [_outcome(rtype, exc)]
+
+        with ThreadPoolExecutor(max_workers=min(4, len(failed))) as pool:
+            for chunk in pool.map(one, failed):
+                out.extend(chunk)
+    return out
+
+
+def _all_pages(client: FhirClient, page: dict[str, Any]) -> list[dict[str, Any]]:
+    found = resources(page)
+    pages = 1
+    while pages < _PAGE_CAP:
+        nxt = client.next_page(page)
+        if nxt is None:
+            break
+        found.extend(resources(nxt))
+        page = nxt
+        pages += 1
+    return found
