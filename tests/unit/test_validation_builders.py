@@ -78,3 +78,30 @@ def test_a_builder_output_broken_by_hand_is_caught() -> None:
     sr = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ServiceRequest")
     sr["code"]["coding"] = [c for c in sr["code"]["coding"] if "cpt" in c["system"]]
     assert any("slice 'technique'" in i.message for i in errors(validate_resource(bundle)))
+
+
+CHART = {"resourceType": "Bundle", "type": "collection", "entry": [
+    {"resource": {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1970-01-01"}},
+    {"resource": {"resourceType": "Condition", "id": "dvt", "subject": {"reference": "Patient/p1"},
+                  "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                                 "code": "active"}]},
+                  "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I82.402"}]},
+                  "onsetDateTime": "2026-11-01"}},
+    {"resource": {"resourceType": "MedicationRequest", "id": "apixaban", "status": "active", "intent": "order",
+                  "subject": {"reference": "Patient/p1"},
+                  "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                                            "code": "1364430"}]}}},
+]}
+
+
+def test_screening_findings_written_with_the_order_conform() -> None:
+    from fhir_massage.builders.detected_issue import detected_issue
+    from fhir_massage.screening import screen_bundle
+
+    screening = screen_bundle(CHART, techniques=["deep-tissue"], today=date(2026, 11, 28))
+    assert screening.findings, "the chart must produce findings for this test to mean anything"
+    issues = [detected_issue(f, patient_ref="Patient/p1", now=NOW, status="preliminary") for f in screening.findings]
+    bundle = order.order_transaction(_draft(("deep-tissue",)), issues, NOW)
+    written = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DetectedIssue"]
+    assert len(written) == len(screening.findings)
+    assert errors(validate_resource(bundle)) == []
