@@ -182,6 +182,9 @@ class FhirService:
         return Result(201, stored, version_headers(base, stored), stored)
 
     def conditional_matches(self, grant: Grant, base: str, rtype: str, query: str) -> list[dict[str, Any]]:
+        check_type(rtype)
+        if not isinstance(query, str):
+            raise bad_request("A conditional create's condition must be a query string like 'identifier=sys|value'.")
         pairs = parse_qsl(query.lstrip("?"), keep_blank_values=True)
         if not pairs:
             raise bad_request("A conditional create needs search parameters (If-None-Exist / ifNoneExist).")

@@ -89,13 +89,8 @@ class BundleProcessor:
         if not isinstance(entries, list):
             raise bad_request("Bundle.entry must be a list.", expression="Bundle.entry")
         for i, e in enumerate(entries):
-            req = e.get("request") if isinstance(e, dict) else None
-            if not isinstance(req, dict) or req.get("method") not in ORDER or not isinstance(req.get("url"), str):
-                raise bad_request(
-                    f"Entry {i}: request.method (GET, POST, PUT, DELETE) and request.url are required.",
-                    expression=f"Bundle.entry[{i}].request",
-                )
-            if req["method"] == "PATCH":
+            self._check_entry(i, e)
+            if e["request"]["method"] == "PATCH":
                 raise FhirProblem(
                     400, f"Entry {i}: PATCH is not supported by this server.", code="not-supported",
                     expression=f"Bundle.entry[{i}].request.method",
@@ -103,6 +98,33 @@ class BundleProcessor:
         if btype == "transaction":
             return self._transaction(grant, base, entries, prefer_return)
         return self._batch(grant, base, entries, prefer_return)
+
+    @staticmethod
+    def _check_entry(i: int, e: Any) -> None:
+        """The shape of one entry, before anything runs (so later steps can trust it)."""
+        where = f"Bundle.entry[{i}]"
+        if not isinstance(e, dict):
+            raise bad_request(f"Entry {i} is not a JSON object.", expression=where)
+        req = e.get("request")
+        if not isinstance(req, dict) or req.get("method") not in ORDER or not isinstance(req.get("url"), str):
+            raise bad_request(
+                f"Entry {i}: request.method (GET, POST, PUT, DELETE) and request.url are required.",
+                expression=f"{where}.request",
+            )
+        for key in ("ifNoneExist", "ifMatch", "ifNoneMatch", "ifModifiedSince"):
+            if key in req and not isinstance(req[key], str):
+                raise bad_request(f"Entry {i}: request.{key} must be a string.", expression=f"{where}.request.{key}")
+        if "fullUrl" in e and not isinstance(e["fullUrl"], str):
+            raise bad_request(f"Entry {i}: fullUrl must be a string (a URI).", expression=f"{where}.fullUrl")
+        if req["method"] in ("POST", "PUT") and not isinstance(e.get("resource"), dict):
+            raise bad_request(f"Entry {i}: a {req['method']} entry needs a resource.", expression=f"{where}.resource")
+        if req["method"] == "POST":
+            segs = [s for s in urlsplit(req["url"]).path.split("/") if s]
+            if len(segs) != 1 and not req["url"].startswith(("http://", "https://")):
+                raise bad_request(
+                    f"Entry {i}: a POST entry's request.url must be the resource type (e.g. 'Patient').",
+                    expression=f"{where}.request.url",
+                )
 
     # -- one entry --------------------------------------------------------------------------------------------
 
@@ -219,7 +241,7 @@ class BundleProcessor:
                 req = e["request"]
                 full = e.get("fullUrl")
                 if req["method"] == "POST":
-                    rtype = _split(req["url"], base)[0][0]
+                    rtype = self._guard(i, fail, lambda req=req: _split(req["url"], base))[0][0]
                     new_ids[i] = str(uuid.uuid4())
                     if isinstance(full, str) and full.startswith("urn:"):
                         mapping[full] = f"{rtype}/{new_ids[i]}"
@@ -229,7 +251,7 @@ class BundleProcessor:
             for i in order:
                 e = entries[i]
                 if e["request"]["method"] == "POST" and e["request"].get("ifNoneExist"):
-                    rtype = _split(e["request"]["url"], base)[0][0]
+                    rtype = self._guard(i, fail, lambda e=e: _split(e["request"]["url"], base))[0][0]
                     query = _replace_refs(e["request"]["ifNoneExist"], mapping)
                     found = self._guard(
                         i, fail, lambda rtype=rtype, query=query: self.service.conditional_matches(grant, base, rtype, query)

@@ -87,3 +87,27 @@ def test_server_answers_are_valid_fhir(client) -> None:
         body = r.json
         get_fhir_model_class(body["resourceType"]).model_validate(body)
     assert [r.json.get("type") for r in answers[4:6]] == ["batch-response", "transaction-response"]
+
+
+_any = st.none() | st.integers(-3, 3) | st.text(max_size=6) | st.sampled_from(
+    ["Patient/1", "urn:uuid:a", "urn:uuid:b", [], {}])
+_url = st.sampled_from(["Patient", "Patient/1", "Patient/1/_history/1", "Patient/1/_history", "Patient?_id=1", "Nope",
+                        "", "/", "Patient/a b", "http://x/fhir/Patient/1", "http://localhost/fhir/Patient",
+                        "Patient/1/x/y", "Condition?patient=urn:uuid:a", "Patient?bogus=1", "Patient?_count=x"])
+_res = st.fixed_dictionaries(
+    {"resourceType": st.sampled_from(["Patient", "Condition", "Bundle", "Nope", "Provenance"])},
+    optional={"id": _any, "subject": st.fixed_dictionaries({"reference": _any}),
+              "target": st.lists(st.fixed_dictionaries({"reference": _any}), max_size=2), "gender": _any})
+_req = st.fixed_dictionaries(
+    {"method": st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", None, 3]), "url": st.one_of(_url, _any)},
+    optional={"ifNoneExist": st.one_of(_url, _any), "ifMatch": st.one_of(_any, st.just('W/"1"'))})
+_entry = st.fixed_dictionaries({"request": _req}, optional={
+    "resource": st.one_of(_res, _any), "fullUrl": st.one_of(st.sampled_from(["urn:uuid:a", "urn:uuid:b"]), _any)})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(btype=st.sampled_from(["batch", "transaction"]), entries=st.lists(st.one_of(_entry, _any), max_size=4))
+def test_random_bundles_never_500(client, btype: str, entries: list) -> None:
+    body = {"resourceType": "Bundle", "type": btype, "entry": entries}
+    r = client.post("/fhir", data=json.dumps(body), content_type=FJ)
+    assert r.status_code < 500, (body, r.data)
