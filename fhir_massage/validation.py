@@ -317,9 +317,10 @@ _REF_TYPE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(?:/_histor
 
 
 class _Walker:
-    def __init__(self, pkg: _Package, profile: _Profile) -> None:
+    def __init__(self, pkg: _Package, profile: _Profile, bundle_types: dict[str, str] | None = None) -> None:
         self.pkg = pkg
         self.p = profile
+        self.bundle_types = bundle_types or {}  # fullUrl -> resourceType of the enclosing Bundle's entries
         self.issues: list[Issue] = []
         self.short = profile.url.rsplit("/", 1)[-1]
 
@@ -443,7 +444,9 @@ class _Walker:
         if "Resource" in allowed:
             return
         rtype = None
-        if isinstance(ref, str) and not ref.startswith(("urn:", "#")):
+        if isinstance(ref, str) and ref in self.bundle_types:
+            rtype = self.bundle_types[ref]  # a urn:uuid link inside a transaction (bundle.html#references)
+        elif isinstance(ref, str) and not ref.startswith(("urn:", "#")):
             m = _REF_TYPE.search(ref)
             rtype = m.group(1) if m else None
         elif isinstance(val.get("type"), str):
@@ -560,7 +563,9 @@ INVARIANT_FOCUS: dict[str, str] = {
 # Public API
 
 
-def validate_against_profiles(resource: dict[str, Any], *, path: str | None = None) -> list[Issue]:
+def validate_against_profiles(
+    resource: dict[str, Any], *, path: str | None = None, _bundle_types: dict[str, str] | None = None
+) -> list[Issue]:
     """Check a resource against every fhir-massage profile in its ``meta.profile`` (ours only; others noted)."""
     pkg = _load()
     rtype = resource.get("resourceType") if isinstance(resource, dict) else None
@@ -572,7 +577,7 @@ def validate_against_profiles(resource: dict[str, Any], *, path: str | None = No
             continue
         base = url.split("|", 1)[0]
         if base in pkg.profiles:
-            issues.extend(_walk(pkg, pkg.profiles[base], resource, path))
+            issues.extend(_walk(pkg, pkg.profiles[base], resource, path, _bundle_types))
         elif base.startswith(PROFILE_PREFIX):
             issues.append(Issue("error", f"{path}.meta.profile", f"{base} is not a fhir-massage profile"))
         else:
@@ -580,15 +585,19 @@ def validate_against_profiles(resource: dict[str, Any], *, path: str | None = No
     return issues
 
 
-def _walk(pkg: _Package, prof: _Profile, resource: dict[str, Any], path: str) -> list[Issue]:
+def _walk(pkg: _Package, prof: _Profile, resource: dict[str, Any], path: str,
+          bundle_types: dict[str, str] | None = None) -> list[Issue]:
     if resource.get("resourceType") != prof.type:
         return [Issue("error", path, f"profile {prof.url} is for {prof.type}, not {resource.get('resourceType')}")]
-    walker = _Walker(pkg, prof)
+    walker = _Walker(pkg, prof, bundle_types)
     walker.walk(resource, path)
     return walker.issues
 
 
-def validate_resource(resource: Any, profile_url: str | None = None, *, path: str | None = None) -> list[Issue]:
+def validate_resource(
+    resource: Any, profile_url: str | None = None, *, path: str | None = None,
+    _bundle_types: dict[str, str] | None = None,
+) -> list[Issue]:
     """All problems of one resource (or of a Bundle and every resource in it): FHIR R4 structure + our profiles.
 
     The profile is ``profile_url`` when given, else the fhir-massage profiles in ``meta.profile``; a resource that
@@ -621,15 +630,15 @@ def validate_resource(resource: Any, profile_url: str | None = None, *, path: st
         prof = pkg.profiles.get(profile_url.split("|", 1)[0])
         if prof is None:
             return issues + [Issue("error", path, f"unknown profile {profile_url}")]
-        issues.extend(_walk(pkg, prof, resource, path))
+        issues.extend(_walk(pkg, prof, resource, path, _bundle_types))
     else:
         declared = [u for u in (resource.get("meta") or {}).get("profile") or [] if isinstance(u, str)]
         ours = [u for u in declared if u.split("|", 1)[0].startswith(PROFILE_PREFIX)]
-        issues.extend(validate_against_profiles(resource, path=path))
+        issues.extend(validate_against_profiles(resource, path=path, _bundle_types=_bundle_types))
         if not ours and len(pkg.by_type.get(rtype, [])) == 1:
             url = pkg.by_type[rtype][0]
             issues.append(Issue("warning", f"{path}.meta.profile", f"does not declare {url}; checked against it"))
-            issues.extend(_walk(pkg, pkg.profiles[url], resource, path))
+            issues.extend(_walk(pkg, pkg.profiles[url], resource, path, _bundle_types))
     flagged = {i.path for i in issues if i.severity == "error"}
     issues.extend(
         i for i in _our_code_issues(resource, path, pkg) if i.path.removesuffix(".code") not in flagged
@@ -685,6 +694,12 @@ def _bundle_issues(bundle: dict[str, Any], path: str) -> list[Issue]:
     issues: list[Issue] = []
     btype = bundle.get("type")
     full_urls: set[str] = set()
+    types = {
+        e["fullUrl"]: e["resource"]["resourceType"]
+        for e in bundle.get("entry") or []
+        if isinstance(e, dict) and isinstance(e.get("fullUrl"), str) and isinstance(e.get("resource"), dict)
+        and isinstance(e["resource"].get("resourceType"), str)
+    }
     for i, entry in enumerate(bundle.get("entry") or []):
         epath = f"{path}.entry[{i}]"
         if not isinstance(entry, dict):
@@ -700,7 +715,7 @@ def _bundle_issues(bundle: dict[str, Any], path: str) -> list[Issue]:
                 issues.append(Issue("error", f"{epath}.request", f"a {btype} entry needs request.method and request.url (bdl-3)"))
         res = entry.get("resource")
         if isinstance(res, dict):
-            issues.extend(validate_resource(res, path=f"{epath}.resource"))
+            issues.extend(validate_resource(res, path=f"{epath}.resource", _bundle_types=types))
     return issues
 
 

@@ -177,6 +177,14 @@ def test_bundle_entries_are_checked_with_their_own_path() -> None:
     assert "Bundle.entry[2].request" in paths
 
 
+def test_urn_uuid_links_inside_a_transaction_are_type_checked() -> None:
+    bundle = load("Bundle-massage-order-transaction.json")
+    task = bundle["entry"][2]["resource"]
+    task["for"] = {"reference": bundle["entry"][1]["fullUrl"]}  # the DetectedIssue, not a Patient
+    found = errors(validate_resource(bundle))
+    assert any(i.path == "Bundle.entry[2].resource.for.reference" and "not DetectedIssue" in i.message for i in found)
+
+
 def test_a_structural_error_inside_a_bundle_is_reported_once() -> None:
     bundle = load("Bundle-massage-care-loop.json")
     del bundle["entry"][0]["resource"]["subject"]
