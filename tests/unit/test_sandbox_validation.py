@@ -112,3 +112,13 @@ def test_capability_statement_is_generated_from_the_table() -> None:
     assert "Procedure:based-on" in by_type["ServiceRequest"]["searchRevInclude"]
     assert "ServiceRequest:patient" in by_type["ServiceRequest"]["searchInclude"]
     assert {i["code"] for i in rest["interaction"]} == {"transaction", "batch"}
+
+
+def test_fault_injector_latency_and_drop_decisions() -> None:
+    inj = FaultInjector(FaultConfig(latency_ms=250, drop_every_n=3, fail_paths=("/fhir/Condition",)))
+    decisions = [inj.decide("GET", p) for p in ["/fhir/Condition", "/fhir/Patient", "/fhir/Condition",
+                                                 "/fhir/Condition?x=1"]]
+    assert [d.delay_s for d in decisions] == [0.25, 0.0, 0.25, 0.25]
+    assert [d.drop for d in decisions] == [False, False, False, True]
+    inj.set(FaultConfig())
+    assert inj.decide("GET", "/fhir/Condition").delay_s == 0.0
