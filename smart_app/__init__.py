@@ -120,4 +120,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             app.register_blueprint(module.bp)
         except Exception as exc:  # one broken area must not take the launch down; its own tests will fail
             log.error("area %s could not be loaded (%s: %s)", name, type(exc).__name__, exc)
+    for extra in app.config.get("BLUEPRINTS") or ():  # embedding and tests: more blueprints, registered last
+        app.register_blueprint(extra)
     return app

@@ -24,6 +24,10 @@ REFRESH_SKEW           refresh this many seconds before the access token expires
                        quarter of the token's lifetime for very short-lived tokens).
 HTTP_TIMEOUT           (connect, read) seconds for every call to an EHR (default (5, 20)).
 STYLE_TTL              seconds a fetched smart_style_url document is reused within a launch (default 3600).
+AREAS                  names of the area modules to load (default orders, sessions, plan, cds: each
+                       ``smart_app/<name>.py`` exposing ``bp``; missing modules are skipped).
+BLUEPRINTS             extra Flask blueprints to register (embedding, tests).
+STORE                  an already built Store object; wins over STORE_URL (tests, the demo).
 =====================  ==========================================================================================
 
 A registration (TOML ``[[ehr]]`` table or dict):
