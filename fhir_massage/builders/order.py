@@ -8,14 +8,13 @@ Shapes follow reference/fhir-modelling.md ("The order", "Workflow: Task", "Autho
   nothing new; fullUrls are urn:uuids derived from the draft id too, so the same draft gives the same Bundle.
   Inside a transaction, references to the fullUrl of a conditional create that matched an existing resource are
   rewritten to that resource (http.html#trules), so the links stay right on a retry.
-* Provenance has no ``identifier`` element in R4, so its conditional create keys on the ``target`` references
-  (which carry the targets' business identifiers) with the ``:identifier`` modifier (search.html#reference).
-  A server that does not support that modifier must be told ``conditional_provenance=False``; the Bundle then
-  holds one plain POST and fhir.py will not retry it automatically.
+* Provenance has no ``identifier`` element in R4, so it cannot be a conditional create on identifier; it is
+  written with ``PUT Provenance/<id derived from the draft id>`` (update as create), see ``provenance_entry``
+  for the other modes.
 * Laterality (a left knee): the SNOMED site goes in ``bodySite`` with ``text`` "Left knee" (the minimum the
   reference asks for), and a ``BodyStructure`` (location + locationQualifier) is linked with the
-  ``procedure-targetBodyStructure`` extension [V] - one BodyStructure per patient and site, shared by the order
-  and every session.
+  ``procedure-targetBodyStructure`` extension [V] when the server takes BodyStructure writes
+  (``body_structures=True``) - one BodyStructure per patient and site, shared by the order and every session.
 """
 
 from __future__ import annotations
@@ -385,16 +384,31 @@ def provenance(targets: Sequence[str | Mapping[str, Any]], *, author_ref: str, n
     }
 
 
-def provenance_entry(prov: dict[str, Any], full_url: str, *, key: Mapping[str, str] | None) -> dict[str, Any]:
-    """Provenance has no identifier (R4): key its conditional create on the identifier of the transaction's main
-    target (``key``, which must be among the targets), searched with ``target:identifier``. ``key=None``: plain
-    POST (for servers without the ``:identifier`` modifier)."""
-    if key is None:
-        return request_entry("POST", "Provenance", prov, full_url=full_url)
-    if not any(isinstance(t, Mapping) and t.get("identifier") == dict(key) for t in prov["target"]):
-        raise InvalidInput("The Provenance key must be the identifier of one of its targets.")
-    return request_entry("POST", "Provenance", prov, full_url=full_url,
-                         if_none_exist=[("target:identifier", f"{key['system']}|{key['value']}")])
+PROVENANCE_MODES = ("put", "conditional", "post")
+
+
+def provenance_entry(prov: dict[str, Any], seed: str, *, mode: str = "put",
+                     key: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """How the Provenance of a transaction is written so that a retry does not duplicate it. R4 Provenance has no
+    ``identifier``, so the usual conditional create on identifier is not available:
+
+    * ``put`` (default): ``PUT Provenance/<id>`` with an id derived from ``seed`` (update as create,
+      http.html#upsert; the sandbox declares ``updateCreate``). PUT is idempotent, so fhir.py may retry the Bundle.
+    * ``conditional``: ``POST`` with ``ifNoneExist: target:identifier=<key>`` (search.html#reference, the
+      ``:identifier`` modifier) keyed on the main target's identifier - for servers that support that modifier.
+    * ``post``: a plain POST, for servers with neither; the Bundle is then not safe to retry automatically.
+    """
+    if mode == "put":
+        pid = str(uuid.uuid5(_URN_NS, f"provenance/{seed}"))
+        return request_entry("PUT", f"Provenance/{pid}", {**prov, "id": pid})
+    if mode == "conditional":
+        if key is None or not any(isinstance(t, Mapping) and t.get("identifier") == dict(key) for t in prov["target"]):
+            raise InvalidInput("The Provenance key must be the identifier of one of its targets.")
+        return request_entry("POST", "Provenance", prov, full_url=urn("provenance", seed),
+                             if_none_exist=[("target:identifier", f"{key['system']}|{key['value']}")])
+    if mode == "post":
+        return request_entry("POST", "Provenance", prov, full_url=urn("provenance", seed))
+    raise InvalidInput(f"Unknown Provenance mode {mode!r}; use one of {', '.join(PROVENANCE_MODES)}.")
 
 
 def _identified_ref(full_url: str, resource: Mapping[str, Any]) -> dict[str, Any]:
@@ -432,10 +446,14 @@ def order_urns(draft_id: str, technique: str) -> dict[str, str]:
 
 def order_transaction(draft: OrderDraft, finding_issues: Sequence[Mapping[str, Any]], now: datetime, *,
                       owner_ref: str | None = None, app_version: str | None = None,
-                      body_structures: bool = True, conditional_provenance: bool = True) -> dict[str, Any]:
+                      body_structures: bool = False, provenance_mode: str = "put") -> dict[str, Any]:
     """ONE transaction Bundle that signs the draft: [BodyStructures], one ServiceRequest and one fulfilment Task
-    per technique, the DetectedIssues, one Provenance. Every POST is conditional (see the module doc), so sending
-    it twice writes each resource once.
+    per technique, the DetectedIssues, one Provenance. Every POST is conditional and the Provenance is a PUT with
+    a derived id (see the module doc), so sending it twice writes each resource once.
+
+    ``body_structures``: also write a BodyStructure per lateralized site and link it (off by default: the sandbox
+    and many EHRs do not take BodyStructure writes; laterality is always in bodySite.text).
+    ``provenance_mode``: see ``provenance_entry``.
 
     ``finding_issues`` are DetectedIssue dicts from the screening builder; each gets the orders added to
     ``implicated``, status final, and an identifier derived from the draft id if it has none. Every order lists
@@ -463,14 +481,14 @@ def order_transaction(draft: OrderDraft, finding_issues: Sequence[Mapping[str, A
     prov = provenance([_identified_ref(u, r) for u, r in written], author_ref=draft.requester_ref, now=now,
                       activity="CREATE", app_version=app_version)
     entries = [conditional_create(r, u) for u, r in written]
-    key = orders[0]["identifier"][0] if conditional_provenance else None
-    entries.append(provenance_entry(prov, urn("provenance", draft.draft_id), key=key))
+    entries.append(provenance_entry(prov, f"order/{draft.draft_id}", mode=provenance_mode,
+                                    key=orders[0]["identifier"][0]))
     return transaction_bundle(entries)
 
 
 __all__ = [
     "ORDER_ID_SYSTEM", "REQUISITION_ID_SYSTEM", "TASK_ID_SYSTEM", "PROFILES", "order_identifier", "FINDING_ID_SYSTEM", "BODY_STRUCTURE_ID_SYSTEM", "TARGET_BODY_STRUCTURE",
-    "OUTPUT_SESSION", "OUTPUT_SESSION_NOT_DONE",
+    "OUTPUT_SESSION", "OUTPUT_SESSION_NOT_DONE", "PROVENANCE_MODES", "provenance_entry",
     "service_request", "fulfillment_task", "provenance", "order_transaction", "order_urns", "sessions_done",
     "business_status", "body_structure", "timing",
 ]

@@ -317,15 +317,16 @@ def task_after_session(task: Mapping[str, Any], note: SessionNote, procedure_ref
 
 
 def session_urns(draft_id: str) -> dict[str, str]:
-    return {"procedure": urn("session", draft_id), "provenance": urn("session-provenance", draft_id),
+    return {"procedure": urn("session", draft_id),
             "pain-before": urn("session-pain-before", draft_id), "pain-after": urn("session-pain-after", draft_id)}
 
 
 def session_transaction(note: SessionNote, task: Mapping[str, Any], now: datetime, *,
-                        app_version: str | None = None, body_structures: bool = True,
-                        conditional_provenance: bool = True) -> dict[str, Any]:
+                        app_version: str | None = None, body_structures: bool = False,
+                        provenance_mode: str = "put") -> dict[str, Any]:
     """ONE transaction Bundle: [BodyStructures], Procedure, pain Observations, the Task update (PUT, If-Match),
-    Provenance. ``task`` is the current Task resource as read (with ``id`` and ``meta.versionId``).
+    Provenance (PUT with a derived id, see order.provenance_entry). ``task`` is the current Task resource as read
+    (with ``id`` and ``meta.versionId``). ``body_structures``: as in order_transaction (off by default).
     If the Task already lists this session the Bundle leaves the Task alone (the creates are no-ops on retry)."""
     _require_valid(note)
     task_id = task.get("id")
@@ -350,8 +351,8 @@ def session_transaction(note: SessionNote, task: Mapping[str, Any], now: datetim
         entries.append(request_entry("PUT", f"Task/{task_id}", updated, full_url=None, if_match=version))
         targets.append({"reference": f"Task/{task_id}"})
     prov = provenance(targets, author_ref=note.performer_ref, now=now, activity="CREATE", app_version=app_version)
-    key = proc["identifier"][0] if conditional_provenance else None
-    entries.append(provenance_entry(prov, urns["provenance"], key=key))
+    entries.append(provenance_entry(prov, f"session/{note.draft_id}", mode=provenance_mode,
+                                    key=proc["identifier"][0]))
     return transaction_bundle(entries)
 
 

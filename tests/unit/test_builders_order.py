@@ -219,7 +219,7 @@ def _refs(value: Any) -> list[str]:
 
 def test_order_transaction_is_one_idempotent_bundle() -> None:
     two = draft(techniques=("lymphatic-drainage", "swedish"))
-    bundle = order_transaction(two, [FINDING], NOW, owner_ref="PractitionerRole/lmt1")
+    bundle = order_transaction(two, [FINDING], NOW, owner_ref="PractitionerRole/lmt1", body_structures=True)
     assert bundle["type"] == "transaction"
     get_fhir_model_class("Bundle").model_validate(bundle)
     problems = errors(validate_resource(bundle))
@@ -228,17 +228,22 @@ def test_order_transaction_is_one_idempotent_bundle() -> None:
     assert kinds.count("ServiceRequest") == 2 and kinds.count("Task") == 2  # one order per technique
     assert kinds.count("DetectedIssue") == 1 and kinds.count("Provenance") == 1
     assert kinds.count("BodyStructure") == 2  # left upper limb, left axilla
-    # every create is conditional: a retry of the same Bundle creates nothing new (http.html#ccreate)
-    for e in bundle["entry"]:
+    # every create is conditional and the Provenance a PUT on a derived id: a retry of the same Bundle creates
+    # nothing new (http.html#ccreate, #upsert)
+    creates, (prov,) = bundle["entry"][:-1], bundle["entry"][-1:]
+    for e in creates:
         assert e["request"]["method"] == "POST" and e["request"]["ifNoneExist"], e["request"]
         assert e["fullUrl"].startswith("urn:uuid:")
-    # same draft -> byte-identical Bundle; another draft -> other identifiers and urns
-    assert json.dumps(order_transaction(two, [FINDING], NOW, owner_ref="PractitionerRole/lmt1")) == json.dumps(bundle)
+    assert prov["request"] == {"method": "PUT", "url": f"Provenance/{prov['resource']['id']}"}
+    # same draft -> byte-identical Bundle; another draft -> other identifiers, urns and Provenance id
+    again = order_transaction(two, [FINDING], NOW, owner_ref="PractitionerRole/lmt1", body_structures=True)
+    assert json.dumps(again) == json.dumps(bundle)
     other = order_transaction(draft(draft_id="another"), [FINDING], NOW)
-    assert not {e["fullUrl"] for e in other["entry"]} & {e["fullUrl"] for e in bundle["entry"]
-                                                        if e["resource"]["resourceType"] != "BodyStructure"}
+    assert not {e["fullUrl"] for e in other["entry"][:-1]} & {e["fullUrl"] for e in creates
+                                                              if e["resource"]["resourceType"] != "BodyStructure"}
+    assert other["entry"][-1]["request"]["url"] != prov["request"]["url"]
     # internal references resolve to entries of the Bundle
-    full_urls = {e["fullUrl"] for e in bundle["entry"]}
+    full_urls = {e["fullUrl"] for e in creates}
     for e in bundle["entry"]:
         for r in _refs(e["resource"]):
             assert not r.startswith("urn:") or r in full_urls, r
@@ -252,19 +257,30 @@ def test_order_transaction_is_one_idempotent_bundle() -> None:
     assert all(s["resource"]["supportingInfo"] == [{"reference": issue["fullUrl"]}] for s in srs)
     # lateralized sites link their BodyStructure
     assert {x["url"] for x in srs[0]["resource"]["extension"]} == {TARGET_BODY_STRUCTURE}
-    # the Provenance covers everything written, keyed on the first order's identifier
-    prov = bundle["entry"][-1]
-    assert {t["reference"] for t in prov["resource"]["target"]} == full_urls - {prov["fullUrl"]}
-    assert prov["request"]["ifNoneExist"].startswith("target%3Aidentifier=")
+    # the Provenance covers everything written
+    assert {t["reference"] for t in prov["resource"]["target"]} == full_urls
     assert order_urns(two.draft_id, "swedish")["order"] in full_urls
 
 
-def test_order_transaction_options_for_plainer_servers() -> None:
-    bundle = order_transaction(DRAFT, [], NOW, body_structures=False, conditional_provenance=False)
+PROVENANCE_MODE_CASES = [
+    ("upsert-capable-server-like-the-sandbox", "put", "PUT", None),
+    ("server-with-identifier-modifier", "conditional", "POST", "target%3Aidentifier=https%3A%2F%2F"),
+    ("server-with-neither-plain-post", "post", "POST", None),
+]
+
+
+@pytest.mark.parametrize("mode,method,condition", [c[1:] for c in PROVENANCE_MODE_CASES],
+                         ids=[c[0] for c in PROVENANCE_MODE_CASES])
+def test_provenance_modes(mode: str, method: str, condition: str | None) -> None:
+    bundle = order_transaction(DRAFT, [], NOW, provenance_mode=mode)
     kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
-    assert kinds == ["ServiceRequest", "Task", "Provenance"]
-    assert "ifNoneExist" not in bundle["entry"][-1]["request"]
+    assert kinds == ["ServiceRequest", "Task", "Provenance"]  # no BodyStructure unless asked for
     assert "extension" not in bundle["entry"][0]["resource"]
+    request = bundle["entry"][-1]["request"]
+    assert request["method"] == method
+    assert (request.get("ifNoneExist") or "").startswith(condition or "") and bool(condition) == ("ifNoneExist" in request)
+    with pytest.raises(InvalidInput):
+        order_transaction(DRAFT, [], NOW, provenance_mode="maybe")
 
 
 def test_finding_without_identifier_gets_one_from_the_draft() -> None:

@@ -199,11 +199,12 @@ def _task_entry(bundle: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def test_session_transaction_updates_the_task_with_if_match() -> None:
-    bundle = session_transaction(NOTE, task(), NOW)
+    bundle = session_transaction(NOTE, task(), NOW, body_structures=True)
     problems = errors(validate_resource(bundle))
     assert not problems, "\n".join(map(str, problems))
     kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
     assert kinds == ["BodyStructure", "Procedure", "Observation", "Observation", "Task", "Provenance"]
+    assert bundle["entry"][-1]["request"]["method"] == "PUT"  # Provenance: update-as-create on a derived id
     for e in bundle["entry"]:
         if e["request"]["method"] == "POST":
             assert e["request"]["ifNoneExist"]
@@ -238,9 +239,11 @@ def test_not_done_session_is_listed_but_not_counted() -> None:
 def test_retry_with_a_task_that_already_has_the_session_leaves_it_alone() -> None:
     updated = _task_entry(session_transaction(NOTE, task(), NOW))["resource"]  # type: ignore[index]
     again = session_transaction(NOTE, {**updated, "meta": {"versionId": "4"}}, NOW)
-    assert _task_entry(again) is None
-    assert [e["fullUrl"] for e in again["entry"]] == [e["fullUrl"] for e in session_transaction(NOTE, task(), NOW)[
-        "entry"] if e["request"]["method"] == "POST"]
+    assert [e["request"]["url"] for e in again["entry"]] == ["Procedure", "Observation", "Observation",
+                                                            again["entry"][-1]["request"]["url"]]
+    assert again["entry"][-1]["request"]["url"].startswith("Provenance/")
+    first = session_transaction(NOTE, task(), NOW)
+    assert [e.get("fullUrl") for e in again["entry"][:3]] == [e.get("fullUrl") for e in first["entry"][:3]]
 
 
 def test_task_version_and_identity_are_checked() -> None:
