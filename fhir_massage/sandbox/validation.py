@@ -98,7 +98,26 @@ def validate(resource: Any, *, expected_type: str | None = None) -> dict[str, An
         raise FhirProblem(400, f"Invalid {rtype}: {first}{more}", issues=issues) from None
     _check_dates(resource, rtype, ())
     _check_codes(resource, rtype)
+    _check_narrative(resource, rtype)
     return resource
+
+
+_XHTML_DIV = re.compile(r'^\s*<div\b[^>]*\bxmlns\s*=\s*["\']http://www\.w3\.org/1999/xhtml["\']', re.S)
+
+
+def _check_narrative(resource: dict[str, Any], rtype: str) -> None:
+    """R4 §2.23 Narrative: ``div`` is an XHTML <div> in the XHTML namespace (constraint txt-1 and the type's
+    definition); strict servers refuse plain text or HTML without the namespace."""
+    text = resource.get("text")
+    if isinstance(text, dict) and "div" in text:
+        div = text["div"]
+        if not isinstance(div, str) or not _XHTML_DIV.match(div):
+            raise FhirProblem(
+                400,
+                f"{rtype}.text.div must be an XHTML <div xmlns=\"http://www.w3.org/1999/xhtml\">...</div>.",
+                code="value",
+                expression=f"{rtype}.text.div",
+            )
 
 
 # Required bindings on the status-like codes the app reads and writes (R4 resource pages, binding strength

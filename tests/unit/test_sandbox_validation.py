@@ -26,6 +26,8 @@ INVALID = [
                               "code": {"coding": [{"system": 7}]}}, "Condition.code.coding[0].system"),
     ("required binding", {"resourceType": "Patient", "gender": "f"}, "Patient.gender"),
     ("bad id", {"resourceType": "Patient", "id": "has space"}, "Patient.id"),
+    ("narrative not XHTML", {"resourceType": "Patient", "text": {"status": "generated", "div": "<p>hi</p>"}},
+     "Patient.text.div"),
 ]
 
 
