@@ -39,7 +39,7 @@ __all__ = [
     "CdsRequestError", "CdsPreconditionFailed", "FhirAccess", "HookRequest", "MassageOrder", "PrefetchResult",
     "FeedbackItem", "discovery", "prefetch_templates", "prefetch_queries", "parse_hook_request", "massage_orders",
     "prefetch_resources", "build_cards", "needs_review_card", "parse_feedback", "override_mitigation", "md_escape",
-    "code_span", "parse_fhir_access",
+    "code_span", "parse_fhir_access", "finding_from_json",
     "summary_for", "order_sites",
 ]
 
@@ -947,6 +947,28 @@ def parse_feedback(body: Any) -> list[FeedbackItem]:
         out.append(FeedbackItem(card=card, outcome=outcome, accepted_suggestions=tuple(a["id"] for a in accepted),
                                 reason=reason, comment=(comment or "")[:1000] or None, timestamp=ts))
     return out
+
+
+def finding_from_json(data: Mapping[str, Any]) -> Any:
+    """A ``screening.Finding`` back from ``Finding.to_json()`` (what the card record keeps), for the DetectedIssue
+    an override becomes. Matched-code details are not restored (the DetectedIssue does not carry them)."""
+    from .screening import Evidence, Finding
+
+    details = []
+    for d in data.get("details") or []:
+        if isinstance(d, Mapping):
+            details.append(Evidence(ref=str(d.get("ref", "")), display=str(d.get("display", "")),
+                                    status=d.get("status"), dates=dict(d.get("dates") or {}), value=d.get("value"),
+                                    unit=d.get("unit"), note=d.get("note"), unconfirmed=bool(d.get("unconfirmed"))))
+    return Finding(
+        rule=str(data["rule"]), cls=str(data.get("class", "relative")),
+        techniques=tuple(data.get("techniques") or ()), sites=tuple(_as_site(s) for s in data.get("sites") or ()),
+        evidence=tuple(data.get("evidence") or ()), message=str(data.get("message", "")),
+        evidence_class=str(data.get("evidenceClass", "")), source=str(data.get("source", "")),
+        verified=bool(data.get("verified", False)), details=tuple(details), title=str(data.get("title", "")),
+        act_code=str(data.get("actCode", "COND")), reference=data.get("reference"), tag=str(data.get("tag", "")),
+        unconfirmed=bool(data.get("unconfirmed")), informational=bool(data.get("informational")),
+    )
 
 
 def override_mitigation(item: FeedbackItem, *, author_ref: str | None) -> dict[str, Any]:

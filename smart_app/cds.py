@@ -347,9 +347,8 @@ OVERRIDE_ID_SYSTEM = "https://fhir-massage.dev/fhir/identifier/cds-card"
 
 def _write_override(client: FhirClient, record: Mapping[str, Any], item: cards.FeedbackItem) -> str | None:
     from fhir_massage.builders.detected_issue import detected_issue
-    from fhir_massage.screening import Finding
 
-    finding = Finding.from_json(record["finding"])
+    finding = cards.finding_from_json(record["finding"])
     identifier = {"system": OVERRIDE_ID_SYSTEM, "value": item.card}
     issue = detected_issue(finding, patient_ref=f"Patient/{record['patientId']}", now=datetime.now(timezone.utc),
                            order_ref=record.get("order"), identifier=identifier,

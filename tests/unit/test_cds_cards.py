@@ -557,3 +557,25 @@ def test_spec_shaped_feedback_parses_and_override_becomes_a_mitigation():
 def test_bad_feedback_is_a_request_error(body):
     with pytest.raises(cc.CdsRequestError):
         cc.parse_feedback(body)
+
+
+def test_finding_round_trips_through_the_card_record_for_the_detected_issue():
+    from fhir.resources.R4B.detectedissue import DetectedIssue
+
+    from fhir_massage.builders.detected_issue import detected_issue
+
+    _, records = cards_for(hand_made_resources("demo-dana-whitfield", TODAY), [massage_sr()])
+    rec = next(r for r in records.values() if r["rule"] == "dvt-acute")
+    finding = cc.finding_from_json(json.loads(json.dumps(rec["finding"])))
+    assert finding.to_json() == {**rec["finding"], "details": [
+        {k: v for k, v in d.items() if k != "code"} for d in rec["finding"]["details"]]}
+    item = cc.parse_feedback({"feedback": [{"card": "c1", "outcome": "overridden",
+                                            "outcomeTimestamp": "2026-11-28T10:00:00Z",
+                                            "overrideReason": {"reason": {"system": cc.OVERRIDE_REASON_SYSTEM,
+                                                                          "code": "benefit-outweighs-risk"}}}]})[0]
+    issue = detected_issue(finding, patient_ref="Patient/demo-dana-whitfield", now=NOW,
+                           order_ref="ServiceRequest/draft-1",
+                           mitigation=cc.override_mitigation(item, author_ref="Practitioner/dr-ada-grey"))
+    DetectedIssue.model_validate(issue)
+    assert issue["severity"] == "high"
+    assert issue["mitigation"][0]["action"]["coding"][0]["display"] == "Benefit outweighs risk (e.g. palliative care)"
