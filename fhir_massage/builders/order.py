@@ -427,8 +427,13 @@ def _prepare_finding(issue: Mapping[str, Any], draft_id: str, index: int,
     if not isinstance(issue, Mapping) or issue.get("resourceType") != "DetectedIssue":
         raise InvalidInput(f"Finding {index + 1} is not a DetectedIssue.")
     out = dict(issue)
-    if not out.get("identifier"):
-        out["identifier"] = [identifier(FINDING_ID_SYSTEM, f"{draft_id}:{index}")]
+    # The conditional create keys on the first identifier, so it must be unique to this draft's finding: the
+    # screening builder's own identifier names the rule (the same for every patient who trips it), and keying on
+    # it would match another patient's finding. Prepend ours unless the caller already put one of ours first.
+    idents = [dict(i) for i in out.get("identifier") or [] if isinstance(i, Mapping)]
+    if not idents or idents[0].get("system") != FINDING_ID_SYSTEM:
+        idents.insert(0, identifier(FINDING_ID_SYSTEM, f"{draft_id}:{index}"))
+    out["identifier"] = idents
     implicated = [dict(r) for r in out.get("implicated") or []]
     have = {r.get("reference") for r in implicated}
     implicated = [ref(u) for u in order_urns_ if u not in have] + implicated

@@ -12,6 +12,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from fhir_massage.builders.order import (
+    FINDING_ID_SYSTEM,
     ORDER_ID_SYSTEM,
     REQUISITION_ID_SYSTEM,
     TARGET_BODY_STRUCTURE,
@@ -283,15 +284,37 @@ def test_provenance_modes(mode: str, method: str, condition: str | None) -> None
         order_transaction(DRAFT, [], NOW, provenance_mode="maybe")
 
 
-def test_finding_without_identifier_gets_one_from_the_draft() -> None:
+def test_findings_are_keyed_per_draft_not_per_rule() -> None:
     bare = {k: v for k, v in FINDING.items() if k != "identifier"}
-    bundle = order_transaction(DRAFT, [bare, dict(bare)], NOW)
-    issues = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DetectedIssue"]
-    assert [i["identifier"][0]["value"] for i in issues] == [f"{DRAFT.draft_id}:0", f"{DRAFT.draft_id}:1"]
+    bundle = order_transaction(DRAFT, [bare, FINDING], NOW)
+    entries = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "DetectedIssue"]
+    firsts = [e["resource"]["identifier"][0]["value"] for e in entries]
+    assert firsts == [f"{DRAFT.draft_id}:0", f"{DRAFT.draft_id}:1"]
+    assert entries[1]["resource"]["identifier"][1] == FINDING["identifier"][0]  # the caller's identifier is kept
+    assert all(f"{DRAFT.draft_id}%3A" in e["request"]["ifNoneExist"] for e in entries)
+    ours = {**FINDING, "identifier": [{"system": FINDING_ID_SYSTEM, "value": "x"}]}
     with pytest.raises(InvalidInput, match="share one identifier"):
-        order_transaction(DRAFT, [FINDING, FINDING], NOW)
+        order_transaction(DRAFT, [ours, ours], NOW)
     with pytest.raises(InvalidInput):
         order_transaction(DRAFT, [{"resourceType": "Condition"}], NOW)
+
+
+def test_with_the_screening_builders_detected_issue() -> None:
+    from fhir_massage.builders.detected_issue import RULE_IDENTIFIER_SYSTEM, detected_issue
+    from fhir_massage.screening import Finding
+
+    finding = Finding(rule="dvt-acute", cls="absolute", techniques=("deep-tissue",), sites=(),
+                      evidence=("Condition/dvt",), message="Acute DVT of the left leg.", evidence_class="CONS",
+                      source="reference/contraindications.md", verified=True, details=(), title="Acute DVT")
+    issue = detected_issue(finding, patient_ref="Patient/p1", now=NOW, status="preliminary")
+    bundle = order_transaction(DRAFT, [issue], NOW)
+    (entry,) = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "DetectedIssue"]
+    # keyed on the draft, not on the rule id that every patient with a DVT shares
+    assert "contraindication-rule" not in entry["request"]["ifNoneExist"]
+    assert entry["resource"]["identifier"][1] == {"system": RULE_IDENTIFIER_SYSTEM, "value": "dvt-acute"}
+    assert entry["resource"]["implicated"][0]["reference"] == bundle["entry"][0]["fullUrl"]
+    problems = errors(validate_resource(bundle))
+    assert not problems, "\n".join(map(str, problems))
 
 
 def test_plan_end_is_not_guessed_in_the_order() -> None:
