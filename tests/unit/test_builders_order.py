@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -134,6 +135,14 @@ def test_service_request_codes_cpt_first_then_technique(technique: str, cpt: str
 def test_every_technique_has_one_cpt_with_evidence() -> None:
     assert set(TECHNIQUE_CPT) == set(TECHNIQUES)
     assert all(tag in ("V", "V2", "B") for _, tag in TECHNIQUE_CPT.values())
+
+
+def test_cpt_mapping_agrees_with_the_packages_concept_map() -> None:
+    # one mapping in Python (codes.TECHNIQUE_CPT); the FHIR package's ConceptMap must name the same default
+    path = Path(__file__).resolve().parents[2] / "profiles" / "package" / "ConceptMap-massage-technique-to-cpt.json"
+    cmap = json.loads(path.read_text(encoding="utf-8"))
+    defaults = {el["code"]: el["target"][0]["code"] for g in cmap["group"] for el in g["element"]}
+    assert defaults == {t: cpt for t, (cpt, _) in TECHNIQUE_CPT.items()}
 
 
 def test_service_request_shape() -> None:
