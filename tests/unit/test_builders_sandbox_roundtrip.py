@@ -34,8 +34,11 @@ def run(svc: FhirService, bundle: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_order_session_and_plan_view_through_the_sandbox(svc: FhirService) -> None:
-    (patient,) = run(svc, {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}}]})
+    # the sandbox checks that references point at something: the clinicians must exist first
+    patient, _, _ = run(svc, {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}},
+        *({"request": {"method": "PUT", "url": f"PractitionerRole/{rid}"},
+           "resource": {"resourceType": "PractitionerRole", "id": rid, "active": True}} for rid in ("dr1", "lmt1"))]})
     patient_ref = f"Patient/{patient['resource']['id']}"
     draft = OrderDraft(draft_id="d1", patient_ref=patient_ref, requester_ref="PractitionerRole/dr1",
                        techniques=("lymphatic-drainage", "swedish"), sites=("53120007:left",), frequency=2,
