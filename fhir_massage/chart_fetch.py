@@ -46,7 +46,8 @@ def chart_searches(patient_id: str) -> list[tuple[str, list[tuple[str, str]]]]:
 def _query(params: list[tuple[str, str]]) -> str:
     from urllib.parse import urlencode
 
-    return urlencode(params, safe=",|:")
+    # fully percent-encoded (RFC 3986): '|' and '/' in token searches are not valid raw in a URI; servers decode them
+    return urlencode(params)
 
 
 def _outcome(what: str, error: Exception) -> dict[str, Any]:

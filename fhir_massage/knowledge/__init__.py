@@ -172,7 +172,9 @@ class KnowledgeBase:
             return site
         code = site.code
         if margin == "parent":
-            code = info.parents[0] if info.parents else code
+            # a limb (or head and neck, trunk) widens no further: "the limb segment", never the whole body
+            if site.code not in self.limb_level and info.parents:
+                code = info.parents[0]
         elif margin == "limb":
             cur = info
             while cur.code not in self.limb_level and cur.parents:
@@ -210,8 +212,8 @@ def parse_site(text: str, kb: KnowledgeBase | None = None) -> Site:
     kb = kb or load_kb()
     if not isinstance(text, str) or not text.strip():
         raise InvalidInput("A body site must be a SNOMED CT code, optionally with ':left', ':right' or ':bilateral'.")
-    code, _, lat = text.strip().partition(":")
-    if not code.isdigit():
+    code, sep, lat = text.strip().partition(":")
+    if not code.isdigit() or (sep and not lat):
         raise InvalidInput(f"Malformed body site {text!r}: expected a SNOMED CT code such as 30021000 or 30021000:left.")
     info = kb.sites.get(code)
     if info is None:
