@@ -84,7 +84,8 @@ def launch():
     resp = current_app.make_response(render_template(
         "ehr/frame.html", app_url=out["launch_url"], client=client, user=user,
         patient=known.get(patient) if patient else None, patient_id=patient))
-    return _secure(resp, frame_src=f"{origin.scheme}://{origin.netloc}")
+    # 'self' too: inside the iframe the app redirects to this EHR's own /auth/authorize (SMART EHR launch)
+    return _secure(resp, frame_src=f"'self' {origin.scheme}://{origin.netloc}")
 
 
 @bp.get("/smart-style.json")
