@@ -316,7 +316,7 @@ def choose_dialect(preference: str, capabilities: Iterable[str]) -> str:
 APP_RESOURCE_ACCESS: tuple[tuple[str, str, str], ...] = (
     ("patient", "Patient", "rs"),
     ("patient", "Condition", "rs"),
-    ("patient", "Observation", "rs"),
+    ("patient", "Observation", "crs"),  # c: pain scores written with each documented session (issue 7)
     ("patient", "MedicationRequest", "rs"),
     ("patient", "MedicationStatement", "rs"),
     ("patient", "MedicationAdministration", "rs"),
