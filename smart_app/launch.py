@@ -350,6 +350,8 @@ def launch() -> Response:
     if launch_id is not None and not launch_id.strip():
         raise LaunchError("The EHR sent an empty launch parameter; open the app again from the EHR.", code="launch")
     config = state.smart_config(iss)
+    if secrets.randbelow(64) == 0:
+        _store().purge_expired()  # now and then, so abandoned launches do not pile up in the store
     standalone = launch_id is None
     dialect = smart.choose_dialect(reg.scope_dialect, config.capabilities)
     if reg.scopes:

@@ -73,9 +73,7 @@ def _dump(value: Any) -> str:
 def _load(text: Any) -> Any:
     if text is None:
         return None
-    if isinstance(text, (dict, list)):  # psycopg already decodes jsonb
-        return text
-    return orjson.loads(text)
+    return orjson.loads(text)  # PostgresStore selects value::text, so both backends hand over JSON text
 
 
 def _canon(value: Any) -> str:
@@ -252,7 +250,7 @@ class PostgresStore(_LeaseLockMixin):
         return []  # pragma: no cover
 
     def get(self, ns: str, key: str) -> Any | None:
-        rows = self._exec(f"SELECT value FROM {self._kv} WHERE ns=%s AND key=%s AND expires_at>%s",
+        rows = self._exec(f"SELECT value::text FROM {self._kv} WHERE ns=%s AND key=%s AND expires_at>%s",
                           (ns, key, self._clock()))
         return _load(rows[0][0]) if rows else None
 
@@ -269,7 +267,8 @@ class PostgresStore(_LeaseLockMixin):
         return bool(rows)
 
     def take(self, ns: str, key: str) -> Any | None:
-        rows = self._exec(f"DELETE FROM {self._kv} WHERE ns=%s AND key=%s RETURNING value, expires_at", (ns, key))
+        rows = self._exec(f"DELETE FROM {self._kv} WHERE ns=%s AND key=%s RETURNING value::text, expires_at",
+                          (ns, key))
         if not rows or rows[0][1] <= self._clock():
             return None
         return _load(rows[0][0])

@@ -41,9 +41,16 @@ def _sqlite_file(tmp_path: Path, clock: FakeClock):
 BACKENDS = {"sqlite-memory": _sqlite_memory, "sqlite-file": _sqlite_file}
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=[*sorted(BACKENDS), pytest.param("postgres", marks=pytest.mark.postgres)])
 def store(request, tmp_path, clock):
-    s = BACKENDS[request.param](tmp_path, clock)
+    if request.param == "postgres":
+        from smart_app.store import PostgresStore
+        from tests.fixtures.postgres import unique_prefix
+
+        dsn = request.getfixturevalue("postgres_dsn")  # skips when PostgreSQL is not installed
+        s = PostgresStore(dsn, table_prefix=unique_prefix(), clock=clock, sleep=lambda t: clock.advance(t))
+    else:
+        s = BACKENDS[request.param](tmp_path, clock)
     yield s
     s.close()
 
