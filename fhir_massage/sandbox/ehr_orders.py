@@ -73,7 +73,7 @@ select { font-size: 1rem; }
 .card-critical { border-left-color: #b00020; }
 .card-warning { border-left-color: #b45f06; }
 .card-info { border-left-color: #005f73; }
-.indicator { display: inline-block; font-weight: bold; text-transform: uppercase; font-size: 0.85rem;
+.indicator { display: inline-block; font-weight: bold; font-size: 0.85rem;
              padding: 0 0.4rem; border-radius: 3px; color: #fff; }
 .indicator-critical { background: #b00020; }
 .indicator-warning { background: #8a4b00; }
