@@ -41,6 +41,8 @@ Coded = tuple[str, str, str | None]  # (normalized system: "snomed" | "icd10cm" 
 
 
 def _norm_system(system: Any) -> str:
+    if not isinstance(system, str):
+        return ""
     if system in _SNOMED_SYSTEMS:
         return "snomed"
     if system in _ICD_SYSTEMS:
@@ -232,13 +234,18 @@ def _parse_instant(value: Any) -> datetime | None:
         return None
 
 
+def _list(value: Any) -> list | tuple:
+    """A FHIR array element, or nothing: a malformed value (a string, an object, true) must not be iterated."""
+    return value if isinstance(value, list) else ()
+
+
 def _status_code(concept: Any) -> str | None:
     """clinicalStatus / verificationStatus CodeableConcept -> its code (or the text, lower-cased)."""
     if isinstance(concept, str):
         return concept
     if not isinstance(concept, dict):
         return None
-    for c in concept.get("coding") or ():
+    for c in _list(concept.get("coding")):
         if isinstance(c, dict) and isinstance(c.get("code"), str):
             return c["code"]
     text = concept.get("text")
@@ -249,7 +256,7 @@ def _codings(concept: Any) -> tuple[Coded, ...]:
     if not isinstance(concept, dict):
         return ()
     out = []
-    for c in concept.get("coding") or ():
+    for c in _list(concept.get("coding")):
         if isinstance(c, dict):
             code = c.get("code")
             if isinstance(code, str) and code:
@@ -327,7 +334,7 @@ class _Reader:
             self._patient(res, full_url, index)
         elif rtype == "OperationOutcome":
             # a search that failed (chart_fetch) or a server warning: the chart is incomplete, say so
-            for issue in res.get("issue") or ():
+            for issue in _list(res.get("issue")):
                 if isinstance(issue, dict) and issue.get("severity") in ("error", "fatal", "warning"):
                     details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
                     text = issue.get("diagnostics") or details.get("text")
@@ -448,10 +455,11 @@ class _Reader:
             return
         kind = None
         loinc = None
-        for c in code.get("coding") or ():
+        for c in _list(code.get("coding")):
             if isinstance(c, dict):
-                k = self.obs_code_kind.get(c.get("code"))
-                if k is not None and c.get("system") in _LOINC_SYSTEMS:
+                code_value = c.get("code")
+                k = self.obs_code_kind.get(code_value) if isinstance(code_value, str) else None
+                if k is not None and _norm_system(c.get("system")) == "loinc":
                     kind, loinc = k, c["code"]
                     break
         if kind is None:
@@ -519,10 +527,10 @@ class _Reader:
             sysv, _ = self._quantity(res.get("valueQuantity"), info, ref, "bp")
         elif loinc in dia_codes:
             diav, _ = self._quantity(res.get("valueQuantity"), info, ref, "bp")
-        for comp in res.get("component") or ():
+        for comp in _list(res.get("component")):
             if not isinstance(comp, dict):
                 continue
-            for c in (comp.get("code") or {}).get("coding") or () if isinstance(comp.get("code"), dict) else ():
+            for c in _list(comp["code"].get("coding")) if isinstance(comp.get("code"), dict) else ():
                 if not isinstance(c, dict):
                     continue
                 if c.get("code") in sys_codes:
@@ -534,7 +542,7 @@ class _Reader:
     @staticmethod
     def _answer(concept: Any, info: Mapping[str, Any]) -> str | None:
         codings = concept.get("coding") if isinstance(concept, dict) else None
-        for c in codings or ():
+        for c in _list(codings):
             if not isinstance(c, dict):
                 continue
             for answer, pairs in (info.get("answers") or {}).items():
@@ -551,7 +559,7 @@ class _Reader:
         codings = list(_codings(code))
         texts = [t for t in (_text(code),) if t]
         texts += [d for _, _, d in codings if d]
-        for reaction in res.get("reaction") or ():
+        for reaction in _list(res.get("reaction")):
             if isinstance(reaction, dict) and isinstance(reaction.get("substance"), dict):
                 codings += _codings(reaction["substance"])
                 t = _text(reaction["substance"])
@@ -603,7 +611,7 @@ class _Reader:
                 med = None
                 if isinstance(target, str):
                     if target.startswith("#"):
-                        for c in res.get("contained") or ():
+                        for c in _list(res.get("contained")):
                             if isinstance(c, dict) and c.get("resourceType") == "Medication" and c.get("id") == target[1:]:
                                 med = c
                                 break
@@ -615,7 +623,7 @@ class _Reader:
                     codings += _codings(med.get("code"))
                     text = text or _text(med.get("code"))
                     # Ingredients: a compounded or unlisted product still names its active ingredient.
-                    for ing in med.get("ingredient") or ():
+                    for ing in _list(med.get("ingredient")):
                         if isinstance(ing, dict):
                             codings += _codings(ing.get("itemCodeableConcept"))
                 if isinstance(mref.get("display"), str):
@@ -689,7 +697,7 @@ def from_bundle(bundle: Mapping[str, Any], *, kb: KnowledgeBase | None = None) -
 
 
 def _bundle_pairs(bundle: Mapping[str, Any]):
-    for entry in bundle.get("entry") or ():
+    for entry in _list(bundle.get("entry")):
         if not isinstance(entry, dict):
             yield None, None
             continue

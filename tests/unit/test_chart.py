@@ -157,6 +157,14 @@ def test_text_only_condition_is_kept():
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
                      lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
                      max_leaves=10)
+_coding = st.fixed_dictionaries({}, optional={"system": st.sampled_from([SCT, ICD, RXN, LOINC, "x"]) | _json,
+                                               "code": st.sampled_from(["I82.402", "777-3", "855332", "128053003", "8310-5", "85354-9", "8480-6"]) | _json,
+                                               "display": _json})
+_concept = st.fixed_dictionaries({}, optional={"coding": st.lists(_coding, max_size=3) | _json, "text": _json})
+_shaped = st.dictionaries(st.sampled_from(["code", "clinicalStatus", "valueQuantity", "medicationCodeableConcept", "bodySite",
+                                           "valueCodeableConcept", "component", "category"]),
+                          _concept | st.lists(_concept, max_size=2) | st.fixed_dictionaries({"value": _json, "unit": _json, "code": _json}),
+                          max_size=5)
 _keys = st.sampled_from(["code", "clinicalStatus", "verificationStatus", "onsetDateTime", "onsetPeriod", "onsetAge",
                          "abatementDateTime", "abatementBoolean", "bodySite", "subject", "status", "effectiveDateTime",
                          "valueQuantity", "component", "valueCodeableConcept", "medicationCodeableConcept",
@@ -167,8 +175,8 @@ _types = st.sampled_from(["Condition", "Observation", "MedicationRequest", "Medi
                           "OperationOutcome", "Encounter", None, 7])
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(_types, st.dictionaries(_keys, _json, max_size=6)), max_size=6))
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_types, st.dictionaries(_keys, _json, max_size=6) | _shaped), max_size=6))
 def test_odd_data_never_raises(items):
     from datetime import date as _date
 
