@@ -1,0 +1,48 @@
+"""WSGI entry point for production servers: ``gunicorn 'smart_app.wsgi:app'`` (docs/deployment.md).
+
+Everything comes from the environment, so that every worker of every instance builds the same app:
+
+  FHIR_MASSAGE_REGISTRATIONS   path of the EHR registrations file (TOML [[ehr]] tables, docs/registrations-file.md);
+                               required
+  FHIR_MASSAGE_PUBLIC_URL      the app's external https URL (the redirect URI is this + /callback); required
+  FHIR_MASSAGE_STORE_URL       postgresql://... shared by all instances (sqlite only for a single process)
+  FHIR_MASSAGE_SECRET_KEY      the same value on every instance and worker (CSRF tokens must verify anywhere)
+  FHIR_MASSAGE_TRUST_PROXY_TLS 1 when a TLS proxy terminates https in front (it must set X-Forwarded-Proto/Host)
+
+The first three of these (SECRET_KEY, PUBLIC_URL, STORE_URL) are read by ``smart_app.config.from_env``; the
+registrations file and the proxy switch are read here until ``from_env`` reads them too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from fhir_massage.errors import InvalidInput
+
+from . import create_app
+from .config import from_env, load_registrations_toml
+
+__all__ = ["app", "build_config"]
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def build_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The create_app config for a production process; raises InvalidInput with one plain sentence."""
+    env = os.environ if environ is None else environ
+    config = from_env(env)
+    path = env.get("FHIR_MASSAGE_REGISTRATIONS")
+    if not path:
+        raise InvalidInput("Set FHIR_MASSAGE_REGISTRATIONS to the EHR registrations file (docs/registrations-file.md).")
+    config["REGISTRATIONS"] = load_registrations_toml(path)
+    if not config.get("PUBLIC_URL"):
+        raise InvalidInput("Set FHIR_MASSAGE_PUBLIC_URL to the app's external URL (the EHRs redirect there).")
+    if not config.get("SECRET_KEY"):
+        # One random key per worker would make a form rendered by one worker fail on another.
+        raise InvalidInput("Set FHIR_MASSAGE_SECRET_KEY: every worker and instance must share it.")
+    config["TRUST_PROXY_TLS"] = env.get("FHIR_MASSAGE_TRUST_PROXY_TLS", "").strip().lower() in _TRUE
+    return config
+
+
+app = create_app(build_config())
