@@ -387,3 +387,43 @@ def test_verifier_and_challenge_pair():
     verifier, challenge = pkce_pair()
     assert 43 <= len(verifier) <= 128
     assert challenge == base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+
+def test_no_patient_in_context_is_said_plainly(fake_ehr, app_factory):
+    """Reference row 22: the app copes with a missing ``patient`` (e.g. only user/ scopes were granted)."""
+    ehr, rsps = fake_ehr
+    ehr.token_extra = {"patient": None}
+    ehr.install(rsps)
+    client = app_factory(ehr).test_client()
+    r = smart_launch(client, ehr)
+    html = client.get(r.headers["Location"]).get_data(as_text=True)
+    assert "No patient in context" in html and "did not give a patient" in html
+
+
+def test_intent_and_fhir_context_reach_the_launch_context(fake_ehr, app_factory):
+    ehr, rsps = fake_ehr
+    ehr.token_extra = {"intent": "order-massage", "fhirContext": [{"reference": "ServiceRequest/sr-1"}]}
+    ehr.install(rsps)
+    app = app_factory(ehr)
+    client = app.test_client()
+    location = smart_launch(client, ehr).headers["Location"]
+    with app.test_request_context(location):
+        from flask import g
+
+        from smart_app.launch import load_context
+
+        g.fm_browser_id = client.get_cookie("fm_browser").value
+        ctx = load_context(_lsid(location))
+    assert ctx.intent == "order-massage"
+    assert ctx.fhir_context == ({"reference": "ServiceRequest/sr-1"},)
+    assert ctx.can("ServiceRequest", "create") and ctx.role == "physician"
+    assert "order-massage" in client.get(location).get_data(as_text=True)
+
+
+def test_unreachable_ehr_is_a_503_page(fake_ehr, app_factory):
+    import requests as rq
+
+    ehr, rsps = fake_ehr
+    rsps.get(f"{ehr.iss}/.well-known/smart-configuration", body=rq.ConnectionError("refused"))
+    r = app_factory(ehr).test_client().get("/launch?" + urlencode({"iss": ehr.iss, "launch": "x"}))
+    assert r.status_code == 503 and "could not be reached" in r.get_data(as_text=True)

@@ -294,3 +294,34 @@ def test_logs_of_a_whole_launch_hold_no_token_code_or_patient_data(sandbox, app_
     assert "GET /callback?" in text  # the request lines were captured, with the query redacted
     for s in secrets_:
         assert s and s not in text, f"found a secret or patient datum in the logs: {s[:6]}…"
+
+
+def test_ehr_style_is_applied_after_validation(sandbox, app_for):
+    app = app_for()
+    browser = requests.Session()
+    r = ehr_launch(browser, sandbox, app, smart_style_url=f"{sandbox.url}/ehr/smart-style.json")
+    lsid = lsid_of(r.url)
+    assert f'href="/p/{lsid}/style.css"' in r.text
+    css = browser.get(f"{app.url}/p/{lsid}/style.css", timeout=10)
+    assert css.headers["Content-Type"].startswith("text/css")
+    assert "--fm-bg: #f5f7f9;" in css.text and "--fm-font-body: system-ui" in css.text
+
+
+def test_style_from_another_server_is_not_fetched(sandbox, app_for):
+    hits: list[str] = []
+
+    def other(environ, start_response):
+        hits.append(environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b'{"color_background": "#000000"}']
+
+    other_server = serve_in_thread(other)
+    try:
+        app = app_for()
+        browser = requests.Session()
+        r = ehr_launch(browser, sandbox, app, smart_style_url=f"{other_server.url}/style.json")
+        css = browser.get(f"{app.url}/p/{lsid_of(r.url)}/style.css", timeout=10)
+        assert css.text == "/* no EHR style */\n"
+        assert hits == []  # not the EHR's origin: never contacted (no SSRF through the token response)
+    finally:
+        other_server.stop()
