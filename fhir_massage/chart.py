@@ -411,7 +411,9 @@ class _Reader:
             return ()
         sites = self.kb.sites
         lat_codes = self.kb.laterality_codes
+        lateralized = self.kb.lateralized
         found: list[tuple[str | None, str | None]] = []
+        fixed: list[tuple[Site, str | None]] = []
         laterality = None
         texts = []
         for concept in value:
@@ -421,7 +423,9 @@ class _Reader:
             if t:
                 texts.append(t)
             for system, code, disp in _codings(concept):
-                if system == "snomed" and code in lat_codes:
+                if system == "snomed" and code in lateralized:
+                    fixed.append((lateralized[code], disp))
+                elif system == "snomed" and code in lat_codes:
                     laterality = lat_codes[code]
                 elif system == "snomed" and code in sites:
                     found.append((code, disp))
@@ -438,7 +442,9 @@ class _Reader:
                         break
                 if laterality:
                     break
-        out = []
+        out = [BodySite(site, site.laterality, disp) for site, disp in fixed]
+        if fixed and not any(code for code, _ in found):
+            return tuple(out)
         for code, disp in found or [(None, None)]:
             if code is None:
                 out.append(BodySite(None, laterality, disp or (texts[0] if texts else None)))

@@ -103,6 +103,7 @@ class KnowledgeBase:
     root_site: str
     limb_level: frozenset[str]
     laterality_codes: Mapping[str, str]
+    lateralized: Mapping[str, Site]  # pre-coordinated lateralized concept -> (site, side)
     text_laterality: Mapping[str, str]
     obs_kinds: Mapping[str, Mapping[str, Any]]
     obs_code_kind: Mapping[str, str]  # LOINC -> kind (panels and components included)
@@ -389,6 +390,7 @@ def _default_kb() -> KnowledgeBase:
         root_site=raw_sites["root"],
         limb_level=frozenset(raw_sites["limbLevel"]),
         laterality_codes=MappingProxyType(dict(raw_sites["laterality"])),
+        lateralized=MappingProxyType({c["code"]: Site(c["site"], c["laterality"]) for c in raw_sites.get("lateralizedConcepts") or ()}),
         text_laterality=MappingProxyType(dict(raw_sites.get("textLaterality") or {})),
         obs_kinds=MappingProxyType(raw_obs),
         obs_code_kind=MappingProxyType(obs_code_kind),
