@@ -76,7 +76,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     store = app.config.get("STORE")  # an already built Store (tests, the demo) wins over STORE_URL
     app.extensions["store"] = store if store is not None else open_store(app.config["STORE_URL"])
     if trust_tls:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # type: ignore[method-assign]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1, x_prefix=1)  # type: ignore[method-assign]
 
     security.init_app(app)
     errors.init_app(app)

@@ -13,7 +13,8 @@ REGISTRATIONS          list of dicts, one per EHR, same keys as a TOML ``[[ehr]]
 STORE_URL              ``sqlite:///path.db`` (default ``sqlite:///:memory:``, one process only) or
                        ``postgresql://...`` for several instances (see smart_app/store.py) [FHIR_MASSAGE_STORE_URL].
 TRUST_PROXY_TLS        True when a TLS-terminating proxy stands in front: the app then trusts one hop of
-                       X-Forwarded-Proto/Host and sets Secure cookies even though it itself speaks http.
+                       X-Forwarded-Proto/Host/Prefix and sets Secure cookies even though it itself speaks http.
+                       (A PUBLIC_URL with a path prefix needs the proxy to send X-Forwarded-Prefix.)
                        Without it the app refuses plain http on any non-loopback address.
 DISCOVERY_TTL          seconds a SMART discovery result is reused per issuer (default 3600).
 JWKS_TTL               seconds an issuer's JWKS is reused (default 3600; an unknown kid refetches once).
