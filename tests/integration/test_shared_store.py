@@ -21,7 +21,7 @@ from tests.fixtures.app import register_with_sandbox, start_app_server
 from tests.fixtures.postgres import create_database
 from tests.fixtures.smart_sandbox import create_launch
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 
 def _on(instance_url: str, url: str) -> str:
