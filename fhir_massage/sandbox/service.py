@@ -63,6 +63,28 @@ def parse_etag(value: str) -> int | None:
     return int(v) if v.isdigit() else None
 
 
+# Reference targets that must exist when written (see FhirService.check_references).
+INTEGRITY_TYPES = frozenset(
+    {"Patient", "Practitioner", "PractitionerRole", "Organization", "Location", "Device", "Medication"}
+)
+
+
+def _references(value: Any, path: str) -> list[tuple[str, str]]:
+    """(FHIRPath-like location, reference string) of every Reference.reference in a resource."""
+    out: list[tuple[str, str]] = []
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str):
+            out.append((f"{path}.reference", ref))
+        for k, v in value.items():
+            if k != "contained":  # contained resources point at each other with '#'
+                out.extend(_references(v, f"{path}.{k}"))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out.extend(_references(v, f"{path}[{i}]"))
+    return out
+
+
 def check_type(rtype: str) -> None:
     if rtype not in RESOURCE_TYPES:
         raise FhirProblem(404, f"The resource type '{rtype}' is not supported by this server.", code="not-supported")
@@ -117,6 +139,45 @@ class FhirService:
                 f" {resource.get('resourceType')} outside that patient's record."
             )
 
+    # -- referential integrity ------------------------------------------------------------------------------------
+
+    def check_references(self, base: str, resource: dict[str, Any]) -> None:
+        """References to the record's anchors (INTEGRITY_TYPES: the patient, practitioners, organizations, ...)
+        must point at a resource that exists, as strict servers insist: a dangling Patient/123 in a new order is
+        a bug the app should meet here, not in production. References to clinical resources are only checked
+        for form, because CDS Hooks legitimately writes DetectedIssues that implicate draft orders the EHR has
+        not stored yet (order-sign ``draftOrders``).
+
+        Contained (#id) and other servers' absolute references are not checked; ``urn:`` references outside a
+        transaction point at nothing and are refused."""
+        prefix = base.rstrip("/") + "/"
+        for path, ref in _references(resource, resource.get("resourceType", "")):
+            if ref.startswith("#"):
+                continue
+            if ref.startswith(("urn:uuid:", "urn:oid:")):
+                raise bad_request(
+                    f"{path} is '{ref}', which only means something inside a transaction Bundle.", expression=path
+                )
+            local = ref[len(prefix):] if ref.startswith(prefix) else ref
+            if "://" in local:
+                continue  # another server's resource
+            _, t, rid = parse_reference(local)
+            if t is None or rid is None:
+                raise bad_request(
+                    f"{path} '{ref[:100]}' is not a reference of the form Type/id.", code="value", expression=path
+                )
+            if t not in RESOURCE_TYPES:
+                raise bad_request(f"{path} refers to {t}, a type this server does not hold.", expression=path)
+            if t not in INTEGRITY_TYPES:
+                continue
+            rec = self.store.get(t, rid)
+            if rec is None or rec.deleted:
+                raise bad_request(
+                    f"{path} refers to {t}/{rid}, which does not exist on this server.",
+                    code="not-found",
+                    expression=path,
+                )
+
     # -- instance interactions -----------------------------------------------------------------------------------
 
     def read(self, grant: Grant, base: str, rtype: str, rid: str) -> Result:
@@ -157,7 +218,15 @@ class FhirService:
         return Result(status, resource, headers, resource)
 
     def create(
-        self, grant: Grant, base: str, rtype: str, body: Any, *, if_none_exist: str | None = None, new_id: str | None = None
+        self,
+        grant: Grant,
+        base: str,
+        rtype: str,
+        body: Any,
+        *,
+        if_none_exist: str | None = None,
+        new_id: str | None = None,
+        check_refs: bool = True,
     ) -> Result:
         check_type(rtype)
         self.require(grant, rtype, "create")
@@ -177,6 +246,8 @@ class FhirService:
         # R4 §3.1.0.7: on create the server assigns the id and ignores any id in the body.
         resource["id"] = new_id or str(uuid.uuid4())
         self.require_compartment(grant, resource, "create")
+        if check_refs:
+            self.check_references(base, resource)
         with self.store.transaction():
             stored = self.store.put(resource, "POST", self.compartment_of(resource))
         return Result(201, stored, version_headers(base, stored), stored)
@@ -194,7 +265,17 @@ class FhirService:
         rows = self.store.query(f"SELECT r.rid FROM resources r WHERE {sql} LIMIT 2", args)
         return self.store.get_many([(rtype, r[0]) for r in rows])
 
-    def update(self, grant: Grant, base: str, rtype: str, rid: str, body: Any, *, if_match: str | None = None) -> Result:
+    def update(
+        self,
+        grant: Grant,
+        base: str,
+        rtype: str,
+        rid: str,
+        body: Any,
+        *,
+        if_match: str | None = None,
+        check_refs: bool = True,
+    ) -> Result:
         check_type(rtype)
         check_id(rid)
         resource = validate(body, expected_type=rtype)
@@ -224,6 +305,8 @@ class FhirService:
             if exists and current is not None and current.body:
                 self.require_compartment(grant, current.body, "update")
             self.require_compartment(grant, resource, "write")
+            if check_refs:
+                self.check_references(base, resource)
             stored = self.store.put(dict(resource), "PUT", self.compartment_of(resource))
         status = 200 if exists else 201
         headers = version_headers(base, stored)

@@ -129,7 +129,7 @@ class BundleProcessor:
     # -- one entry --------------------------------------------------------------------------------------------
 
     def _run(
-        self, grant: Grant, base: str, entry: dict[str, Any], *, new_id: str | None = None
+        self, grant: Grant, base: str, entry: dict[str, Any], *, new_id: str | None = None, check_refs: bool = True
     ) -> Result:
         req = entry["request"]
         method = req["method"]
@@ -151,7 +151,13 @@ class BundleProcessor:
             if len(segs) != 1:
                 raise bad_request("A POST entry's request.url must be the resource type (e.g. 'Patient').")
             return svc.create(
-                grant, base, rtype, entry.get("resource"), if_none_exist=req.get("ifNoneExist"), new_id=new_id
+                grant,
+                base,
+                rtype,
+                entry.get("resource"),
+                if_none_exist=req.get("ifNoneExist"),
+                new_id=new_id,
+                check_refs=check_refs,
             )
         if method == "PUT":
             if len(segs) != 2 or query:
@@ -159,7 +165,9 @@ class BundleProcessor:
                     400, "A PUT entry's request.url must be 'Type/id' (conditional update is not supported).",
                     code="not-supported",
                 )
-            return svc.update(grant, base, rtype, segs[1], entry.get("resource"), if_match=req.get("ifMatch"))
+            return svc.update(
+                grant, base, rtype, segs[1], entry.get("resource"), if_match=req.get("ifMatch"), check_refs=check_refs
+            )
         if method == "DELETE":
             if len(segs) != 2 or query:
                 raise FhirProblem(
@@ -280,9 +288,15 @@ class BundleProcessor:
                 method = resolved[i]["request"]["method"]
                 if method == "DELETE":
                     continue
+                # References are checked once everything is written: entries may point at later entries.
                 results[i] = self._guard(
-                    i, fail, lambda i=i: self._run(grant, base, resolved[i], new_id=new_ids.get(i))
+                    i, fail, lambda i=i: self._run(grant, base, resolved[i], new_id=new_ids.get(i), check_refs=False)
                 )
+            for i in order:
+                method, res = resolved[i]["request"]["method"], results[i].resource
+                written = method == "PUT" or (method == "POST" and results[i].status == 201)  # 200 = ifNoneExist match
+                if written and res is not None:
+                    self._guard(i, fail, lambda res=res: self.service.check_references(base, res))
         bundle = {
             "resourceType": "Bundle",
             "id": str(uuid.uuid4()),

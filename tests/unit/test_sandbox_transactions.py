@@ -150,3 +150,29 @@ def test_malformed_bundles_are_4xx(svc: FhirService, bundle: dict) -> None:
     with pytest.raises(FhirProblem) as err:
         BundleProcessor(svc).process(OPEN, BASE, bundle)
     assert 400 <= err.value.status < 500
+
+
+def test_references_must_resolve(svc: FhirService) -> None:
+    dangling = {"resourceType": "Condition", "code": {"text": "x"}, "subject": {"reference": "Patient/ghost"}}
+    with pytest.raises(FhirProblem) as err:
+        svc.create(OPEN, BASE, "Condition", dangling)
+    assert err.value.status == 400 and err.value.issues[0]["expression"] == ["Condition.subject.reference"]
+    with pytest.raises(FhirProblem):
+        svc.create(OPEN, BASE, "Condition", {**dangling, "subject": {"reference": "urn:uuid:x"}})
+    # Another server's resource and contained references are not ours to check.
+    svc.create(OPEN, BASE, "Condition", {**dangling, "subject": {"reference": "https://other.example/fhir/Patient/1"}})
+    svc.update(OPEN, BASE, "Patient", "real", {"resourceType": "Patient", "id": "real"})
+    svc.create(OPEN, BASE, "Condition", {**dangling, "subject": {"reference": f"{BASE}/Patient/real"}})
+    with pytest.raises(FhirProblem) as err:
+        run(svc, "transaction", [order_entry(), patient_entry(), {
+            "request": {"method": "POST", "url": "Task"},
+            "resource": {"resourceType": "Task", "status": "requested", "intent": "order",
+                         "owner": {"reference": "Practitioner/ghost"}}}])
+    assert err.value.status == 400 and "Entry 2" in err.value.message
+    # Clinical targets are checked for form only: CDS writes DetectedIssues about draft orders not stored yet.
+    issue = {"resourceType": "DetectedIssue", "status": "final", "patient": {"reference": "Patient/real"},
+             "implicated": [{"reference": "ServiceRequest/draft-1"}]}
+    assert svc.create(OPEN, BASE, "DetectedIssue", issue).status == 201
+    with pytest.raises(FhirProblem):
+        svc.create(OPEN, BASE, "DetectedIssue", {**issue, "implicated": [{"reference": "not a reference"}]})
+    assert svc.search(OPEN, BASE, "Patient", [("identifier", "urn:mrn|A1")]).body["total"] == 0
