@@ -1,0 +1,236 @@
+"""The order form, as plain data: parse the submitted fields into an ``OrderDraft`` plus messages per field, and
+decide which screening findings need the physician's action before signing. Pure (no Flask, no I/O), so every rule
+here is a unit test away.
+
+Field names (the template and orders.js use the same):
+
+* ``technique`` (repeated): keys of ``codes.TECHNIQUES``;
+* ``site`` (repeated): a SNOMED body-structure code; ``side-<code>``: left | right | bilateral for a site that takes a
+  side (the no-JavaScript form is a checkbox list plus a side select; the body diagram fills the same fields);
+* ``reason_ref`` (repeated): ``Condition/<id>`` from the patient's chart; ``reason_text``: free text;
+* ``frequency`` (sessions a week), ``duration_weeks``, ``session_minutes``;
+* ``pressure``, ``pressure_note``, ``positioning`` (one precaution a line), ``notes``;
+* ``override-<rule>`` (a reason code of ``OVERRIDE_REASONS``) and ``override-note-<rule>`` (free text) for a finding
+  that blocks signing; ``ack-<rule>`` for a relative finding the physician acknowledges.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUES
+from fhir_massage.orders_model import LATERALITIES, OrderDraft, is_lateralizable, order_problems
+
+__all__ = [
+    "DEFAULTS", "OVERRIDE_REASONS", "FORM_FIELDS", "FormData", "ParsedForm", "parse_order_form", "fields_from_form",
+    "Action", "required_actions", "action_problems", "mitigation", "screen_inputs",
+]
+
+# Sensible defaults (issue 6): once a week for six weeks, one-hour sessions.
+DEFAULTS: dict[str, str] = {"frequency": "1", "duration_weeks": "6", "session_minutes": "60"}
+
+# Why the physician signs despite an absolute or local finding. Our own list (the v3 ActDetectedIssueManagementCode
+# codes that DetectedIssue.mitigation.action prefers are drug-centric, reference/fhir-modelling.md "DetectedIssue");
+# written as mitigation.action.text, not as a Coding, because no CodeSystem of ours defines these codes yet.
+OVERRIDE_REASONS: tuple[tuple[str, str], ...] = (
+    ("clearance-obtained", "Clearance from the treating specialist obtained and documented"),
+    ("site-avoided", "The therapist will avoid the affected site"),
+    ("technique-modified", "Technique or pressure modified to remove the risk"),
+    ("benefit-outweighs-risk", "Benefit outweighs risk (e.g. palliative care)"),
+    ("chart-outdated", "Chart data outdated or incorrect"),
+)
+_OVERRIDE = dict(OVERRIDE_REASONS)
+
+# Scalar fields kept in the draft store (lists are kept whole).
+FORM_FIELDS = ("frequency", "duration_weeks", "session_minutes", "reason_text", "pressure", "pressure_note",
+               "positioning", "notes")
+_LIST_FIELDS = ("technique", "site", "reason_ref")
+_MAX_TEXT = 2000
+_RULE_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{0,80}$")
+
+
+class FormData(Protocol):
+    """What a form looks like here: werkzeug's MultiDict, or a dict of lists (the draft store)."""
+
+    def getlist(self, key: str) -> list[str]: ...
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+
+def fields_from_form(form: Any) -> dict[str, list[str]]:
+    """The form as a JSON-able dict of lists (what the draft store keeps), only the fields this form knows."""
+    out: dict[str, list[str]] = {}
+    keys = form.keys() if hasattr(form, "keys") else []
+    for key in keys:
+        if key in _LIST_FIELDS or key in FORM_FIELDS or key.startswith(("side-", "override-", "ack-")):
+            values = form.getlist(key) if hasattr(form, "getlist") else list(form[key])
+            out[key] = [str(v)[:_MAX_TEXT] for v in values][:64]
+    return out
+
+
+class _Lists:
+    """A dict of lists seen through the FormData protocol."""
+
+    def __init__(self, data: Mapping[str, Sequence[str]]) -> None:
+        self.data = data
+
+    def getlist(self, key: str) -> list[str]:
+        v = self.data.get(key) or []
+        return [v] if isinstance(v, str) else list(v)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        values = self.getlist(key)
+        return values[0] if values else default
+
+
+def as_form(data: Any) -> FormData:
+    return data if hasattr(data, "getlist") else _Lists(data or {})
+
+
+@dataclass(frozen=True)
+class ParsedForm:
+    draft: OrderDraft
+    problems: dict[str, str]  # field -> message in plain words (empty: the order can be built)
+    values: dict[str, Any] = field(default_factory=dict)  # what to show back in the form
+
+
+def _int(form: FormData, name: str, problems: dict[str, str], what: str) -> int:
+    raw = (form.get(name) or "").strip()
+    if raw == "":
+        problems[name] = f"Give the {what}."
+        return 0
+    if not re.fullmatch(r"[+-]?\d{1,6}", raw):
+        problems[name] = f"The {what} must be a whole number (got '{raw[:20]}')."
+        return 0
+    return int(raw)
+
+
+def parse_sites(form: FormData) -> list[str]:
+    """``site`` codes plus their ``side-<code>`` into ``CODE`` / ``CODE:side`` values (order kept, no repeats)."""
+    out: list[str] = []
+    for code in form.getlist("site"):
+        code = code.strip()
+        if not code:
+            continue
+        side = (form.get(f"side-{code}") or "").strip()
+        value = f"{code}:{side}" if side and is_lateralizable(code) else code
+        if side and side not in LATERALITIES and is_lateralizable(code):
+            value = f"{code}:{side}"  # order_problems explains the unknown side
+        if value not in out:
+            out.append(value)
+    return out
+
+
+def parse_order_form(data: Any, *, draft_id: str, patient_ref: str, requester_ref: str, authored: datetime,
+                     encounter_ref: str | None = None, known_conditions: Iterable[str] | None = None) -> ParsedForm:
+    """The submitted form -> (OrderDraft, problems by field). ``known_conditions``: the ``Condition/<id>`` references
+    of the chart; a reason outside them is refused (the form only offers those)."""
+    form = as_form(data)
+    problems: dict[str, str] = {}
+    techniques = tuple(dict.fromkeys(t.strip() for t in form.getlist("technique") if t.strip()))
+    freq = _int(form, "frequency", problems, "number of sessions a week")
+    weeks = _int(form, "duration_weeks", problems, "number of weeks")
+    minutes = _int(form, "session_minutes", problems, "session length in minutes")
+    reason_refs = tuple(dict.fromkeys(r.strip() for r in form.getlist("reason_ref") if r.strip()))
+    pressure = (form.get("pressure") or "").strip() or None
+    positioning = tuple(line.strip() for line in (form.get("positioning") or "").splitlines() if line.strip())
+    draft = OrderDraft(
+        draft_id=draft_id, patient_ref=patient_ref, requester_ref=requester_ref, techniques=techniques,
+        sites=tuple(parse_sites(form)), frequency=freq, duration_weeks=weeks, session_minutes=minutes,
+        authored=authored, reason_refs=reason_refs, reason_text=(form.get("reason_text") or "").strip()[:_MAX_TEXT],
+        pressure=pressure, pressure_note=(form.get("pressure_note") or "").strip()[:_MAX_TEXT],
+        positioning=positioning[:10], notes=(form.get("notes") or "").strip()[:_MAX_TEXT],
+        encounter_ref=encounter_ref,
+    )
+    for key, message in order_problems(draft).items():
+        problems.setdefault(key, message)  # a parse message ("must be a whole number") is the clearer one
+    if known_conditions is not None:
+        known = set(known_conditions)
+        unknown = [r for r in reason_refs if r not in known]
+        if unknown and "reason_refs" not in problems:
+            problems["reason_refs"] = "Pick reasons from the patient's conditions listed here."
+    return ParsedForm(draft=draft, problems=problems)
+
+
+# --- what the physician must do about the findings -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    """A finding that needs the physician before signing: ``kind`` override (absolute or local finding that applies
+    to the order: blocks signing) or acknowledge (relative finding that applies)."""
+
+    rule: str
+    kind: str  # "override" | "acknowledge"
+    reason: str | None = None  # override reason code
+    note: str = ""
+    done: bool = False
+
+
+def required_actions(screening: Any, form: Any) -> list[Action]:
+    """One Action per finding of ``screening`` that applies to the proposed order (its rule id in ``applicable``),
+    filled from the form. Informational findings need nothing."""
+    form = as_form(form)
+    applicable = set(screening.applicable)
+    out: list[Action] = []
+    for f in screening.findings:
+        if f.rule not in applicable or f.informational or not _RULE_RE.match(f.rule):
+            continue
+        if f.cls in ("absolute", "local"):
+            reason = (form.get(f"override-{f.rule}") or "").strip() or None
+            note = (form.get(f"override-note-{f.rule}") or "").strip()[:_MAX_TEXT]
+            ok = reason in _OVERRIDE and bool(note)
+            out.append(Action(f.rule, "override", reason if reason in _OVERRIDE else None, note, ok))
+        else:
+            ack = (form.get(f"ack-{f.rule}") or "").strip() in ("yes", "on", "1")
+            out.append(Action(f.rule, "acknowledge", done=ack))
+    return out
+
+
+def action_problems(actions: Sequence[Action]) -> dict[str, str]:
+    """Messages keyed by the form field that is missing (``override-<rule>`` / ``override-note-<rule>`` /
+    ``ack-<rule>``)."""
+    out: dict[str, str] = {}
+    for a in actions:
+        if a.done:
+            continue
+        if a.kind == "override":
+            if a.reason is None:
+                out[f"override-{a.rule}"] = "This finding blocks signing: choose why you order anyway."
+            if not a.note:
+                out[f"override-note-{a.rule}"] = "Say in a few words how the risk is handled."
+        else:
+            out[f"ack-{a.rule}"] = "Acknowledge this finding before signing."
+    return out
+
+
+def mitigation(action: Action, *, author_ref: str, when: str) -> dict[str, Any] | None:
+    """The DetectedIssue.mitigation for what the physician did (never silent: reference "DetectedIssue":
+    mitigation with date and author)."""
+    if not action.done:
+        return None
+    if action.kind == "override":
+        text = f"Overridden by the ordering physician: {_OVERRIDE[action.reason or '']}. {action.note}".strip()
+    else:
+        text = "Acknowledged by the ordering physician before signing (relative contraindication)."
+    return {"action": {"text": text}, "date": when, "author": {"reference": author_ref}}
+
+
+def screen_inputs(draft: OrderDraft) -> tuple[list[str] | None, list[str] | None]:
+    """(techniques, sites) to screen the draft with: the valid ones chosen so far; None = not chosen yet (the
+    engine then screens every technique / the whole body, the cautious reading)."""
+    techniques = [t for t in draft.techniques if t in TECHNIQUES] or None
+    sites = [s.key for s in draft.parsed_sites()]
+    # a lateralizable site still without a side is screened on both sides until the physician picks one
+    for raw in draft.sites:
+        code = raw.split(":", 1)[0]
+        if ":" not in raw and is_lateralizable(code) and code not in sites:
+            sites.append(code)
+    return techniques, sites or None
+
+
+def technique_label(key: str) -> str:
+    return TECHNIQUE_DISPLAY.get(key, key)

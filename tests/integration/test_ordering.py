@@ -1,0 +1,268 @@
+"""Ordering against the real secured sandbox and the real app on loopback, launched as the demo physician.
+
+Clear patient -> ServiceRequest + Task + Provenance written and valid; the DVT patient -> blocked, then overridden
+with a reason -> DetectedIssue with mitigation; double submit -> one order; a 503 on the transaction -> nothing
+written, draft kept, retry writes once; no ServiceRequest write scope -> unavailable page; therapist -> not offered.
+"""
+
+from __future__ import annotations
+
+import re
+from html import unescape
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from fhir_massage.builders.order import ORDER_ID_SYSTEM, REQUISITION_ID_SYSTEM
+from fhir_massage.validation import errors, validate_resource
+from tests.fixtures.smart_sandbox import create_launch, get_token
+
+pytestmark = pytest.mark.integration
+
+PHYSICIAN = "dr-ada-grey"
+THERAPIST = "lmt-sam-reyes"
+TOM = "demo-tom-becker"
+DANA = "demo-dana-whitfield"
+LEFT_LOWER_LEG = "30021000"
+LOWER_BACK = "37822005"
+
+ALL_SCOPES = ("launch openid fhirUser online_access patient/*.cruds user/Practitioner.rs user/PractitionerRole.rs")
+
+
+@pytest.fixture
+def app(smart_sandbox, make_app_server):
+    return make_app_server(smart_sandbox, None, AREAS=("orders",), ORDERS_VALIDATE=True)
+
+
+@pytest.fixture
+def reader(smart_sandbox):
+    """Reads the sandbox with a token of its own (patient/*.rs for one patient), like an auditor would."""
+
+    def read(patient: str, path: str, params: dict | None = None) -> dict:
+        tok = get_token(smart_sandbox, "test-public", PHYSICIAN, patient,
+                        scopes="launch openid fhirUser patient/*.rs")
+        r = requests.get(f"{smart_sandbox.fhir_base}/{path}", params=params or {},
+                         headers={"Authorization": f"Bearer {tok['access_token']}", "Accept": "application/fhir+json"},
+                         timeout=10)
+        assert r.status_code == 200, r.text[:500]
+        return r.json()
+
+    return read
+
+
+def launch(sandbox, app, user=PHYSICIAN, patient=TOM) -> tuple[requests.Session, str]:
+    """EHR launch through the sandbox -> (browser session, the app's landing URL)."""
+    browser = requests.Session()
+    out = create_launch(sandbox, app.client_id, user, patient)
+    r = browser.get(out["launch_url"], timeout=30)
+    assert r.status_code == 200, r.text[:500]
+    return browser, r.url
+
+
+def open_order_form(browser: requests.Session, landing: str) -> requests.Response:
+    r = browser.get(landing + "orders/", timeout=30)
+    assert r.status_code == 200, r.text[:800]
+    assert "/orders/draft/" in r.url
+    return r
+
+
+def hidden(html: str, name: str) -> str:
+    m = re.search(rf'<input type="hidden" name="{name}" value="([^"]*)"', html)
+    assert m, f"no hidden {name}"
+    return unescape(m.group(1))
+
+
+def form_fields(page: requests.Response, **fields) -> dict:
+    data = {"csrf_token": hidden(page.text, "csrf_token"), "draft_id": hidden(page.text, "draft_id"),
+            "frequency": "2", "duration_weeks": "6", "session_minutes": "45", "reason_text": "Chronic low back pain"}
+    data.update(fields)
+    return data
+
+
+def sign_url(page: requests.Response) -> str:
+    return page.url.split("/orders/")[0] + "/orders/sign"
+
+
+def search(reader, patient, rtype, draft_id) -> list[dict]:
+    system = REQUISITION_ID_SYSTEM if rtype in ("ServiceRequest",) else None
+    if rtype == "ServiceRequest":
+        params = {"patient": patient, "requisition": f"{system}|{draft_id}"}
+        bundle = reader(patient, rtype, params)
+        found = [e["resource"] for e in bundle.get("entry") or []]
+        if not found:  # a server without the requisition parameter: filter by identifier ourselves
+            bundle = reader(patient, rtype, {"patient": patient})
+            found = [e["resource"] for e in bundle.get("entry") or []]
+        return [r for r in found if any(i.get("system") == ORDER_ID_SYSTEM and i["value"].startswith(draft_id)
+                                        for i in r.get("identifier") or [])]
+    bundle = reader(patient, rtype, {"patient": patient} if rtype != "Provenance" else {})
+    return [e["resource"] for e in bundle.get("entry") or []]
+
+
+def assert_valid(resource: dict) -> None:
+    problems = errors(validate_resource(resource))
+    assert not problems, "\n".join(map(str, problems))
+
+
+def test_clear_patient_order_lands_with_task_and_provenance(smart_sandbox, app, reader):
+    browser, landing = launch(smart_sandbox, app)
+    page = open_order_form(browser, landing)
+    assert 'data-verdict="clear"' in page.text
+    assert "Chronic low back pain" in page.text  # an active condition offered as the reason
+    draft_id = hidden(page.text, "draft_id")
+    tom_back = next(c for c in re.findall(r'name="reason_ref" value="([^"]+)"', page.text) if "low-back" in c)
+    data = form_fields(page, technique=["swedish"], site=[LOWER_BACK], reason_ref=tom_back, pressure="moderate",
+                       notes="Focus on the paraspinals.")
+    r = browser.post(sign_url(page), data=data, timeout=60)
+    assert r.status_code == 200, r.text[:1500]
+    assert "/orders/done/" in r.url and 'data-testid="order-signed"' in r.text
+    assert "Twice a week for 6 weeks (12 sessions), 45-minute sessions" in r.text
+    sr_id = re.search(r'data-testid="order-id">ServiceRequest/([^<]+)<', r.text).group(1)
+
+    orders = search(reader, TOM, "ServiceRequest", draft_id)
+    assert [o["id"] for o in orders] == [sr_id]
+    sr = orders[0]
+    assert_valid(sr)
+    assert sr["requester"]["reference"] == f"Practitioner/{PHYSICIAN}"
+    assert sr["reasonReference"] == [{"reference": tom_back}]
+    assert sr["occurrenceTiming"]["repeat"]["count"] == 12
+    tasks = [t for t in search(reader, TOM, "Task", draft_id) if t["focus"]["reference"] == f"ServiceRequest/{sr_id}"]
+    assert len(tasks) == 1
+    assert_valid(tasks[0])
+    assert tasks[0]["code"]["coding"][0]["code"] == "fulfill" and tasks[0]["restriction"]["repetitions"] == 12
+    provs = reader(TOM, "Provenance", {"target": f"ServiceRequest/{sr_id}"})["entry"]
+    assert len(provs) == 1
+    prov = provs[0]["resource"]
+    assert_valid(prov)
+    agents = {a["type"]["coding"][0]["code"]: a["who"] for a in prov["agent"]}
+    assert agents["author"] == {"reference": f"Practitioner/{PHYSICIAN}"}
+    assert agents["transmitter"]["type"] == "Device"
+
+
+def test_dvt_leg_blocked_then_overridden_with_reason(smart_sandbox, app, reader):
+    browser, landing = launch(smart_sandbox, app, patient=DANA)
+    page = open_order_form(browser, landing)
+    draft_id = hidden(page.text, "draft_id")
+    screen_url = page.url.split("/orders/")[0] + "/orders/screen"
+    base = form_fields(page, technique=["deep-tissue"], site=[LEFT_LOWER_LEG], **{f"side-{LEFT_LOWER_LEG}": "left"},
+                       reason_text="Calf cramps")
+    live = browser.post(screen_url, data={k: v for k, v in base.items() if k != "csrf_token"},
+                        headers={"X-CSRF-Token": base["csrf_token"], "Accept": "application/json"}, timeout=30)
+    assert live.status_code == 200, live.text[:500]
+    body = live.json()
+    assert body["verdict"] == "contraindicated"
+    assert f"{LEFT_LOWER_LEG}:left" in body["markedSites"] and f"{LEFT_LOWER_LEG}:right" not in body["markedSites"]
+    dvt = next(f for f in body["findings"] if f["rule"] == "dvt-acute")
+    assert dvt["applies"] and dvt["action"] == "override" and dvt["evidence"][0]["facts"].startswith("onset")
+
+    # signing without the override is refused, nothing is written, and the page says why
+    r = browser.post(sign_url(page), data=base, timeout=30)
+    assert r.status_code == 422
+    assert "This finding blocks signing" in r.text
+    assert search(reader, DANA, "ServiceRequest", draft_id) == []
+
+    data = dict(base, **{"override-dvt-acute": "clearance-obtained",
+                         "override-note-dvt-acute": "Vascular surgery cleared light work after 6 weeks of apixaban",
+                         "ack-anticoagulant": "yes", "ack-dvt-acute-elsewhere": "yes"})
+    r = browser.post(sign_url(page), data=data, timeout=60)
+    assert r.status_code == 200 and "/orders/done/" in r.url, r.text[:1500]
+    assert "Overridden by the ordering physician" in r.text
+    orders = search(reader, DANA, "ServiceRequest", draft_id)
+    assert len(orders) == 1
+    sr = orders[0]
+    issues = {}
+    for e in reader(DANA, "DetectedIssue", {"patient": DANA})["entry"]:
+        res = e["resource"]
+        if any(i["value"].startswith(draft_id) for i in res["identifier"]):
+            issues[res["identifier"][1]["value"]] = res
+    assert {"dvt-acute", "anticoagulant", "dvt-acute-elsewhere"} <= set(issues)
+    for issue in issues.values():
+        assert_valid(issue)
+        assert {"reference": f"ServiceRequest/{sr['id']}"} in issue["implicated"]
+    mit = issues["dvt-acute"]["mitigation"][0]
+    assert "Clearance from the treating specialist" in mit["action"]["text"] and "apixaban" in mit["action"]["text"]
+    assert mit["author"] == {"reference": f"Practitioner/{PHYSICIAN}"}
+    assert "Acknowledged" in issues["anticoagulant"]["mitigation"][0]["action"]["text"]
+    assert {f"DetectedIssue/{i['id']}" for i in issues.values()} <= {s["reference"] for s in sr["supportingInfo"]}
+    provs = reader(DANA, "Provenance", {"target": f"ServiceRequest/{sr['id']}"})["entry"]
+    targets = {t["reference"] for t in provs[0]["resource"]["target"]}
+    assert {f"DetectedIssue/{i['id']}" for i in issues.values()} <= targets
+
+
+def test_double_submit_creates_one_order(smart_sandbox, app, reader):
+    from concurrent.futures import ThreadPoolExecutor
+
+    browser, landing = launch(smart_sandbox, app)
+    page = open_order_form(browser, landing)
+    draft_id = hidden(page.text, "draft_id")
+    data = form_fields(page, technique=["swedish", "stretching"], site=[LOWER_BACK])
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: browser.post(sign_url(page), data=data, timeout=60), range(2)))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert all("/orders/done/" in a.url for a in answers)
+    again = browser.post(sign_url(page), data=data, timeout=60)  # a browser retry long after
+    assert "/orders/done/" in again.url
+    orders = search(reader, TOM, "ServiceRequest", draft_id)
+    assert sorted(o["code"]["coding"][1]["code"] for o in orders) == ["stretching", "swedish"]
+
+
+def test_fault_writes_nothing_keeps_draft_and_retry_writes_once(smart_sandbox, app, reader):
+    browser, landing = launch(smart_sandbox, app)
+    page = open_order_form(browser, landing)
+    draft_id = hidden(page.text, "draft_id")
+    data = form_fields(page, technique=["swedish"], site=[LOWER_BACK], notes="Keep it gentle")
+    fault = requests.post(f"{smart_sandbox.url}/_sandbox/faults", json={
+        "fail_every_n": 1, "fail_status": 503, "fail_methods": ["POST"]}, timeout=10)
+    assert fault.status_code in (200, 201, 204), fault.text
+    try:
+        r = browser.post(sign_url(page), data=data, timeout=60)
+    finally:
+        requests.delete(f"{smart_sandbox.url}/_sandbox/faults", timeout=10)
+    assert r.status_code == 503
+    assert ("The EHR did not accept the order (it answered 503). Nothing was saved. Your order is kept here: "
+            "try again.") in unescape(r.text)
+    assert search(reader, TOM, "ServiceRequest", draft_id) == []
+    # the draft is kept: the same page shows what was typed
+    again = browser.get(page.url, timeout=30)
+    assert "Keep it gentle" in again.text and 'value="swedish" checked' in again.text
+    r = browser.post(sign_url(page), data=data, timeout=60)
+    assert "/orders/done/" in r.url, r.text[:1000]
+    assert len(search(reader, TOM, "ServiceRequest", draft_id)) == 1
+
+
+def test_impossible_input_is_explained_next_to_the_field(smart_sandbox, app):
+    browser, landing = launch(smart_sandbox, app)
+    page = open_order_form(browser, landing)
+    data = form_fields(page, technique=[], site=[LEFT_LOWER_LEG], frequency="0", duration_weeks="abc",
+                       session_minutes="240")
+    r = browser.post(sign_url(page), data=data, timeout=30)
+    assert r.status_code == 422
+    text = unescape(r.text)
+    assert 'id="err-techniques" data-error-for="techniques">Choose at least one technique.' in text
+    assert "Say which side for the lower leg" in text
+    assert "Give at least one session a week." in text
+    assert "must be a whole number (got 'abc')" in text
+    assert "A session lasts 10 to 120 minutes." in text
+
+
+def test_without_service_request_write_scope_ordering_is_unavailable(smart_sandbox, make_app_server):
+    narrowed = ("launch openid fhirUser online_access patient/Patient.rs patient/Condition.rs "
+                "patient/ServiceRequest.rs user/Practitioner.rs user/PractitionerRole.rs")
+    app = make_app_server(smart_sandbox, {"allowed_scopes": narrowed}, AREAS=("orders",))
+    browser, landing = launch(smart_sandbox, app)
+    r = browser.get(landing + "orders/", timeout=30)
+    assert r.status_code == 403
+    assert 'data-testid="orders-unavailable"' in r.text
+    assert "patient/ServiceRequest.c" in r.text and "Task" in r.text
+
+
+def test_therapist_is_not_offered_ordering(smart_sandbox, app):
+    browser, landing = launch(smart_sandbox, app, user=THERAPIST, patient=DANA)
+    r = browser.get(landing + "orders/", timeout=30)
+    assert r.status_code == 403
+    assert "Ordering is for physicians" in r.text
+    # and the JSON endpoints refuse too
+    sid = urlsplit(landing).path.split("/")[2]
+    csrf = re.search(r'<meta name="csrf-token" content="([^"]+)"', r.text).group(1)
+    s = browser.post(f"{landing}orders/sign", data={"csrf_token": csrf, "draft_id": "x"}, timeout=30)
+    assert s.status_code == 403 and sid
