@@ -99,6 +99,16 @@ def fetch_chart_resources(client: FhirClient, patient_id: str) -> list[dict[str,
             except FhirError as exc:
                 if exc.status in (401, 403):
                     raise
+                plain = [(k, v) for k, v in params if k != "_include"]
+                if exc.status == 400 and len(plain) < len(params):
+                    # _include is optional for servers (search.html#include) and some reject it with a 400: the
+                    # resources themselves matter more than their inlined Medications (chart.py reads the code).
+                    try:
+                        return client.search_all(rtype, plain, page_cap=_PAGE_CAP)
+                    except FhirError as again:
+                        if again.status in (401, 403):
+                            raise
+                        return [_outcome(rtype, again)]
                 return [_outcome(rtype, exc)]
 
         with ThreadPoolExecutor(max_workers=min(4, len(failed))) as pool:
