@@ -85,7 +85,7 @@ def launch():
         "ehr/frame.html", app_url=out["launch_url"], client=client, user=user,
         patient=known.get(patient) if patient else None, patient_id=patient))
     # 'self' too: inside the iframe the app redirects to this EHR's own /auth/authorize (SMART EHR launch)
-    return _secure(resp, frame_src=f"'self' {origin.scheme}://{origin.netloc}")
+    return _secure(resp, frame_src=f"{origin.scheme}://{origin.netloc} 'self'")
 
 
 @bp.get("/smart-style.json")
