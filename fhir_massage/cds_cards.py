@@ -413,11 +413,12 @@ def prefetch_resources(prefetch: Mapping[str, Any], kb: KnowledgeBase | None = N
             missing.append(key)
             continue
         if value.get("resourceType") == "Bundle":
-            for entry in value.get("entry") or []:
+            entries, links = value.get("entry"), value.get("link")
+            for entry in entries if isinstance(entries, list) else []:
                 res = entry.get("resource") if isinstance(entry, dict) else None
                 if isinstance(res, dict) and res.get("resourceType") not in (None, "OperationOutcome"):
                     resources.append(res)
-            for link in value.get("link") or []:
+            for link in links if isinstance(links, list) else []:
                 if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
                     paged[key] = link["url"]
         else:

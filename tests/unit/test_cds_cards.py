@@ -579,3 +579,53 @@ def test_finding_round_trips_through_the_card_record_for_the_detected_issue():
     DetectedIssue.model_validate(issue)
     assert issue["severity"] == "high"
     assert issue["mitigation"][0]["action"]["coding"][0]["display"] == "Benefit outweighs risk (e.g. palliative care)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# odd input never raises anything but CdsRequestError
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+                     max_leaves=12)
+_sr_like = st.fixed_dictionaries({"resourceType": st.just("ServiceRequest")}, optional={
+    "id": _json | st.just("x1"),
+    "code": _json | st.just({"coding": [{"system": C.TECHNIQUE_SYSTEM, "code": "swedish"}]})
+    | st.just({"coding": [{"system": C.CPT, "code": "97140"}, "junk", None]}),
+    "bodySite": _json | st.just([{"coding": [{"system": C.SNOMED, "code": "30021000"}, 5], "text": 7}]),
+})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=st.lists(st.one_of(_json, st.fixed_dictionaries({"resource": _sr_like}),
+                                  st.fixed_dictionaries({"resource": _sr_like, "fullUrl": _json})), max_size=4),
+       selections=st.none() | st.lists(st.text(max_size=12) | st.just("ServiceRequest/x1"), max_size=3))
+def test_odd_draft_orders_never_crash(entries, selections):
+    body = hook_body([], hook="order-select" if selections is not None else "order-sign",
+                     selections=selections)
+    body["context"]["draftOrders"]["entry"] = entries
+    service = "massage-order-select" if selections is not None else "massage-order-sign"
+    try:
+        req = cc.parse_hook_request(body, service)
+    except cc.CdsRequestError:
+        return
+    orders = cc.massage_orders(req)
+    chart = from_resources([_patient("demo-dana-whitfield")])
+    screenings = {i: screen(chart, techniques=o.techniques, sites=o.sites, today=TODAY) for i, o in enumerate(orders)}
+    cards, _ = cc.build_cards(orders, screenings, request=req, now=NOW, new_uuid=_ids())
+    for card in cards:
+        check_card_shape(card)
+
+
+@settings(max_examples=150, deadline=None)
+@given(prefetch=st.dictionaries(st.sampled_from(list(cc.prefetch_templates())) | st.text(max_size=5),
+                                _json | st.fixed_dictionaries({"resourceType": st.just("Bundle")},
+                                                              optional={"entry": _json, "link": _json}), max_size=6))
+def test_odd_prefetch_never_crashes_and_never_drops_a_key_silently(prefetch):
+    out = cc.prefetch_resources(prefetch)
+    for key in cc.prefetch_templates():
+        value = prefetch.get(key, "absent")
+        if value == "absent" or (value is not None and not isinstance(value, dict)):
+            assert key in out.missing
