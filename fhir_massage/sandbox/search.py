@@ -171,9 +171,14 @@ class Search:
     named_patients: set[str] = field(default_factory=set)  # patient ids named by patient/subject params
 
 
-def _exists(param: str, cond: str, negate: bool = False) -> str:
+def _exists(rtype: str, param: str, cond: str, negate: bool = False) -> str:
+    """``r.rid [NOT] IN (ids whose index rows for param match cond)``.
+
+    An uncorrelated IN lets SQLite drive the search from the index (ix_si_code, ix_si_ref, ...) instead of probing
+    every resource of the type. rtype and param are names from the parameter table, never user text."""
+    assert rtype.isalnum() and re.fullmatch(r"[A-Za-z_\-]+", param), (rtype, param)
     return (
-        f"{'NOT ' if negate else ''}EXISTS (SELECT 1 FROM search_index s WHERE s.rtype = r.rtype AND s.rid = r.rid"
+        f"r.rid {'NOT ' if negate else ''}IN (SELECT s.rid FROM search_index s WHERE s.rtype = '{rtype}'"
         f" AND s.param = '{param}' AND ({cond}))"
     )
 
@@ -210,7 +215,7 @@ def parse(resource_type: str, pairs: Iterable[tuple[str, str]], base: str, *, st
                 raise bad_request(msg.replace("; it was ignored", ""), code="not-supported", expression=raw_name)
             q.ignored.append(issue("not-supported", msg, severity="warning", expression=raw_name))
             continue
-        where, args = _param_cond(name, sp, modifier, value, base, raw_name)
+        where, args = _param_cond(resource_type, name, sp, modifier, value, base, raw_name)
         q.where.append(where)
         q.args.extend(args)
         q.echo.append((raw_name, value))
@@ -308,11 +313,13 @@ def _ref_value(v: str, base: str) -> str:
     return v
 
 
-def _param_cond(name: str, sp: SearchParam, modifier: str, value: str, base: str, raw_name: str) -> tuple[str, list[Any]]:
+def _param_cond(
+    rtype: str, name: str, sp: SearchParam, modifier: str, value: str, base: str, raw_name: str
+) -> tuple[str, list[Any]]:
     if modifier == "missing":
         if value not in ("true", "false"):
             raise bad_request(f"{raw_name} takes true or false, not '{value}'.", expression=raw_name)
-        return _exists(name, "1", negate=value == "true"), []
+        return _exists(rtype, name, "1", negate=value == "true"), []
     values = value.split(",")
     if any(v == "" for v in values):
         raise bad_request(f"{raw_name} has an empty value.", expression=raw_name)
@@ -336,7 +343,7 @@ def _param_cond(name: str, sp: SearchParam, modifier: str, value: str, base: str
             else:
                 conds.append("(s.code = ?)")
                 args.append(v)
-        return _exists(name, " OR ".join(conds), negate=modifier == "not"), args
+        return _exists(rtype, name, " OR ".join(conds), negate=modifier == "not"), args
     if sp.kind == "string":
         if modifier not in ("", "exact", "contains"):
             raise bad_request(f"The modifier ':{modifier}' is not supported on string parameter {name}.", expression=raw_name)
@@ -351,7 +358,7 @@ def _param_cond(name: str, sp: SearchParam, modifier: str, value: str, base: str
                 conds.append("substr(s.sval, 1, ?) = ?")
                 f = fold(v)
                 args += [len(f), f]
-        return _exists(name, " OR ".join(conds)), args
+        return _exists(rtype, name, " OR ".join(conds)), args
     if sp.kind == "date":
         if modifier:
             raise bad_request(f"The modifier ':{modifier}' is not supported on date parameter {name}.", expression=raw_name)
@@ -359,7 +366,7 @@ def _param_cond(name: str, sp: SearchParam, modifier: str, value: str, base: str
             c, a = _date_cond(v, "s.lo", "s.hi", raw_name)
             conds.append(c)
             args += a
-        return _exists(name, " OR ".join(conds)), args
+        return _exists(rtype, name, " OR ".join(conds)), args
     if sp.kind == "reference":
         type_mod = modifier if modifier and modifier[0].isupper() else ""
         if modifier and not type_mod:
@@ -382,7 +389,7 @@ def _param_cond(name: str, sp: SearchParam, modifier: str, value: str, base: str
             else:
                 conds.append("(s.rref = ?)")
                 args.append(norm)
-        return _exists(name, " OR ".join(conds)), args
+        return _exists(rtype, name, " OR ".join(conds)), args
     if sp.kind == "quantity":
         for v in values:
             num, _, rest = v.partition("|")
@@ -413,7 +420,7 @@ def _param_cond(name: str, sp: SearchParam, modifier: str, value: str, base: str
                 qargs.append(code)
             conds.append(f"({cond})")
             args += qargs
-        return _exists(name, " OR ".join(conds)), args
+        return _exists(rtype, name, " OR ".join(conds)), args
     raise bad_request(f"Parameter {name} cannot be searched.", expression=raw_name)  # pragma: no cover
 
 

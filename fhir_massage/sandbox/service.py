@@ -371,10 +371,9 @@ class FhirService:
                 f" {q.resource_type} resources."
             )
         q.where.append(
-            f"EXISTS (SELECT 1 FROM search_index s WHERE s.rtype = r.rtype AND s.rid = r.rid"
-            f" AND s.param = '{COMPARTMENT}' AND s.rtid = ?)"
+            f"r.rid IN (SELECT s.rid FROM search_index s WHERE s.rtype = ? AND s.param = '{COMPARTMENT}' AND s.rtid = ?)"
         )
-        q.args.append(grant.patient)
+        q.args.extend([q.resource_type, grant.patient])
 
     @staticmethod
     def _where(q: Search) -> tuple[str, list[Any]]:
