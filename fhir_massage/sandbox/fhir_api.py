@@ -6,7 +6,6 @@ authorization hook (access.py contract) and the mapping of every failure to an O
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,8 +16,6 @@ from fhir_massage.sandbox.access import Grant, Unauthorized
 from fhir_massage.sandbox.capability import capability_statement
 from fhir_massage.sandbox.outcome import FhirProblem, issue, outcome
 from fhir_massage.sandbox.service import Result, check_type
-
-log = logging.getLogger(__name__)
 
 EXT = "fhir_massage.sandbox"
 FHIR_JSON = "application/fhir+json; charset=utf-8"

@@ -33,7 +33,7 @@ _LOCAL_REF_RE = re.compile(r"^(?:(?P<base>.*)/)?(?P<type>[A-Z][A-Za-z]+)/(?P<id>
 
 # Result-shaping parameters (R4 §3.1.1.5 - §3.1.1.6); recognised, so never reported as unknown.
 CONTROL_PARAMS = {"_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "_total", "_format", "_pretty"}
-# Recognised but not implemented: reported as "ignored" like unknown ones, since the answer does not honour them.
+# Date prefixes served (R4 §3.1.1.4.2); "ap" (approximately) is refused rather than guessed.
 DATE_PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb")
 
 Row = tuple[str, str | None, str | None, str | None, str | None, float | None, float | None, str | None, str | None, str | None, float | None]

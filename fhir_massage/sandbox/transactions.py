@@ -20,7 +20,6 @@ from urllib.parse import parse_qsl, urlsplit
 from fhir_massage.sandbox.access import Grant
 from fhir_massage.sandbox.outcome import FhirProblem, bad_request, issue, outcome
 from fhir_massage.sandbox.service import FhirService, Result, check_type
-from fhir_massage.sandbox.search import parse_reference
 
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
@@ -328,4 +327,4 @@ class BundleProcessor:
         return Result(200, bundle)
 
 
-__all__ = ["BundleProcessor", "parse_reference"]
+__all__ = ["BundleProcessor", "status_line"]
