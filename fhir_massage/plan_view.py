@@ -1,0 +1,314 @@
+"""Pure: what the physician's plan view adds on top of coordination.py - plans (the per-technique orders signed
+together), findings that are new since signing, the open recorded findings, and a field-by-field comparison of
+two versions of an order (for the version-conflict page).
+
+No I/O, no clock reads (``today``/``now`` are passed in), EHR data read forgivingly (a missing element is a
+blank, never an exception).
+
+* A plan = the ServiceRequests of one ``requisition`` (order.py writes one ServiceRequest + Task per technique,
+  all with the draft id as ``requisition``: R4 ServiceRequest.requisition, "composite request"). Orders without a
+  requisition (written by another app) are a plan of their own.
+* New since signing: the chart is screened again for the plan's techniques and sites; a finding that applies
+  and whose rule was not recorded with the plan, or that rests on chart entries the recorded finding did not
+  name (a second DVT, a new platelet count), is new. Recorded = a DetectedIssue of the patient that implicates one
+  of the plan's orders or that an order lists in ``supportingInfo``, with the rule id in its identifier
+  (detected_issue.RULE_IDENTIFIER_SYSTEM).
+* Open = a recorded finding with no ``mitigation`` (R4 DetectedIssue.mitigation: "an action taken ... to reduce or
+  eliminate the risk") that is not cancelled or entered in error.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Iterable, Mapping, Sequence
+
+from .builders.detected_issue import RULE_IDENTIFIER_SYSTEM, detected_issue
+from .builders.order import REQUISITION_ID_SYSTEM, business_status, instant, sessions_done
+from .codes import SNOMED, TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
+from .coordination import PainPoint, PainTrend, PlanRow, pain_trend, parse_date, ref_key
+from .orders_model import Schedule, is_lateralizable
+
+__all__ = [
+    "PlanGroup", "OpenIssue", "DiffRow", "group_plans", "order_sites", "order_techniques", "recorded_issues",
+    "open_issues", "new_findings", "describe_order", "version_diff", "task_follow_schedule", "requisition_of",
+]
+
+_DEAD = frozenset({"cancelled", "entered-in-error"})
+
+
+@dataclass(frozen=True)
+class OpenIssue:
+    ref: str
+    severity: str | None
+    text: str
+    identified: date | None
+
+
+@dataclass(frozen=True)
+class PlanGroup:
+    key: str  # requisition value, or the order ref when the order has none
+    rows: tuple[PlanRow, ...]  # one per technique (order), coordination's rows
+    techniques: tuple[str, ...]
+    sites: tuple[str, ...]  # display texts
+    site_codes: tuple[str, ...]  # "CODE" / "CODE:left" for the re-screen
+    schedule_text: str
+    status: str  # the orders' common status, or "mixed"
+    authored: date | None
+    sessions_done: int
+    sessions_planned: int | None
+    last_session: date | None
+    pain: PainTrend  # every session of the plan, by date
+    open_issues: tuple[OpenIssue, ...]
+    not_done: tuple[Any, ...]  # coordination.NotDone of every order, by date
+
+    @property
+    def order_refs(self) -> tuple[str, ...]:
+        return tuple(r.order_ref for r in self.rows)
+
+    @property
+    def active(self) -> bool:
+        return any(r.status in ("active", "on-hold", "draft") for r in self.rows)
+
+
+@dataclass(frozen=True)
+class DiffRow:
+    field: str
+    wanted: str  # what the physician asked for (the action applied to the version they saw)
+    current: str  # what the chart holds now
+    seen: str  # the version they saw
+
+    @property
+    def they_changed(self) -> bool:
+        return self.current != self.seen
+
+    @property
+    def differs(self) -> bool:
+        return self.wanted != self.current
+
+
+def requisition_of(sr: Mapping[str, Any]) -> str | None:
+    req = sr.get("requisition")
+    if isinstance(req, Mapping) and isinstance(req.get("value"), str) and req.get("value"):
+        # another app's requisition is still a grouping: keep the system in the key so two systems never merge
+        return req["value"] if req.get("system") == REQUISITION_ID_SYSTEM else f"{req.get('system')}|{req['value']}"
+    return None
+
+
+def order_techniques(sr: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(c["code"] for c in codings(sr.get("code")) if c.get("system") == TECHNIQUE_SYSTEM
+                 and c.get("code") in TECHNIQUES)
+
+
+def _side_from_text(text: str) -> str | None:
+    """Laterality as order.py writes it into bodySite.text (orders_model.Site.text): "Left knee", "Right hand",
+    "Lower leg, both sides"."""
+    t = text.strip().lower()
+    if t.endswith(", both sides"):
+        return "bilateral"
+    if t.startswith("left "):
+        return "left"
+    if t.startswith("right "):
+        return "right"
+    return None
+
+
+def order_sites(sr: Mapping[str, Any]) -> tuple[str, ...]:
+    """The order's sites as screening site strings (``CODE`` or ``CODE:side``). A lateralizable site whose side
+    cannot be read is given without a side, which screening takes as both sides (the cautious reading)."""
+    out: list[str] = []
+    for b in sr.get("bodySite") or []:
+        if not isinstance(b, Mapping):
+            continue
+        code = next((c.get("code") for c in codings(b) if c.get("system") == SNOMED and c.get("code")), None)
+        if not code:
+            continue
+        side = _side_from_text(str(b.get("text") or ""))
+        key = f"{code}:{side}" if side and is_lateralizable(code) else str(code)
+        if key not in out:
+            out.append(key)
+    return tuple(out)
+
+
+def _issue_rules(issue: Mapping[str, Any]) -> set[str]:
+    return {str(i.get("value")) for i in issue.get("identifier") or []
+            if isinstance(i, Mapping) and i.get("system") == RULE_IDENTIFIER_SYSTEM and i.get("value")}
+
+
+def _issue_refs(issue: Mapping[str, Any]) -> set[str]:
+    refs = {ref_key(r) for r in issue.get("implicated") or []}
+    for ev in issue.get("evidence") or []:
+        if isinstance(ev, Mapping):
+            refs |= {ref_key(d) for d in ev.get("detail") or []}
+    return {r for r in refs if r}
+
+
+def recorded_issues(orders: Sequence[Mapping[str, Any]], issues: Iterable[Mapping[str, Any]]
+                    ) -> list[Mapping[str, Any]]:
+    """The DetectedIssues recorded with these orders (implicating one of them, or in an order's supportingInfo)."""
+    order_refs = {f"ServiceRequest/{o.get('id')}" for o in orders if o.get("id")}
+    supporting = {ref_key(s) for o in orders for s in o.get("supportingInfo") or []}
+    out = []
+    for i in issues:
+        if not isinstance(i, Mapping) or i.get("resourceType") != "DetectedIssue" or i.get("status") in _DEAD:
+            continue
+        own = f"DetectedIssue/{i.get('id')}"
+        if own in supporting or _issue_refs(i) & order_refs:
+            out.append(i)
+    return out
+
+
+def open_issues(recorded: Iterable[Mapping[str, Any]]) -> tuple[OpenIssue, ...]:
+    order = {"high": 0, "moderate": 1, "low": 2}
+    out = []
+    for i in recorded:
+        if i.get("mitigation"):
+            continue
+        text = str(i.get("detail") or (i.get("code") or {}).get("text") or "Contraindication finding")
+        out.append(OpenIssue(f"DetectedIssue/{i.get('id')}", i.get("severity"), text,
+                             parse_date(i.get("identifiedDateTime"))))
+    out.sort(key=lambda x: (order.get(str(x.severity), 3), x.ref))
+    return tuple(out)
+
+
+def new_findings(screening: Any, recorded: Iterable[Mapping[str, Any]], *, patient_ref: str,
+                 order_refs: Sequence[str], now: datetime) -> list[dict[str, Any]]:
+    """Findings of ``screening`` (screening.Screening for the plan's techniques and sites) that apply to the plan
+    and were not recorded with it, as unsaved DetectedIssue dicts (status preliminary, implicating the plan's
+    orders) - the shape coordination.attention reads. Most severe first."""
+    recorded = list(recorded)
+    known_rules: dict[str, set[str]] = {}
+    for i in recorded:
+        for rule in _issue_rules(i):
+            known_rules.setdefault(rule, set()).update(_issue_refs(i))
+    applicable = set(getattr(screening, "applicable", ()) or ())
+    out = []
+    for f in getattr(screening, "findings", ()) or ():
+        if f.rule not in applicable or getattr(f, "informational", False):
+            continue
+        evidence = {r for r in (ref_key(e) for e in f.evidence) if r}
+        seen = known_rules.get(f.rule)
+        if seen is not None and evidence <= seen:
+            continue
+        issue = detected_issue(f, patient_ref=patient_ref, now=now, status="preliminary")
+        issue["implicated"] = [{"reference": r} for r in order_refs] + list(issue.get("implicated") or [])
+        issue["_new_evidence"] = sorted(evidence - (seen or set()))  # for the page: what is new (not written)
+        issue["_rule"] = f.rule
+        out.append(issue)
+    rank = {"high": 0, "moderate": 1, "low": 2}
+    out.sort(key=lambda i: (rank.get(i.get("severity"), 3), i["_rule"]))
+    return out
+
+
+def group_plans(service_requests: Iterable[Mapping[str, Any]], rows: Sequence[PlanRow],
+                issues: Iterable[Mapping[str, Any]] = ()) -> list[PlanGroup]:
+    """Plans (orders of one requisition) from coordination's rows, newest first."""
+    by_ref = {f"ServiceRequest/{sr.get('id')}": sr for sr in service_requests
+              if isinstance(sr, Mapping) and sr.get("resourceType") == "ServiceRequest" and sr.get("id")}
+    issues = [i for i in issues if isinstance(i, Mapping)]
+    groups: dict[str, list[PlanRow]] = {}
+    for row in rows:
+        sr = by_ref.get(row.order_ref, {})
+        groups.setdefault(requisition_of(sr) or row.order_ref, []).append(row)
+    out = []
+    for key, grows in groups.items():
+        grows.sort(key=lambda r: (r.techniques, r.order_ref))
+        srs = [by_ref[r.order_ref] for r in grows if r.order_ref in by_ref]
+        techniques = tuple(dict.fromkeys(t for r in grows for t in r.techniques))
+        sites = tuple(dict.fromkeys(s for r in grows for s in r.sites))
+        site_codes = tuple(dict.fromkeys(s for sr in srs for s in order_sites(sr)))
+        statuses = {r.status for r in grows}
+        planned = [r.sessions_planned for r in grows]
+        points = sorted((p for r in grows for p in r.pain.points), key=lambda p: (p.date, p.procedure_ref))
+        lasts = [r.last_session for r in grows if r.last_session]
+        authored = min((d for d in (parse_date(sr.get("authoredOn")) for sr in srs) if d), default=None)
+        not_done = sorted((n for r in grows for n in r.not_done), key=lambda n: (n.date or date.min, n.procedure_ref))
+        out.append(PlanGroup(
+            key=key, rows=tuple(grows), techniques=techniques, sites=sites, site_codes=site_codes,
+            schedule_text=next((r.schedule_text for r in grows if r.schedule_text), ""),
+            status=statuses.pop() if len(statuses) == 1 else "mixed", authored=authored,
+            sessions_done=sum(r.sessions_done for r in grows),
+            sessions_planned=sum(p for p in planned if p) if all(planned) else None,
+            last_session=max(lasts) if lasts else None, pain=_merged_trend(points),
+            open_issues=open_issues(recorded_issues(srs, issues)), not_done=tuple(not_done)))
+    out.sort(key=lambda g: (g.active, g.authored or date.min, g.key), reverse=True)
+    return out
+
+
+def _merged_trend(points: Sequence[PainPoint]) -> PainTrend:
+    """One pain series per plan: two techniques given in one visit are two Procedures with the same scores; keep
+    one point per (date, before, after) so a visit is not counted twice."""
+    seen: set[tuple[date, int | None, int | None]] = set()
+    kept = []
+    for p in points:
+        k = (p.date, p.before, p.after)
+        if k in seen:
+            continue
+        seen.add(k)
+        kept.append(p)
+    return pain_trend(kept)
+
+
+# --- versions -------------------------------------------------------------------------------------------------
+
+
+def _concept_text(concept: Any) -> str:
+    if not isinstance(concept, Mapping):
+        return ""
+    if isinstance(concept.get("text"), str):
+        return concept["text"]
+    return next((str(c.get("display") or c.get("code")) for c in codings(concept)), "")
+
+
+def describe_order(sr: Mapping[str, Any] | None) -> dict[str, str]:
+    """The fields a physician changes, in words (the conflict page compares these)."""
+    if not sr:
+        return {}
+    repeat = ((sr.get("occurrenceTiming") or {}).get("repeat") or {}) if isinstance(sr.get("occurrenceTiming"),
+                                                                                    Mapping) else {}
+    schedule = _concept_text((sr.get("occurrenceTiming") or {}).get("code")) if isinstance(
+        sr.get("occurrenceTiming"), Mapping) else ""
+    if repeat and not schedule:
+        schedule = f"{repeat.get('frequency', '?')} per {repeat.get('period', 1)} {repeat.get('periodUnit', '')}"
+    qty = sr.get("quantityQuantity") if isinstance(sr.get("quantityQuantity"), Mapping) else {}
+    techniques = [TECHNIQUE_DISPLAY.get(t, t) for t in order_techniques(sr)]
+    notes = [str(n.get("text")) for n in sr.get("note") or [] if isinstance(n, Mapping) and n.get("text")]
+    return {
+        "Status": str(sr.get("status") or ""),
+        "Technique": ", ".join(techniques) or _concept_text(sr.get("code")),
+        "Body sites": "; ".join(t for t in (_concept_text(b) for b in sr.get("bodySite") or []) if t),
+        "Schedule": schedule,
+        "Sessions authorized": str(qty.get("value") if qty.get("value") is not None else repeat.get("count", "")),
+        "Notes": " | ".join(notes),
+    }
+
+
+def version_diff(seen: Mapping[str, Any] | None, wanted: Mapping[str, Any] | None,
+                 current: Mapping[str, Any] | None) -> list[DiffRow]:
+    """Field by field: the version the physician saw, what they wanted (their change applied to it), and what the
+    chart holds now. Every field is listed; ``they_changed`` marks what someone else changed meanwhile."""
+    s, w, c = describe_order(seen), describe_order(wanted), describe_order(current)
+    fields = list(dict.fromkeys([*w, *c, *s]))
+    return [DiffRow(f, w.get(f, ""), c.get(f, ""), s.get(f, "")) for f in fields]
+
+
+def task_follow_schedule(task: Mapping[str, Any], schedule: Schedule, technique: str | None, *,
+                         now: datetime) -> dict[str, Any] | None:
+    """The fulfilment Task after its order's schedule changed: sessions authorized (``restriction.repetitions``),
+    the count in words and the description follow. None when nothing changes or the Task is finished."""
+    if task.get("status") in ("completed", "cancelled", "entered-in-error", "failed", "rejected"):
+        return None
+    total = schedule.total_sessions
+    done = sessions_done(task)
+    out = copy.deepcopy(dict(task))
+    out["restriction"] = {**(out.get("restriction") or {}), "repetitions": total}
+    out["businessStatus"] = business_status(done, total)
+    if technique in TECHNIQUE_DISPLAY:
+        out["description"] = f"Provide {TECHNIQUE_DISPLAY[technique].lower()}: {schedule.text}"
+    out.pop("text", None)
+    if {k: v for k, v in out.items() if k != "lastModified"} == {k: v for k, v in task.items()
+                                                                  if k not in ("lastModified", "text")}:
+        return None
+    out["lastModified"] = instant(now)
+    return out

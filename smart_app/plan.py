@@ -1,0 +1,719 @@
+"""The plan area: the patient's massage plans for the physician (and, read-only, the therapist), the replies to
+therapists' messages, changes to the order (modify, hold, resume, revoke, complete), and the physician's panel.
+
+Data: ONE batch request (R4 http.html#transaction, type batch) holds every search the view needs -
+the chart for the re-screen (chart_fetch.chart_searches), the massage orders with their Tasks and sessions
+(``_revinclude``, search.html#revinclude), the pain scores, the DetectedIssues and the messages with their senders
+(``_include``). A searchset with a ``next`` link adds one round trip per further page (``_count`` is set high
+enough that the sandbox never pages a plan: 1000 pain scores, 200 orders/issues/messages), so the view costs
+1 round trip whatever the number of sessions, plus one per extra page on servers with a lower page limit.
+
+Writes: each change is ONE transaction - the orders of the plan (PUT with If-Match = the version the physician
+saw, http.html#concurrency), their fulfilment Tasks following (PUT with If-Match), and a Provenance (UPDATE).
+A 412 means someone changed the order meanwhile: nothing was written, and the conflict page shows the version
+seen, what was wanted and what is in the chart now, field by field; the physician applies the change again on top
+of the new version or keeps theirs. Nothing is ever overwritten blindly.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlencode
+
+from flask import Blueprint, abort, current_app, g, redirect, render_template, request, url_for
+
+from fhir_massage import chart as chart_mod
+from fhir_massage import coordination as co
+from fhir_massage import plan_view as pv
+from fhir_massage.builders.messages import CATEGORIES, MESSAGE_ID_SYSTEM, communication
+from fhir_massage.builders.order import provenance, provenance_entry
+from fhir_massage.builders.plan import ACTIONS, modify_order, order_status_update, task_follow_order
+from fhir_massage.chart_fetch import chart_searches
+from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
+from fhir_massage.errors import FhirConflict, FhirError, InvalidInput
+from fhir_massage.fhir import FhirClient, FhirResult, batch_bundle, entry_outcomes, request_entry, resources, \
+    transaction_bundle
+from fhir_massage.orders_model import LATERALITIES, Schedule, _sites, is_lateralizable, site_problem
+from fhir_massage.screening import screen
+
+from . import identity
+from .charts import pain_chart_svg
+from .launch import fhir_client, require_launch
+
+log = logging.getLogger("smart_app.plan")
+
+bp = Blueprint("plan", __name__, url_prefix="/p/<lsid>/plan")
+
+PAIN_CODE = f"{co.LOINC}|{co.PAIN_LOINC}"
+PAGE_CAP = 20  # pages followed per search before the view says the data is cut short
+ACTION_LABELS = {"hold": "Put on hold", "resume": "Resume", "revoke": "Revoke", "complete": "Mark complete",
+                 "modify": "Change the order"}
+DONE_WORDS = {"hold": "The order is on hold.", "resume": "The order is active again.",
+              "revoke": "The order is revoked.", "complete": "The order is marked complete.",
+              "modify": "The order was changed.", "reply": "Your reply was sent."}
+# What the panel reads across patients (SMART v2 user-level scopes, SC "Scopes for requesting FHIR Resources").
+PANEL_NEEDS: tuple[str, ...] = ("ServiceRequest", "Task", "Procedure", "Observation", "DetectedIssue",
+                                "Communication", "Patient")
+RESCREEN_NEEDS: tuple[str, ...] = ("Condition", "MedicationRequest", "MedicationStatement",
+                                   "MedicationAdministration", "AllergyIntolerance")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading: one batch
+
+
+@dataclass
+class PlanData:
+    patient: dict[str, Any] | None = None
+    service_requests: list[dict[str, Any]] = field(default_factory=list)
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    procedures: list[dict[str, Any]] = field(default_factory=list)
+    observations: list[dict[str, Any]] = field(default_factory=list)
+    issues: list[dict[str, Any]] = field(default_factory=list)
+    communications: list[dict[str, Any]] = field(default_factory=list)
+    people: dict[str, str] = field(default_factory=dict)  # Practitioner/PractitionerRole ref -> name
+    chart: list[dict[str, Any]] = field(default_factory=list)  # for the re-screen (Patient first)
+    warnings: list[str] = field(default_factory=list)
+    round_trips: int = 0
+
+
+def _q(params: Sequence[tuple[str, str]]) -> str:
+    return urlencode(list(params))
+
+
+def plan_searches(patient_id: str, *, with_chart: bool = True) -> list[tuple[str, str]]:
+    """(key, relative URL) of every GET the plan view puts in its batch."""
+    p = ("patient", patient_id)
+    out: list[tuple[str, str]] = []
+    if with_chart:
+        out.append(("patient", f"Patient/{patient_id}"))
+        out += [(f"chart:{rtype}", f"{rtype}?{_q(params)}") for rtype, params in chart_searches(patient_id)]
+    out += [
+        ("orders", "ServiceRequest?" + _q([p, ("code", f"{TECHNIQUE_SYSTEM}|"), ("_revinclude", "Task:focus"),
+                                          ("_revinclude", "Procedure:based-on"), ("_count", "200")])),
+        ("pain", "Observation?" + _q([p, ("code", PAIN_CODE), ("_count", "1000")])),
+        ("issues", "DetectedIssue?" + _q([p, ("_count", "200")])),
+        ("messages", "Communication?" + _q([p, ("_include", "Communication:sender"), ("_count", "200")])),
+    ]
+    return out
+
+
+_WHAT = {"orders": "massage orders and sessions", "pain": "pain scores", "issues": "contraindication findings",
+         "messages": "messages", "patient": "patient record"}
+
+
+def _pages(client: FhirClient, first: dict[str, Any], what: str, warnings: list[str]) -> list[dict[str, Any]]:
+    found = resources(first)
+    page, n = first, 1
+    while True:
+        if n >= PAGE_CAP:
+            if any(link.get("relation") == "next" for link in page.get("link") or []):
+                warnings.append(f"Only the first {n} pages of {what} were read; the view may be incomplete.")
+            break
+        nxt = client.next_page(page)
+        if nxt is None:
+            break
+        found.extend(resources(nxt))
+        page, n = nxt, n + 1
+    return found
+
+
+def _without_include(url: str) -> str:
+    rtype, _, query = url.partition("?")
+    kept = [kv for kv in query.split("&") if kv and not kv.startswith(("_include=", "_revinclude="))]
+    return f"{rtype}?{'&'.join(kept)}"
+
+
+def _run_batch(client: FhirClient, searches: Sequence[tuple[str, str]], out: dict[str, list[dict[str, Any]]],
+               warnings: list[str], *, last: bool) -> list[tuple[str, str]]:
+    """One batch; fills ``out`` and returns the searches worth another try: a 400 on a search with _include is
+    tried again without it (a server that lacks the include parameter, like the sandbox for
+    MedicationRequest:medication), a 429/5xx as it was. With ``last`` nothing is retried."""
+    try:
+        outcomes = entry_outcomes(client.batch(batch_bundle([request_entry("GET", u) for _, u in searches])))
+    except FhirError as exc:
+        if exc.status in (401, 403) or last:
+            raise
+        return [(k, u) for k, u in searches]  # no batch here: the caller goes one by one
+    if len(outcomes) != len(searches):
+        return [(k, u) for k, u in searches]
+    retry = []
+    for (key, url), result in zip(searches, outcomes):
+        if isinstance(result, FhirResult) and isinstance(result.resource, dict):
+            res = result.resource
+            out[key] = (_pages(client, res, _WHAT.get(key, key.split(":")[-1]), warnings)
+                        if res.get("resourceType") == "Bundle" else [res])
+        elif isinstance(result, FhirError) and result.status == 401:
+            raise result
+        elif not last and isinstance(result, FhirError) and result.status == 400 and "_include=" in url:
+            retry.append((key, _without_include(url)))
+        elif not last and isinstance(result, FhirError) and result.retryable:
+            retry.append((key, url))
+        else:
+            out[key] = [_outcome(key, result)]
+    return retry
+
+
+def fetch(client: FhirClient, patient_id: str, *, with_chart: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Run the searches and return the resources per key: one batch, plus at most one more batch for the
+    searches worth retrying (see ``_run_batch``), plus one request per further page. A server without batch
+    gets the searches one by one. A search that still fails becomes an OperationOutcome (shown as a warning;
+    for the chart, chart.py turns it into an 'incomplete chart' warning, never a silent 'nothing there')."""
+    searches = plan_searches(patient_id, with_chart=with_chart)
+    out: dict[str, list[dict[str, Any]]] = {}
+    warnings: list[str] = []
+    retry = _run_batch(client, searches, out, warnings, last=False)
+    if retry and len(retry) == len(searches) and not out:
+        for key, url in retry:  # batch not supported: one by one
+            try:
+                out[key] = ([client.get_url(url)] if key == "patient" else
+                            [r for page in _iter_url(client, url) for r in page])
+            except FhirError as exc:
+                if exc.status == 401:
+                    raise
+                out[key] = [_outcome(key, exc)]
+    elif retry:
+        _run_batch(client, retry, out, warnings, last=True)
+    if warnings:
+        out["_warnings"] = [{"resourceType": "OperationOutcome", "issue": [
+            {"severity": "warning", "code": "incomplete", "diagnostics": w}]} for w in warnings]
+    return out
+
+
+def _iter_url(client: FhirClient, url: str) -> list[list[dict[str, Any]]]:
+    first = client.get_url(url)
+    return [_pages(client, first, url.split("?")[0], [])]
+
+
+def _outcome(key: str, error: Exception) -> dict[str, Any]:
+    what = _WHAT.get(key, key.split(":")[-1])
+    return {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "incomplete", "diagnostics": f"The EHR did not return the {what}: {error}"}]}
+
+
+def _outcome_words(items: list[dict[str, Any]]) -> list[str]:
+    return [str(i.get("diagnostics")) for o in items if o.get("resourceType") == "OperationOutcome"
+            for i in o.get("issue") or [] if i.get("diagnostics")]
+
+
+def load(client: FhirClient, patient_id: str, *, with_chart: bool = True) -> PlanData:
+    """Everything the plan view shows for one patient, with the number of round trips it took."""
+    before = client.request_count
+    raw = fetch(client, patient_id, with_chart=with_chart)
+    data = PlanData()
+    data.round_trips = client.request_count - before
+    for key in ("orders", "pain", "issues", "messages"):
+        data.warnings += _outcome_words(raw.get(key, []))
+    data.warnings += _outcome_words(raw.get("_warnings", []))
+    orders = raw.get("orders", [])
+    seen: set[str] = set()
+
+    def once(res: dict[str, Any]) -> bool:
+        k = f"{res.get('resourceType')}/{res.get('id')}"
+        if k in seen:
+            return False
+        seen.add(k)
+        return True
+
+    for res in orders + raw.get("chart:Procedure", []):
+        if not isinstance(res, dict) or not once(res):
+            continue
+        rtype = res.get("resourceType")
+        if rtype == "ServiceRequest":
+            data.service_requests.append(res)
+        elif rtype == "Task":
+            data.tasks.append(res)
+        elif rtype == "Procedure":
+            data.procedures.append(res)
+    data.observations = [o for o in raw.get("pain", []) if o.get("resourceType") == "Observation"]
+    data.issues = [i for i in raw.get("issues", []) if i.get("resourceType") == "DetectedIssue"]
+    for res in raw.get("messages", []):
+        if res.get("resourceType") == "Communication":
+            data.communications.append(res)
+        elif res.get("resourceType") in ("Practitioner", "PractitionerRole"):
+            name = identity.human_name(res)
+            if name:
+                data.people[f"{res['resourceType']}/{res.get('id')}"] = name
+    patient = raw.get("patient", [None])[0] if raw.get("patient") else None
+    data.patient = patient if isinstance(patient, dict) and patient.get("resourceType") == "Patient" else None
+    if with_chart:
+        data.chart = ([data.patient] if data.patient else []) + [
+            r for k, v in raw.items() if k.startswith("chart:") for r in v]
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The view model (pure given the data)
+
+
+@dataclass
+class PlanCard:
+    group: pv.PlanGroup
+    orders: list[dict[str, Any]]
+    tasks: dict[str, dict[str, Any]]  # order ref -> Task
+    new_findings: list[dict[str, Any]]
+    threads: list[co.Thread]
+    chart_svg: Any
+    actions: list[str]
+    schedule: dict[str, int]  # current frequency/weeks/minutes for the modify form
+    site_keys: list[tuple[str, str]]  # (site code string, text)
+
+
+def _schedule_of(sr: Mapping[str, Any]) -> dict[str, int]:
+    rep = ((sr.get("occurrenceTiming") or {}).get("repeat") or {})
+    weeks = (rep.get("boundsDuration") or {}).get("value")
+    out = {"frequency": rep.get("frequency"), "weeks": weeks, "minutes": rep.get("duration")}
+    return {k: int(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def build_cards(data: PlanData, *, today: date, now: datetime, physician_refs: Sequence[str],
+                patient_ref: str) -> tuple[list[PlanCard], list[co.Thread], list[str], list[co.Attention]]:
+    """(plan cards, threads about no plan of this patient, warnings, attention list)."""
+    rows = co.plan_rows(data.service_requests, data.tasks, data.procedures, data.observations, data.issues,
+                        today=today)
+    groups = pv.group_plans(data.service_requests, rows, data.issues)
+    requesters = [co.ref_key(sr.get("requester")) for sr in data.service_requests]
+    threads = co.threads(data.communications, physician_refs=[*physician_refs, *[r for r in requesters if r]])
+    warnings = list(data.warnings)
+    chart = None
+    if data.chart:
+        chart = chart_mod.from_resources(data.chart)
+        warnings += [w for w in chart.warnings if "could not return" in w or "did not return" in w]
+    by_ref = {f"ServiceRequest/{sr['id']}": sr for sr in data.service_requests}
+    tasks = {}
+    for t in data.tasks:
+        k = co.ref_key(t.get("focus"))
+        if k and "fulfill" in {c.get("code") for c in codings(t.get("code"))}:
+            tasks.setdefault(k, t)
+    cards, used, all_new = [], set(), []
+    for gi, grp in enumerate(groups):
+        orders = [by_ref[r] for r in grp.order_refs if r in by_ref]
+        found: list[dict[str, Any]] = []
+        if chart is not None and grp.active and grp.techniques:
+            try:
+                s = screen(chart, techniques=grp.techniques, sites=grp.site_codes or None, today=today)
+                found = pv.new_findings(s, pv.recorded_issues(orders, data.issues), patient_ref=patient_ref,
+                                        order_refs=grp.order_refs, now=now)
+            except InvalidInput as exc:
+                warnings.append(f"The plan could not be screened again: {exc.message}")
+        all_new += found
+        mine = [t for t in threads if t.order_ref in grp.order_refs]
+        used |= {t.root_ref for t in mine}
+        statuses = {r.status for r in grp.rows}
+        actions = [a for a, (target, allowed) in ACTIONS.items() if statuses & allowed]
+        if statuses & {"draft", "active", "on-hold"}:
+            actions.append("modify")
+        sites = []
+        for sr in orders[:1]:
+            for key, b in zip(pv.order_sites(sr), sr.get("bodySite") or []):
+                sites.append((key, str(b.get("text") or key)))
+        cards.append(PlanCard(grp, orders, {r: tasks[r] for r in grp.order_refs if r in tasks}, found, mine,
+                              pain_chart_svg(grp.pain, chart_id=f"pain-{gi}"), actions,
+                              _schedule_of(orders[0]) if orders else {}, sites))
+    other = [t for t in threads if t.root_ref not in used]
+    att = co.attention(rows, all_new, threads)
+    return cards, other, warnings, att
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Views
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _physician_refs() -> list[str]:
+    return [g.ctx.user_ref] if g.ctx.user_ref else []
+
+
+def _may_act() -> str | None:
+    """Why the user may not change orders or reply here (None: they may)."""
+    ctx = g.ctx
+    if ctx.role != identity.PHYSICIAN:
+        return "Only the ordering physician changes the order or replies from this view."
+    if not ctx.user_ref or not ctx.user_ref.startswith(("Practitioner/", "PractitionerRole/")):
+        return "The EHR did not say which practitioner you are, so the app cannot sign changes in your name."
+    if not (ctx.can("ServiceRequest", "update") and ctx.can("Task", "update")):
+        return "The EHR did not grant this app permission to update orders and tasks."
+    return None
+
+
+@bp.get("/")
+@require_launch
+def index() -> Any:
+    ctx = g.ctx
+    if not ctx.patient_id:
+        return render_template("plan/no_patient.html"), 400
+    client = fhir_client()
+    data = load(client, ctx.patient_id)
+    now = _now()
+    cards, other, warnings, att = build_cards(data, today=now.date(), now=now, physician_refs=_physician_refs(),
+                                              patient_ref=f"Patient/{ctx.patient_id}")
+    done = request.args.get("done")
+    return render_template("plan/index.html", cards=cards, other_threads=other, warnings=warnings,
+                           attention=att, people=data.people, done=DONE_WORDS.get(done or ""),
+                           cannot_act=_may_act(), reply_target=reply_target, action_labels=ACTION_LABELS, categories=CATEGORIES,
+                           round_trips=data.round_trips, techniques=TECHNIQUES, technique_display=TECHNIQUE_DISPLAY,
+                           all_sites=_site_choices(), lateralities=list(LATERALITIES),
+                           new_id=lambda: uuid.uuid4().hex, tech_names=tech_names, panel_ok=_panel_missing() == [])
+
+
+def tech_names(techniques: Sequence[str], sep: str = ", ") -> str:
+    return sep.join(TECHNIQUE_DISPLAY.get(t, t) for t in techniques)
+
+
+def reply_target(thread: co.Thread) -> co.Message:
+    """The message a reply answers: the latest one not written by this physician (else the latest)."""
+    mine = set(_physician_refs())
+    return next((m for m in reversed(thread.messages) if m.sender not in mine), thread.messages[-1])
+
+
+def _site_choices() -> list[tuple[str, str, bool]]:
+    return sorted(((code, name, bool(lat)) for code, (name, lat) in _sites().items()), key=lambda s: s[1])
+
+
+# -- reply ------------------------------------------------------------------------------------------------------
+
+
+@bp.post("/reply")
+@require_launch
+def reply() -> Any:
+    ctx = g.ctx
+    why = _may_act()
+    if why:
+        abort(403, description=why)
+    if not ctx.can("Communication", "create"):
+        abort(403, description="The EHR did not grant this app permission to send messages (Communication).")
+    form = request.form
+    target = form.get("in_response_to", "")
+    draft_id = form.get("draft_id", "")
+    text = form.get("text", "")
+    category = form.get("category", "progress")
+    if not target.startswith("Communication/") or not draft_id.isalnum() or len(draft_id) > 64:
+        raise InvalidInput("The reply form is incomplete; reload the plan and write the reply again.")
+    client = fhir_client()
+    original = client.read("Communication", target.split("/", 1)[1])
+    if co.ref_key(original.get("subject")) != f"Patient/{ctx.patient_id}":
+        abort(404)
+    sender = co.ref_key(original.get("sender"))
+    order = next((co.ref_key(b) for b in original.get("basedOn") or [] if co.ref_key(b)), None)
+    if not sender or not order:
+        raise InvalidInput("That message names no sender or no order, so a reply cannot be addressed.")
+    if sender == ctx.user_ref:  # replying to one's own message: answer the person it went to
+        sender = next((co.ref_key(r) for r in original.get("recipient") or [] if co.ref_key(r)), sender)
+    msg = communication(order_ref=order, patient_ref=f"Patient/{ctx.patient_id}", sender_ref=ctx.user_ref,
+                        recipient_ref=sender, text=text, category=category, in_response_to=target, now=_now(),
+                        draft_id=draft_id)
+    client.create(msg, if_none_exist=[("identifier", f"{MESSAGE_ID_SYSTEM}|{draft_id}")])
+    return redirect(url_for("plan.index", done="reply") + "#messages", code=303)
+
+
+# -- changes to the order ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    action: str  # hold | resume | revoke | complete | modify
+    reason: str
+    only: str | None  # one order id of the plan, or None for all
+    technique: dict[str, str]  # order id -> technique (modify)
+    sites: tuple[str, ...] | None
+    schedule: Schedule | None
+
+    def fields(self) -> list[tuple[str, str]]:
+        """The change as form fields again (the conflict page re-posts them)."""
+        out = [("action", self.action), ("reason", self.reason)]
+        if self.only:
+            out.append(("order", self.only))
+        for oid, t in self.technique.items():
+            out.append((f"technique-{oid}", t))
+        for s in self.sites or ():
+            out.append(("site", s))
+        if self.schedule:
+            out += [("frequency", str(self.schedule.frequency)), ("weeks", str(self.schedule.duration_weeks)),
+                    ("minutes", str(self.schedule.session_minutes))]
+        return out
+
+
+def _int(name: str) -> int:
+    try:
+        return int(request.form.get(name, ""))
+    except ValueError:
+        raise InvalidInput(f"The {name} must be a whole number.") from None
+
+
+def _change_from_form() -> Change:
+    form = request.form
+    action = form.get("action", "")
+    if action not in ACTIONS and action != "modify":
+        raise InvalidInput("Choose what to do with the order: hold, resume, revoke, complete or change it.")
+    only = form.get("order") or None
+    technique = {k[len("technique-"):]: v for k, v in form.items() if k.startswith("technique-") and v}
+    sites = schedule = None
+    if action == "modify":
+        picked = [s for s in form.getlist("site") if s]
+        add, side = form.get("add_site", ""), form.get("add_side", "")
+        if add:
+            picked.append(f"{add}:{side}" if side else add)
+        sites = tuple(dict.fromkeys(picked))
+        problems = [p for p in (site_problem(s) for s in sites) if p]
+        if not sites:
+            problems.append("Keep or add at least one body site.")
+        if problems:
+            raise InvalidInput(" ".join(problems))
+        schedule = Schedule(_int("frequency"), _int("weeks"), _int("minutes"))
+    return Change(action, form.get("reason", "").strip()[:500], only, technique, sites, schedule)
+
+
+def _plan_orders(client: FhirClient, key: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The plan's orders as they are now (one search) and their fulfilment Tasks, by order ref."""
+    found = client.search_all("ServiceRequest", [("patient", g.ctx.patient_id), ("code", f"{TECHNIQUE_SYSTEM}|"),
+                                                 ("_revinclude", "Task:focus"), ("_count", "200")])
+    orders = [r for r in found if r.get("resourceType") == "ServiceRequest"
+              and (pv.requisition_of(r) or f"ServiceRequest/{r.get('id')}") == key]
+    tasks: dict[str, dict[str, Any]] = {}
+    for t in found:
+        if t.get("resourceType") == "Task" and "fulfill" in {c.get("code") for c in codings(t.get("code"))}:
+            k = co.ref_key(t.get("focus"))
+            if k and t.get("status") not in ("entered-in-error",):
+                tasks.setdefault(k, t)
+    return orders, tasks
+
+
+def apply_change(change: Change, sr: Mapping[str, Any], *, author_ref: str, now: datetime) -> dict[str, Any] | None:
+    """The order after ``change`` (None when the change does not concern it: another order of the plan, or a
+    status it cannot take from here). Raises InvalidInput for a change that makes no sense."""
+    if change.only and sr.get("id") != change.only:
+        return None
+    if change.action in ACTIONS:
+        target, allowed = ACTIONS[change.action]
+        if sr.get("status") not in allowed:
+            return None
+        return order_status_update(sr, change.action, reason_text=change.reason or None, author_ref=author_ref,
+                                   now=now)
+    if sr.get("status") not in ("draft", "active", "on-hold"):
+        return None
+    technique = change.technique.get(str(sr.get("id")))
+    technique = technique if technique and technique not in pv.order_techniques(sr) else None
+    sites = change.sites if change.sites is not None and tuple(change.sites) != pv.order_sites(sr) else None
+    schedule = change.schedule if change.schedule and _schedule_of(sr) != {
+        "frequency": change.schedule.frequency, "weeks": change.schedule.duration_weeks,
+        "minutes": change.schedule.session_minutes} else None
+    if technique is None and sites is None and schedule is None:
+        return None  # a reason alone is not a change to the order
+    return modify_order(sr, technique=technique, sites=sites, schedule=schedule,
+                        reason_text=change.reason or None, author_ref=author_ref, now=now)
+
+
+def change_transaction(change: Change, orders: Sequence[Mapping[str, Any]], tasks: Mapping[str, Mapping[str, Any]],
+                       seen_versions: Mapping[str, str], *, author_ref: str, now: datetime) -> dict[str, Any]:
+    """ONE transaction: each changed order with If-Match = the version the physician saw, each Task following its
+    order with If-Match = the Task's version as read, and a Provenance (UPDATE) for all of them."""
+    entries, targets = [], []
+    for sr in orders:
+        oid = str(sr.get("id"))
+        updated = apply_change(change, sr, author_ref=author_ref, now=now)
+        if updated is None:
+            continue
+        version = seen_versions.get(oid)
+        if not version:
+            raise InvalidInput("The form did not say which version of the order you saw; reload the plan.")
+        entries.append(request_entry("PUT", f"ServiceRequest/{oid}", updated, if_match=version))
+        targets.append({"reference": f"ServiceRequest/{oid}"})
+        task = tasks.get(f"ServiceRequest/{oid}")
+        if task is None or not (task.get("meta") or {}).get("versionId"):
+            continue
+        new_task = None
+        if updated.get("status") != sr.get("status"):
+            new_task = task_follow_order(task, updated["status"], now=now)
+        elif change.schedule is not None and updated.get("occurrenceTiming") != sr.get("occurrenceTiming"):
+            techs = pv.order_techniques(updated)
+            new_task = pv.task_follow_schedule(task, change.schedule, techs[0] if techs else None, now=now)
+        if new_task is not None:
+            entries.append(request_entry("PUT", f"Task/{task['id']}", new_task,
+                                         if_match=str(task["meta"]["versionId"])))
+            targets.append({"reference": f"Task/{task['id']}"})
+    if not entries:
+        raise InvalidInput({"hold": "No active order in this plan to put on hold.",
+                            "resume": "No order of this plan is on hold.",
+                            "revoke": "No order of this plan can be revoked (they are finished already).",
+                            "complete": "No order of this plan is active or on hold.",
+                            "modify": "Nothing was changed: the order already says that."}[change.action])
+    prov = provenance(targets, author_ref=author_ref, now=now, activity="UPDATE")
+    entries.append(provenance_entry(prov, f"plan-change/{uuid.uuid4()}", mode="put"))
+    return transaction_bundle(entries)
+
+
+@bp.post("/action")
+@require_launch
+def action() -> Any:
+    ctx = g.ctx
+    why = _may_act()
+    if why:
+        abort(403, description=why)
+    key = request.form.get("plan", "")
+    change = _change_from_form()
+    seen = {k[2:]: v for k, v in request.form.items() if k.startswith("v-") and v}
+    client = fhir_client()
+    orders, tasks = _plan_orders(client, key)
+    if not orders:
+        abort(404, description="That plan is not in this patient's chart (any more).")
+    now = _now()
+    bundle = change_transaction(change, orders, tasks, seen, author_ref=ctx.user_ref, now=now)
+    try:
+        client.transaction(bundle)
+    except FhirConflict as exc:
+        if exc.status != 412:
+            raise
+        return conflict_page(client, change, key, orders, seen, now)
+    return redirect(url_for("plan.index", done=change.action), code=303)
+
+
+def conflict_page(client: FhirClient, change: Change, key: str, current: Sequence[Mapping[str, Any]],
+                  seen: Mapping[str, str], now: datetime) -> Any:
+    """412: someone changed the order after the physician read it. Show, per order, the version they saw, what
+    they wanted (their change applied to it) and what the chart holds now; offer to apply the change again on top
+    of the current version or keep it. Nothing was written."""
+    versions = []
+    for sr in current:
+        oid = str(sr.get("id"))
+        seen_v = seen.get(oid)
+        seen_sr = None
+        if seen_v and seen_v != str((sr.get("meta") or {}).get("versionId")):
+            try:
+                seen_sr = client.vread("ServiceRequest", oid, seen_v)
+            except FhirError:
+                seen_sr = None
+        base = seen_sr or sr
+        try:
+            wanted = apply_change(change, base, author_ref=g.ctx.user_ref, now=now)
+        except InvalidInput:
+            wanted = None
+        rows = pv.version_diff(seen_sr, wanted or base, sr)
+        changed_by = co.ref_key(((sr.get("note") or [{}])[-1] or {}).get("authorReference"))
+        versions.append({"order": sr, "seen_version": seen_v, "current_version": (sr.get("meta") or {}).get(
+            "versionId"), "rows": rows, "stale": seen_v != str((sr.get("meta") or {}).get("versionId")),
+            "still_applies": wanted is not None, "changed_by": changed_by,
+            "title": ", ".join(TECHNIQUE_DISPLAY.get(t, t) for t in pv.order_techniques(sr)) or "Order"})
+    return render_template("plan/conflict.html", versions=versions, change=change, key=key,
+                           action_label=ACTION_LABELS[change.action]), 409
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The physician's panel
+
+
+def _panel_missing() -> list[str]:
+    """The user-level read scopes the panel needs and the launch lacks (SMART v2 spelling)."""
+    ctx = g.ctx
+    have = {(rtype, frozenset(letters)) for c, rtype, letters, q in ctx.scopes.grants if c == "user" and not q}
+    missing = []
+    for rtype in PANEL_NEEDS + RESCREEN_NEEDS:
+        if not any(t in (rtype, "*") and {"r", "s"} <= set(letters) for t, letters in have):
+            missing.append(rtype)
+    return missing
+
+
+@bp.get("/panel")
+@require_launch(roles=(identity.PHYSICIAN,))
+def panel() -> Any:
+    ctx = g.ctx
+    missing = _panel_missing()
+    if missing or not ctx.user_ref:
+        return render_template("plan/panel_scopes.html", missing=missing, user_known=bool(ctx.user_ref)), 200
+    client = fhir_client()
+    before = client.request_count
+    now = _now()
+    patients = load_panel(client, ctx.user_ref, today=now.date(), now=now)
+    confined = any(c == "patient" for c, *_ in ctx.scopes.grants)
+    return render_template("plan/panel.html", patients=patients, confined=confined,
+                           round_trips=client.request_count - before)
+
+
+@dataclass
+class PanelPatient:
+    patient_ref: str
+    name: str
+    score: int
+    reasons: list[str]
+    plans: int
+    sessions_done: int
+    adherence: float | None
+    last_session: date | None
+    is_current: bool
+
+
+def load_panel(client: FhirClient, user_ref: str, *, today: date, now: datetime) -> list[PanelPatient]:
+    """The physician's patients with active massage orders, most in need of attention first. Two batches: the
+    orders (with Tasks, sessions and the patients) and the messages to the physician; then, per patient, the pain
+    scores, findings and chart for the re-screen - all patients in the same second batch."""
+    first = [
+        ("orders", "ServiceRequest?" + _q([("requester", user_ref), ("status", "active"),
+                                          ("code", f"{TECHNIQUE_SYSTEM}|"), ("_revinclude", "Task:focus"),
+                                          ("_revinclude", "Procedure:based-on"),
+                                          ("_include", "ServiceRequest:subject"), ("_count", "200")])),
+        ("messages", "Communication?" + _q([("recipient", user_ref), ("_count", "500")])),
+    ]
+    answers = entry_outcomes(client.batch(batch_bundle([request_entry("GET", u) for _, u in first])))
+    got: dict[str, list[dict[str, Any]]] = {}
+    for (key, _), result in zip(first, answers):
+        if isinstance(result, FhirError):
+            if result.status in (401, 403):
+                raise result
+            got[key] = []
+            continue
+        got[key] = _pages(client, result.resource or {}, key, [])
+    found = got.get("orders", [])
+    patients = {f"Patient/{r['id']}": r for r in found if r.get("resourceType") == "Patient"}
+    by_patient: dict[str, list[dict[str, Any]]] = {}
+    for r in found:
+        if r.get("resourceType") == "ServiceRequest":
+            pref = co.ref_key(r.get("subject"))
+            if pref:
+                by_patient.setdefault(pref, []).append(r)
+    if not by_patient:
+        return []
+    second: list[tuple[str, str]] = []
+    for pref in sorted(by_patient):
+        pid = pref.split("/", 1)[1]
+        for key, url in plan_searches(pid, with_chart=True):
+            if key in ("orders", "messages", "patient"):
+                continue
+            second.append((f"{pref}|{key}", url))
+    per: dict[str, dict[str, list[dict[str, Any]]]] = {p: {} for p in by_patient}
+    answers = entry_outcomes(client.batch(batch_bundle([request_entry("GET", u) for _, u in second])))
+    for (key, _), result in zip(second, answers):
+        pref, _, what = key.partition("|")
+        if isinstance(result, FhirResult) and isinstance(result.resource, dict):
+            per[pref][what] = _pages(client, result.resource, what, [])
+        else:
+            per[pref][what] = [_outcome(what, result if isinstance(result, Exception) else Exception("?"))]
+    others = [r for r in found if r.get("resourceType") in ("Task", "Procedure")]
+    messages = [m for m in got.get("messages", []) if m.get("resourceType") == "Communication"]
+    out = []
+    for pref, srs in by_patient.items():
+        data = PlanData(patient=patients.get(pref), service_requests=srs,
+                        tasks=[t for t in others if t["resourceType"] == "Task"],
+                        procedures=[p for p in others if p["resourceType"] == "Procedure"],
+                        observations=[o for o in per[pref].get("pain", []) if o.get("resourceType") == "Observation"],
+                        issues=[i for i in per[pref].get("issues", []) if i.get("resourceType") == "DetectedIssue"],
+                        communications=[m for m in messages if co.ref_key(m.get("subject")) == pref])
+        data.chart = ([data.patient] if data.patient else []) + [
+            r for k, v in per[pref].items() if k.startswith("chart:") for r in v]
+        cards, _other, _w, att = build_cards(data, today=today, now=now, physician_refs=[user_ref],
+                                             patient_ref=pref)
+        reasons = [r for a in att for r in a.reasons]
+        rows = [r for c in cards for r in c.group.rows]
+        adh = [r.adherence for r in rows if r.adherence is not None]
+        lasts = [c.group.last_session for c in cards if c.group.last_session]
+        out.append(PanelPatient(pref, identity.human_name(data.patient) or pref, sum(a.score for a in att), reasons,
+                                len(cards), sum(c.group.sessions_done for c in cards),
+                                min(adh) if adh else None, max(lasts) if lasts else None,
+                                pref == f"Patient/{g.ctx.patient_id}" if g.get("ctx") else False))
+    out.sort(key=lambda p: (-p.score, p.name))
+    return out
