@@ -755,7 +755,7 @@ class _Engine:
         window = th[rule.time.get("performedWithinDays", "post_surgery_days")]
         rx = self.kb.keyword_re["surgery"]
         surgical_codes = {c for c, hits in self.kb.snomed.items() for rid, _ in hits if rid == rule.id}
-        early = None
+        early: list[Evidence] = []
         for fact in self.chart.procedures:
             if fact.status in ("entered-in-error", "not-done", "preparation"):
                 continue
@@ -782,10 +782,10 @@ class _Engine:
                           note=self._with_inferred(fact.ref, note, rule))
             self.fire(rule, sites, ev)
             if ago <= th["post_surgery_systemic_days"]:
-                early = ev
-        if early is not None:
+                early.append(ev)
+        for ev in early:
             c = self.kb.rules["surgery-recent-systemic"]
-            self.acc.add(c, self.sites_for(c, None, None, early), early)
+            self.acc.add(c, self.sites_for(c, None, None, ev), ev)
 
     # -- run ---------------------------------------------------------------------------------------------------
 
