@@ -205,7 +205,11 @@ SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
         "status": _p("token", "status"),
         "type": _p("token", "type"),
     },
-    "Questionnaire": {"url": _p("token", "url"), "status": _p("token", "status")},
+    "Questionnaire": {
+        "identifier": _p("token", "identifier"),
+        "url": _p("token", "url"),
+        "status": _p("token", "status"),
+    },
     "QuestionnaireResponse": {
         "identifier": _p("token", "identifier"),
         "patient": _p("reference", "subject", targets=PATIENT),
