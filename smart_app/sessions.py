@@ -1,0 +1,912 @@
+"""Therapist documentation (issue 7): the worklist of massage orders, the point-of-care re-screen, the session
+note (drafted on the server while it is typed, written once), and messages to the ordering physician.
+
+Pages (all under the launch, ``/p/<lsid>/sessions``; therapists only):
+
+* ``GET  /``                     the patient's active massage orders with their fulfilment Tasks and message
+                                 threads: ONE batch request (ServiceRequest search with ``_revinclude=Task:focus``,
+                                 Communications of the patient).
+* ``GET  /<order_id>``           the order, the re-screen ("new since the order" first) and the note form, prefilled
+                                 from the server-side draft. ONE batch request: the order with its Task, the
+                                 patient's DetectedIssues and Communications, and the chart searches screening needs.
+* ``POST /<order_id>``           ``action=save`` keeps the draft (the no-JavaScript path); ``action=submit`` keeps
+                                 the draft first, then writes the session in one transaction; the draft is deleted
+                                 only after the EHR confirmed it.
+* ``POST /<order_id>/draft``     autosave (sessions.js, JSON answer), same draft rules.
+* ``POST /<order_id>/discard``   throw the draft away.
+* ``POST /<order_id>/message``   a Communication to the ordering physician (progress, change in condition,
+                                 request), optionally ``inResponseTo`` a message of the thread.
+
+The pure helpers (order summary, new-since-order, form -> SessionNote, threads) take plain data and no Flask
+globals, so tests/unit/test_sessions_*.py exercise them directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, time as dtime, timedelta, timezone
+from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import urlencode
+
+from flask import Blueprint, current_app, g, redirect, render_template, request, url_for
+
+from fhir_massage import chart as chart_mod
+from fhir_massage import screening as screening_mod
+from fhir_massage.builders.detected_issue import RULE_IDENTIFIER_SYSTEM
+from fhir_massage.builders.messages import CATEGORIES as MESSAGE_CATEGORIES
+from fhir_massage.builders.messages import MESSAGE_ID_SYSTEM, communication
+from fhir_massage.builders.order import ORDER_DETAIL_SYSTEM, sessions_done
+from fhir_massage.builders.session import (SESSION_ID_SYSTEM, SessionNote, cpt_units, session_cpt,
+                                           session_problems, session_recorded, session_transaction)
+from fhir_massage.chart_fetch import chart_searches
+from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES
+from fhir_massage.errors import FhirAuthError, FhirConflict, FhirError, InvalidInput, LaunchError
+from fhir_massage.fhir import FhirResult, batch_bundle, entry_outcomes, request_entry, resources
+from fhir_massage.orders_model import LATERALITIES, PRESSURES, _sites, is_lateralizable, parse_site
+
+from . import identity
+from .drafts import DraftAlreadyWritten, DraftError, DraftKey, DraftStore, is_draft_id, new_draft_id
+from .launch import LaunchContext, fhir_client, require_launch
+
+log = logging.getLogger("smart_app.sessions")
+
+bp = Blueprint("sessions", __name__, url_prefix="/p/<lsid>/sessions")
+
+_ORDER_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR id (datatypes.html#id)
+_TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_PAIN = re.compile(r"^\d{1,2}$")
+ABSOLUTE_STOP = ("absolute", "local")  # an applicable finding of these classes stops the ordered session
+
+# The note form's fields (what a draft keeps). Lists are multi-value fields.
+TEXT_FIELDS = ("status", "status_reason", "technique", "date", "start", "end", "tz", "pressure", "position",
+               "response", "adverse_events", "pain_before", "pain_after", "subjective", "objective", "assessment",
+               "plan", "follow_up")
+LIST_FIELDS = ("sites",)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers: orders and tasks
+
+
+def order_technique(sr: Mapping[str, Any]) -> str | None:
+    for c in (sr.get("code") or {}).get("coding") or []:
+        if isinstance(c, Mapping) and c.get("system") == TECHNIQUE_SYSTEM and c.get("code") in TECHNIQUES:
+            return c["code"]
+    return None
+
+
+def is_massage_order(sr: Mapping[str, Any]) -> bool:
+    return sr.get("resourceType") == "ServiceRequest" and order_technique(sr) is not None \
+        and sr.get("intent") in ("order", "original-order", "filler-order", "instance-order")
+
+
+def site_key(body_site: Mapping[str, Any]) -> str | None:
+    """Our site key (``CODE`` or ``CODE:side``) from a bodySite written by builders.order.body_site: the SNOMED
+    coding gives the structure, ``text`` the side (Site.text: "Left lower leg", "Lower leg, both sides")."""
+    code = None
+    for c in body_site.get("coding") or []:
+        if isinstance(c, Mapping) and c.get("system") == "http://snomed.info/sct" and c.get("code") in _sites():
+            code = c["code"]
+            break
+    if code is None:
+        return None
+    if not is_lateralizable(code):
+        return code
+    text = str(body_site.get("text") or "").strip().lower()
+    if text.endswith("both sides") or text.startswith("bilateral"):
+        return f"{code}:bilateral"
+    for side in ("left", "right"):
+        if text.startswith(side):
+            return f"{code}:{side}"
+    return None  # a side we cannot tell: the therapist picks it
+
+
+def _texts(items: Any) -> list[str]:
+    return [str(i["text"]).strip() for i in items or [] if isinstance(i, Mapping) and str(i.get("text") or "").strip()]
+
+
+@dataclass(frozen=True)
+class OrderSummary:
+    id: str
+    ref: str
+    technique: str | None
+    technique_label: str
+    title: str
+    sites: tuple[str, ...]  # site keys
+    site_texts: tuple[str, ...]
+    details: tuple[str, ...]  # orderDetail texts (schedule, pressure, positioning)
+    precautions: tuple[str, ...]  # pressure / positioning details only
+    notes: tuple[str, ...]  # the physician's notes
+    patient_instruction: str
+    authored: str | None
+    requester: str | None
+    requester_name: str | None
+    status: str
+    task: Mapping[str, Any] | None
+    task_ref: str | None
+    done: int
+    total: int | None
+    task_status: str | None
+    finding_refs: tuple[str, ...]  # supportingInfo DetectedIssues
+
+    @property
+    def progress(self) -> str:
+        if self.total:
+            return f"{self.done} of {self.total} sessions done"
+        return f"{self.done} sessions done"
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.total) and self.done >= (self.total or 0)
+
+
+def order_summary(sr: Mapping[str, Any], task: Mapping[str, Any] | None) -> OrderSummary:
+    technique = order_technique(sr)
+    keys, texts = [], []
+    for bs in sr.get("bodySite") or []:
+        if not isinstance(bs, Mapping):
+            continue
+        k = site_key(bs)
+        if k:
+            keys.append(k)
+        texts.append(str(bs.get("text") or k or "unnamed site"))
+    details, precautions = [], []
+    for d in sr.get("orderDetail") or []:
+        if not isinstance(d, Mapping) or not d.get("text"):
+            continue
+        details.append(str(d["text"]))
+        codes = [c.get("code") for c in d.get("coding") or [] if isinstance(c, Mapping)
+                 and c.get("system") == ORDER_DETAIL_SYSTEM]
+        if any(str(c).startswith(("pressure", "positioning")) for c in codes):
+            precautions.append(str(d["text"]))
+    requester = (sr.get("requester") or {}).get("reference")
+    total = None
+    if task is not None:
+        reps = (task.get("restriction") or {}).get("repetitions")
+        total = reps if isinstance(reps, int) else None
+    if total is None:
+        q = (sr.get("quantityQuantity") or {}).get("value")
+        total = int(q) if isinstance(q, (int, float)) else None
+    return OrderSummary(
+        id=str(sr.get("id")), ref=f"ServiceRequest/{sr.get('id')}", technique=technique,
+        technique_label=TECHNIQUE_DISPLAY.get(technique or "", "Unknown technique"),
+        title=str((sr.get("code") or {}).get("text") or TECHNIQUE_DISPLAY.get(technique or "", "Massage order")),
+        sites=tuple(keys), site_texts=tuple(texts), details=tuple(details), precautions=tuple(precautions),
+        notes=tuple(_texts(sr.get("note"))), patient_instruction=str(sr.get("patientInstruction") or ""),
+        authored=sr.get("authoredOn"), requester=requester,
+        requester_name=(sr.get("requester") or {}).get("display"), status=str(sr.get("status") or ""),
+        task=task, task_ref=f"Task/{task['id']}" if task and task.get("id") else None,
+        done=sessions_done(task) if task else 0, total=total, task_status=(task or {}).get("status"),
+        finding_refs=tuple(r["reference"] for r in sr.get("supportingInfo") or []
+                           if isinstance(r, Mapping) and str(r.get("reference") or "").startswith("DetectedIssue/")),
+    )
+
+
+def pair_orders_and_tasks(found: Iterable[Mapping[str, Any]]) -> list[tuple[dict, dict | None]]:
+    """(ServiceRequest, its fulfilment Task) from a search answer with ``_revinclude=Task:focus``. When an order has
+    several Tasks (a re-issued Task), the open one wins, then the latest."""
+    orders = [dict(r) for r in found if isinstance(r, Mapping) and is_massage_order(r)]
+    tasks: dict[str, list[dict]] = {}
+    for r in found:
+        if isinstance(r, Mapping) and r.get("resourceType") == "Task":
+            focus = (r.get("focus") or {}).get("reference")
+            if focus:
+                tasks.setdefault(str(focus), []).append(dict(r))
+    out = []
+    for sr in orders:
+        mine = tasks.get(f"ServiceRequest/{sr.get('id')}") or []
+        mine.sort(key=lambda t: (t.get("status") not in ("completed", "cancelled", "failed", "entered-in-error"),
+                                 str(t.get("lastModified") or t.get("authoredOn") or "")), reverse=True)
+        out.append((sr, mine[0] if mine else None))
+    out.sort(key=lambda p: str(p[0].get("authoredOn") or ""), reverse=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers: the re-screen
+
+
+@dataclass(frozen=True)
+class Rescreen:
+    """The screening of the chart now, split into what is new since the order and what the physician saw."""
+
+    screening: screening_mod.Screening | None
+    new: tuple[tuple[screening_mod.Finding, str], ...] = ()  # (finding, why it counts as new)
+    known: tuple[screening_mod.Finding, ...] = ()
+    stop: tuple[screening_mod.Finding, ...] = ()  # applicable absolute/local findings: do not do the session as ordered
+    warnings: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def clear(self) -> bool:
+        return self.screening is not None and not self.new and not self.stop
+
+
+def _date_of(value: Any) -> date | None:
+    parsed = chart_mod.parse_date(value)
+    return parsed[0] if parsed else None
+
+
+def known_findings(issues: Iterable[Mapping[str, Any]], refs: Iterable[str]) -> dict[str, set[str]]:
+    """rule id -> evidence references, for the DetectedIssues the order carries in supportingInfo."""
+    wanted = set(refs)
+    out: dict[str, set[str]] = {}
+    for di in issues:
+        if f"DetectedIssue/{di.get('id')}" not in wanted:
+            continue
+        rules = [i.get("value") for i in di.get("identifier") or []
+                 if isinstance(i, Mapping) and i.get("system") == RULE_IDENTIFIER_SYSTEM]
+        evidence = {d.get("reference") for e in di.get("evidence") or [] for d in e.get("detail") or []
+                    if isinstance(d, Mapping) and d.get("reference")}
+        evidence |= {i.get("reference") for i in di.get("implicated") or [] if isinstance(i, Mapping)
+                     and i.get("reference") and not str(i["reference"]).startswith("ServiceRequest/")}
+        for rule in rules:
+            if rule:
+                out.setdefault(str(rule), set()).update(str(e) for e in evidence)
+    return out
+
+
+def rescreen(screening: screening_mod.Screening, order: OrderSummary,
+             issues: Iterable[Mapping[str, Any]]) -> Rescreen:
+    """A finding is *new since the order* when its evidence is dated after the order's authoredOn, or when it is
+    not among the DetectedIssues the order was signed with (another rule, or the same rule on other evidence:
+    a second DVT is news even if the first was known). Dates compare by day: a same-day reading is caught by the
+    second test unless the physician already saw it."""
+    authored = _date_of(order.authored)
+    known = known_findings(issues, order.finding_refs)
+    new: list[tuple[screening_mod.Finding, str]] = []
+    old: list[screening_mod.Finding] = []
+    for f in screening.findings:
+        if f.informational:
+            old.append(f)
+            continue
+        later = []
+        for ev in f.details:
+            for label, value in ev.dates.items():
+                d = _date_of(value)
+                if d is not None and authored is not None and d > authored and label != "abatement":
+                    later.append(f"{ev.display}: {label} {value}")
+        if later:
+            new.append((f, "Dated after the order (" + authored.isoformat() + "): " + "; ".join(later) + "."))
+        elif f.rule not in known:
+            new.append((f, "Not among the findings the physician saw when signing the order."))
+        elif not set(f.evidence) <= known[f.rule]:
+            new.append((f, "The same concern on new evidence the physician did not see."))
+        else:
+            old.append(f)
+    applicable = set(screening.applicable)
+    stop = tuple(f for f in screening.findings if f.rule in applicable and f.cls in ABSOLUTE_STOP
+                 and not f.informational)
+    new.sort(key=lambda p: (p[0] not in stop, p[0].cls != "absolute"))
+    return Rescreen(screening=screening, new=tuple(new), known=tuple(old), stop=stop,
+                    warnings=tuple(screening.warnings))
+
+
+def finding_message_text(findings: Sequence[screening_mod.Finding], order: OrderSummary, today: date) -> str:
+    """The pre-filled message to the physician about findings of the re-screen."""
+    lines = [f"Re-screen before the {order.technique_label.lower()} session on {today.isoformat()} "
+             f"(order of {str(order.authored or '')[:10]}):"]
+    for f in findings:
+        ev = "; ".join(d.summary() for d in f.details)
+        lines.append(f"- {f.title or f.rule} [{f.rule}, {f.cls}]: {f.message}" + (f" Evidence: {ev}." if ev else ""))
+    lines.append("I have not given the session as ordered. Please review and advise (clearance, a change of "
+                 "technique or site, or holding the order).")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers: the note form
+
+
+def site_choices(order_sites: Sequence[str]) -> list[tuple[str, str, bool]]:
+    """(key, label, ordered) for the site picker: the order's sites first, then every site we can name, each
+    lateralizable one as left / right / both sides. (The shared body diagram replaces this list when it lands.)"""
+    out: list[tuple[str, str, bool]] = []
+    seen = set()
+    for k in order_sites:
+        s = parse_site(k)
+        if s and k not in seen:
+            out.append((k, s.text, True))
+            seen.add(k)
+    for code, (display, lateral) in _sites().items():
+        keys = [f"{code}:{side}" for side in LATERALITIES] if lateral else [code]
+        for k in keys:
+            if k in seen:
+                continue
+            s = parse_site(k)
+            if s:
+                out.append((k, s.text, False))
+                seen.add(k)
+    return out
+
+
+def form_fields(form: Any) -> dict[str, Any]:
+    """The note's fields from a request form (MultiDict) or a plain dict."""
+    out: dict[str, Any] = {}
+    for name in TEXT_FIELDS:
+        value = form.get(name) if hasattr(form, "get") else None
+        if value is not None:
+            out[name] = str(value)
+    for name in LIST_FIELDS:
+        if hasattr(form, "getlist"):
+            out[name] = [str(v) for v in form.getlist(name)]
+        else:
+            v = form.get(name)
+            out[name] = [str(x) for x in v] if isinstance(v, list) else ([str(v)] if v else [])
+    return out
+
+
+def default_fields(order: OrderSummary, now: datetime) -> dict[str, Any]:
+    return {"status": "completed", "technique": order.technique or "", "sites": list(order.sites),
+            "date": now.date().isoformat(), "tz": "0"}
+
+
+def _tz(value: str | None) -> tuple[timezone | None, str | None]:
+    """The browser's UTC offset in minutes east (sessions.js fills it); absent = UTC."""
+    if value in (None, ""):
+        return timezone.utc, None
+    try:
+        minutes = int(str(value))
+    except ValueError:
+        return None, "The time zone sent with the form is not valid; reload the page."
+    if not -14 * 60 <= minutes <= 14 * 60:
+        return None, "The time zone sent with the form is not valid; reload the page."
+    return timezone(timedelta(minutes=minutes)), None
+
+
+def _at(day: date, hhmm: str, tz: timezone) -> datetime | None:
+    m = _TIME.match(hhmm.strip())
+    if not m:
+        return None
+    return datetime.combine(day, dtime(int(m.group(1)), int(m.group(2))), tzinfo=tz)
+
+
+def note_from_fields(fields: Mapping[str, Any], *, draft_id: str, order: OrderSummary, patient_ref: str,
+                     performer_ref: str, now: datetime) -> tuple[SessionNote | None, dict[str, str]]:
+    """(SessionNote, problems by form field). Problems are in plain words; the note is None when the form cannot
+    even be read into one (no date, bad times)."""
+    problems: dict[str, str] = {}
+    get = lambda k: str(fields.get(k) or "").strip()  # noqa: E731
+    status = get("status") or "completed"
+    tz, tz_problem = _tz(get("tz"))
+    if tz_problem:
+        problems["tz"] = tz_problem
+        tz = timezone.utc
+    assert tz is not None
+    try:
+        day = date.fromisoformat(get("date")) if get("date") else now.astimezone(tz).date()
+    except ValueError:
+        problems["date"] = "Give the session date as YYYY-MM-DD."
+        day = now.astimezone(tz).date()
+    start = _at(day, get("start"), tz) if get("start") else None
+    end = _at(day, get("end"), tz) if get("end") else None
+    if get("start") and start is None:
+        problems["start"] = "Give the start time as HH:MM (24-hour clock)."
+    if get("end") and end is None:
+        problems["end"] = "Give the end time as HH:MM (24-hour clock)."
+    if status == "completed":
+        if start is None and "start" not in problems:
+            problems["start"] = "When did the session start?"
+        if end is None and "end" not in problems:
+            problems["end"] = "When did the session end?"
+    if start is None:
+        # not done: when it was due (the date, at the time of writing if no time was given)
+        start = datetime.combine(day, now.astimezone(tz).timetz().replace(second=0, microsecond=0))
+    pains: dict[str, int | None] = {}
+    for name in ("pain_before", "pain_after"):
+        raw = get(name)
+        if not raw:
+            pains[name] = None
+        elif _PAIN.match(raw) and 0 <= int(raw) <= 10:
+            pains[name] = int(raw)
+        else:
+            problems[name] = "Pain is a whole number from 0 (no pain) to 10 (worst imaginable)."
+            pains[name] = None
+    pressure = get("pressure") or None
+    sites = tuple(s for s in (fields.get("sites") or []) if isinstance(s, str) and s)
+    note = SessionNote(
+        draft_id=draft_id, order_ref=order.ref, task_ref=order.task_ref or "", patient_ref=patient_ref,
+        performer_ref=performer_ref, start=start, end=end if status == "completed" else None, status=status,
+        status_reason=get("status_reason"), technique=get("technique") or (order.technique or ""), sites=sites,
+        pressure=pressure, position=get("position"), response=get("response"),
+        adverse_events=tuple(line.strip() for line in get("adverse_events").splitlines() if line.strip()),
+        pain_before=pains["pain_before"], pain_after=pains["pain_after"], subjective=get("subjective"),
+        objective=get("objective"), assessment=get("assessment"), plan=get("plan"), follow_up=get("follow_up"),
+    )
+    for name, message in session_problems(note).items():
+        key = {"task_ref": "order", "order_ref": "order", "performer_ref": "order", "patient_ref": "order",
+               "draft_id": "order"}.get(name, name)
+        if key == "order" and name == "task_ref":
+            message = "This order has no fulfilment task in the EHR, so sessions cannot be counted against it."
+        problems.setdefault(key, message)
+    if status == "completed" and order.all_done:
+        problems.setdefault("order", f"All {order.total} ordered sessions are documented; ask the physician to "
+                                     "renew the order.")
+    return note, problems
+
+
+def minutes_and_units(note: SessionNote | None) -> tuple[int, int, str | None]:
+    if note is None or note.status != "completed" or note.end is None:
+        return 0, 0, None
+    return note.minutes, cpt_units(note.minutes), session_cpt(note)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers: message threads
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    ref: str
+    sent: str
+    sender: str
+    sender_name: str
+    text: str
+    category: str
+    in_response_to: str | None
+    depth: int = 0
+    mine: bool = False
+
+
+def thread(comms: Iterable[Mapping[str, Any]], *, order_ref: str, me: str | None,
+           names: Mapping[str, str] | None = None) -> list[Message]:
+    """The messages about one order, each reply under what it answers (depth-first, oldest first)."""
+    names = names or {}
+    msgs: dict[str, Message] = {}
+    for c in comms:
+        if c.get("resourceType") != "Communication" or not c.get("id"):
+            continue
+        if order_ref not in {(b or {}).get("reference") for b in c.get("basedOn") or [] if isinstance(b, Mapping)}:
+            continue
+        sender = str((c.get("sender") or {}).get("reference") or "")
+        text = " ".join(str(p.get("contentString") or "") for p in c.get("payload") or []
+                        if isinstance(p, Mapping)).strip()
+        cat = ""
+        for cc in c.get("category") or []:
+            for cd in (cc or {}).get("coding") or []:
+                if cd.get("code") in MESSAGE_CATEGORIES:
+                    cat = MESSAGE_CATEGORIES[cd["code"]][0]
+        irt = next((str(r.get("reference")) for r in c.get("inResponseTo") or [] if isinstance(r, Mapping)
+                    and r.get("reference")), None)
+        ref = f"Communication/{c['id']}"
+        msgs[ref] = Message(id=str(c["id"]), ref=ref, sent=str(c.get("sent") or ""), sender=sender,
+                            sender_name=names.get(sender) or (c.get("sender") or {}).get("display") or sender,
+                            text=text, category=cat, in_response_to=irt, mine=bool(me) and sender == me)
+    children: dict[str | None, list[Message]] = {}
+    for m in msgs.values():
+        parent = m.in_response_to if m.in_response_to in msgs else None
+        children.setdefault(parent, []).append(m)
+    out: list[Message] = []
+
+    def walk(parent: str | None, depth: int) -> None:
+        for m in sorted(children.get(parent, []), key=lambda x: x.sent):
+            out.append(Message(**{**m.__dict__, "depth": min(depth, 4)}))
+            walk(m.ref, depth + 1)
+
+    walk(None, 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# I/O: reading from the EHR
+
+
+def _drafts() -> DraftStore:
+    return DraftStore(current_app.extensions["store"], float(current_app.config["DRAFT_TTL"]))
+
+
+def _draft_key(ctx: LaunchContext, order_id: str) -> DraftKey:
+    return DraftKey(ctx.iss, ctx.user_ref or "", ctx.patient_id or "", f"ServiceRequest/{order_id}")
+
+
+def _now() -> datetime:
+    clock = current_app.config.get("SESSIONS_CLOCK")  # tests may pin the time
+    return clock() if callable(clock) else datetime.now(timezone.utc)
+
+
+def _order_id(order_id: str) -> str:
+    if not _ORDER_ID.match(order_id):
+        raise InvalidInput("That is not an order of this patient.")
+    return order_id
+
+
+def _patient(ctx: LaunchContext) -> str:
+    if not ctx.patient_id:
+        raise LaunchError("The EHR did not give a patient for this launch; open the app from a patient's chart.",
+                          code="launch")
+    return ctx.patient_id
+
+
+def _searchset(result: Any) -> list[dict[str, Any]] | None:
+    if isinstance(result, FhirResult) and isinstance(result.resource, dict) \
+            and result.resource.get("resourceType") == "Bundle":
+        return resources(result.resource)
+    return None
+
+
+@dataclass
+class PageData:
+    order: OrderSummary | None = None
+    sr: dict[str, Any] | None = None
+    issues: list[dict[str, Any]] = field(default_factory=list)
+    comms: list[dict[str, Any]] = field(default_factory=list)
+    chart_resources: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def load_order_page(client: Any, patient_id: str, order_id: str, *, with_chart: bool = True) -> PageData:
+    """ONE batch: the order (+ its Tasks), the patient's DetectedIssues and the order's messages, and (for the
+    re-screen) the Patient and the chart searches. Failed entries become problems shown on the page."""
+    p = ("patient", patient_id)
+    entries = [
+        request_entry("GET", "ServiceRequest?" + urlencode([("_id", order_id), p, ("_revinclude", "Task:focus")])),
+        request_entry("GET", "DetectedIssue?" + urlencode([p, ("_count", "200")])),
+        request_entry("GET", "Communication?" + urlencode([("based-on", f"ServiceRequest/{order_id}"),
+                                                           ("_count", "200")])),
+    ]
+    searches = chart_searches(patient_id) if with_chart else []
+    if with_chart:
+        entries.append(request_entry("GET", f"Patient/{patient_id}"))
+        entries += [request_entry("GET", f"{rtype}?{urlencode(params)}") for rtype, params in searches]
+    answer = client.batch(batch_bundle(entries))
+    outcomes = entry_outcomes(answer)
+    data = PageData()
+    found = _searchset(outcomes[0]) if outcomes else None
+    if found is None:
+        raise outcomes[0] if outcomes and isinstance(outcomes[0], FhirError) else \
+            FhirError("The EHR did not answer the search for the order.")
+    pairs = pair_orders_and_tasks(found)
+    if not pairs:
+        return data
+    data.sr, task = pairs[0]
+    data.order = order_summary(data.sr, task)
+    issues = _searchset(outcomes[1])
+    if issues is None:
+        data.problems.append("The findings the order was signed with could not be read; every finding counts as "
+                             "new below.")
+    data.issues = [r for r in issues or [] if r.get("resourceType") == "DetectedIssue"]
+    comms = _searchset(outcomes[2])
+    if comms is None:
+        data.problems.append("The messages about this order could not be read.")
+    data.comms = [r for r in comms or [] if r.get("resourceType") == "Communication"]
+    if with_chart:
+        patient = outcomes[3]
+        if isinstance(patient, FhirResult) and isinstance(patient.resource, dict):
+            data.chart_resources.append(patient.resource)
+        for (rtype, _), result in zip(searches, outcomes[4:]):
+            page = _searchset(result)
+            if page is None:
+                data.problems.append(f"The patient's {rtype} records could not be read; the re-screen is "
+                                     "incomplete.")
+                continue
+            data.chart_resources.extend(page)
+            nxt = result.resource if isinstance(result, FhirResult) else None
+            pages = 1
+            while nxt is not None and pages < 20:
+                nxt = client.next_page(nxt)
+                if nxt is not None:
+                    data.chart_resources.extend(resources(nxt))
+                    pages += 1
+    return data
+
+
+def run_rescreen(data: PageData, today: date) -> Rescreen:
+    order = data.order
+    assert order is not None
+    if not data.chart_resources or data.chart_resources[0].get("resourceType") != "Patient":
+        return Rescreen(screening=None, error="The patient's chart could not be read, so the re-screen did not "
+                                              "run. Check the chart yourself before the session.")
+    try:
+        chart = chart_mod.from_resources(data.chart_resources)
+        screening = screening_mod.screen(chart, techniques=[order.technique] if order.technique else None,
+                                         sites=[s for s in order.sites] or None, today=today)
+    except InvalidInput as exc:
+        return Rescreen(screening=None, error=f"The re-screen could not run: {exc.message}")
+    result = rescreen(screening, order, data.issues)
+    if data.problems:
+        result = Rescreen(**{**result.__dict__, "warnings": tuple(data.problems) + result.warnings})
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Views
+
+
+def _therapist(fn: Any) -> Any:
+    return require_launch(roles=(identity.THERAPIST,))(fn)
+
+
+@bp.get("/")
+@_therapist
+def index() -> Any:
+    ctx: LaunchContext = g.ctx
+    patient_id = _patient(ctx)
+    p = ("patient", patient_id)
+    answer = fhir_client().batch(batch_bundle([
+        request_entry("GET", "ServiceRequest?" + urlencode([p, ("status", "active"), ("_revinclude", "Task:focus"),
+                                                            ("_count", "100")])),
+        request_entry("GET", "Communication?" + urlencode([p, ("_count", "200")])),
+    ]))
+    outcomes = entry_outcomes(answer)
+    found = _searchset(outcomes[0])
+    if found is None:
+        raise outcomes[0] if isinstance(outcomes[0], FhirError) else FhirError("The EHR did not list the orders.")
+    comms = [r for r in _searchset(outcomes[1]) or [] if r.get("resourceType") == "Communication"]
+    drafts = _drafts()
+    rows = []
+    for sr, task in pair_orders_and_tasks(found):
+        order = order_summary(sr, task)
+        draft = None
+        if ctx.user_ref:
+            try:
+                draft = drafts.load(_draft_key(ctx, order.id))
+            except DraftError:
+                draft = None
+        rows.append((order, thread(comms, order_ref=order.ref, me=ctx.user_ref), draft))
+    recorded = request.args.get("recorded")
+    return render_template("sessions/index.html", rows=rows, recorded=recorded,
+                           sent=request.args.get("sent"), messages_ok=_searchset(outcomes[1]) is not None)
+
+
+def _render_document(order_id: str, data: PageData, *, fields: Mapping[str, Any], draft: Mapping[str, Any] | None,
+                     draft_id: str, problems: Mapping[str, str] | None = None, status: int = 200,
+                     notice: str | None = None, rescreen_result: Rescreen | None = None) -> Any:
+    ctx: LaunchContext = g.ctx
+    order = data.order
+    assert order is not None
+    now = _now()
+    result = rescreen_result or run_rescreen(data, now.date())
+    note, _ = note_from_fields(fields, draft_id=draft_id, order=order, patient_ref=f"Patient/{ctx.patient_id}",
+                               performer_ref=ctx.user_ref or "Practitioner/unknown", now=now)
+    minutes, units, cpt = minutes_and_units(note)
+    stop_message = finding_message_text(result.stop or tuple(f for f, _ in result.new), order, now.date()) \
+        if (result.stop or result.new) else ""
+    about = []
+    for f in (result.stop or tuple(f for f, _ in result.new)):
+        about += [e for e in f.evidence if e not in about]
+    return render_template(
+        "sessions/document.html", order=order, rescreen=result, fields=fields, draft=draft, draft_id=draft_id,
+        problems=problems or {}, notice=notice, minutes=minutes, units=units, cpt=cpt,
+        site_choices=site_choices(order.sites), techniques=[(t, TECHNIQUE_DISPLAY[t]) for t in TECHNIQUES],
+        pressures=PRESSURES, messages=thread(data.comms, order_ref=order.ref, me=ctx.user_ref),
+        message_categories=[(k, v[0]) for k, v in MESSAGE_CATEGORIES.items()], stop_message=stop_message,
+        stop_about=about, message_id=new_draft_id(), today=now.date().isoformat(),
+    ), status
+
+
+def _load_or_404(order_id: str) -> PageData:
+    ctx: LaunchContext = g.ctx
+    data = load_order_page(fhir_client(), _patient(ctx), order_id)
+    if data.order is None:
+        from werkzeug.exceptions import NotFound
+        raise NotFound("This patient has no such massage order.")
+    return data
+
+
+@bp.get("/<order_id>")
+@_therapist
+def document(order_id: str) -> Any:
+    ctx: LaunchContext = g.ctx
+    order_id = _order_id(order_id)
+    data = _load_or_404(order_id)
+    draft = None
+    notice = None
+    if ctx.user_ref:
+        try:
+            draft = _drafts().load(_draft_key(ctx, order_id))
+        except DraftError as exc:
+            notice = exc.message
+    else:
+        notice = "The EHR did not say who you are, so the app cannot keep drafts of your note for this launch."
+    assert data.order is not None
+    fields = dict(draft["fields"]) if draft else default_fields(data.order, _now())
+    draft_id = draft["draft_id"] if draft else new_draft_id()
+    return _render_document(order_id, data, fields=fields, draft=draft, draft_id=draft_id, notice=notice)
+
+
+def _save_posted(ctx: LaunchContext, order_id: str) -> dict[str, Any]:
+    """Keep what the browser sent as the draft (before anything talks to the EHR)."""
+    posted_id = request.form.get("draft_id") or None
+    if posted_id is not None and not is_draft_id(posted_id):
+        raise DraftError("The draft id sent with the note is not valid; reload the page.", code="draft-bad-id")
+    return _drafts().save(_draft_key(ctx, order_id), form_fields(request.form), draft_id=posted_id)
+
+
+def _saved_label(rec: Mapping[str, Any]) -> str:
+    return datetime.fromtimestamp(float(rec["saved_at"]), timezone.utc).strftime("%H:%M UTC")
+
+
+@bp.app_template_global("draft_saved_label")
+def draft_saved_label(rec: Mapping[str, Any]) -> str:
+    return _saved_label(rec)
+
+
+@bp.app_template_global("fm_new_id")
+def _new_id_global() -> str:
+    return new_draft_id()
+
+
+@bp.post("/<order_id>/draft")
+@_therapist
+def autosave(order_id: str) -> Any:
+    """sessions.js posts the whole form here ~1 s after typing stops and when the page is hidden."""
+    ctx: LaunchContext = g.ctx
+    order_id = _order_id(order_id)
+    try:
+        rec = _save_posted(ctx, order_id)
+    except DraftAlreadyWritten as exc:
+        return {"error": exc.code, "message": exc.message}, 409
+    except DraftError as exc:
+        return {"error": exc.code, "message": exc.message}, 409 if exc.code == "draft-replaced" else 400
+    saved = datetime.fromtimestamp(float(rec["saved_at"]), timezone.utc)
+    return {"saved": True, "draft_id": rec["draft_id"], "saved_at": saved.isoformat(timespec="seconds"),
+            "saves": rec["saves"]}
+
+
+@bp.post("/<order_id>/discard")
+@_therapist
+def discard(order_id: str) -> Any:
+    ctx: LaunchContext = g.ctx
+    order_id = _order_id(order_id)
+    draft_id = request.form.get("draft_id") or ""
+    if ctx.user_ref and is_draft_id(draft_id):
+        _drafts().discard(_draft_key(ctx, order_id), draft_id)
+    return redirect(url_for("sessions.document", order_id=order_id), code=303)
+
+
+def _not_sent(order_id: str, reason: str, draft: Mapping[str, Any] | None, *, status: int, relaunch: bool = False
+              ) -> Any:
+    return render_template("sessions/not_sent.html", order_id=order_id, reason=reason, draft=draft,
+                           relaunch=relaunch, saved=_saved_label(draft) if draft else None), status
+
+
+def _failure_words(exc: Exception) -> tuple[str, int, bool]:
+    if isinstance(exc, LaunchError) or (isinstance(exc, FhirAuthError) and exc.status == 401):
+        return ("Your session with the EHR has ended (the sign-in could not be renewed).", 401, True)
+    if isinstance(exc, FhirAuthError):
+        return ("The EHR refused the write (permission denied).", 403, False)
+    if isinstance(exc, FhirError):
+        if exc.status is None:
+            what = "timeout" if "timed out" in exc.message else "no connection"
+            return (f"The EHR did not answer ({what}).", 503, False)
+        if exc.status >= 500 or exc.status == 429:
+            return (f"The EHR answered with an error ({exc.status}).", 503, False)
+        return (f"The EHR did not accept the note ({exc.status}): {exc.message}", 502, False)
+    return ("The app could not finish the write.", 500, False)
+
+
+def write_session(client: Any, note: SessionNote, task: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """The session transaction, written once. A Task version conflict (412/409: someone else, or our own first
+    attempt whose answer was lost, changed the Task) -> re-read the Task: if it already lists this note, the
+    first attempt landed; otherwise rebuild on the fresh Task and send again (the creates are conditional on
+    identifiers derived from the draft id, so nothing is written twice). Returns {"procedure": ref|None,
+    "already": bool}."""
+    attempts = 0
+    while True:
+        attempts += 1
+        bundle = session_transaction(note, task, now)
+        try:
+            answer = client.transaction(bundle)
+        except FhirConflict:
+            if attempts >= 3:
+                raise
+            task = client.read("Task", note.task_ref.split("/", 1)[1])
+            if session_recorded(task, note.draft_id):
+                found = client.search("Procedure", [("identifier", f"{SESSION_ID_SYSTEM}|{note.draft_id}")])
+                procs = resources(found, "Procedure")
+                return {"procedure": f"Procedure/{procs[0]['id']}" if procs else None, "already": True}
+            continue
+        proc = None
+        for result in entry_outcomes(answer):
+            if isinstance(result, FhirError):
+                raise result
+            rtype = (result.resource or {}).get("resourceType")
+            if proc is None and result.id and (rtype == "Procedure" or re.search(
+                    r"(^|/)Procedure/[^/]+", result.location or "")):
+                proc = f"Procedure/{result.id}"
+        return {"procedure": proc, "already": False}
+
+
+@bp.post("/<order_id>")
+@_therapist
+def submit(order_id: str) -> Any:
+    ctx: LaunchContext = g.ctx
+    order_id = _order_id(order_id)
+    if not ctx.user_ref:
+        raise InvalidInput("The EHR did not say who you are, so the note cannot be signed by you. Open the app "
+                           "again from the EHR.")
+    key = _draft_key(ctx, order_id)
+    drafts = _drafts()
+    action = request.form.get("action") or "save"
+    try:
+        if request.form.get("status") is not None:  # the note form (not a bare "try again")
+            draft = _save_posted(ctx, order_id)
+        else:
+            draft = drafts.load(key)
+            if draft is None:
+                return redirect(url_for("sessions.document", order_id=order_id), code=303)
+    except DraftAlreadyWritten:
+        return redirect(url_for("sessions.index", recorded="1"), code=303)
+    if action != "submit":
+        return redirect(url_for("sessions.document", order_id=order_id, saved="1") + "#note", code=303)
+    now = _now()
+    try:
+        data = load_order_page(fhir_client(), _patient(ctx), order_id)
+    except (FhirError, LaunchError) as exc:
+        reason, status, relaunch = _failure_words(exc)
+        return _not_sent(order_id, reason, draft, status=status, relaunch=relaunch)
+    if data.order is None:
+        return _not_sent(order_id, "The order is no longer in the EHR (or no longer this patient's).", draft,
+                         status=404)
+    note, problems = note_from_fields(draft["fields"], draft_id=draft["draft_id"], order=data.order,
+                                      patient_ref=f"Patient/{ctx.patient_id}", performer_ref=ctx.user_ref, now=now)
+    if problems or note is None or data.order.task is None:
+        if data.order.task is None:
+            problems = dict(problems, order="This order has no fulfilment task in the EHR, so sessions cannot be "
+                                            "counted against it. Ask the physician to re-sign it.")
+        return _render_document(order_id, data, fields=draft["fields"], draft=draft, draft_id=draft["draft_id"],
+                                problems=problems, status=400,
+                                notice="The note is saved as a draft, but not sent: see the fields marked below.")
+    try:
+        result = write_session(fhir_client(), note, data.order.task, now)
+    except InvalidInput as exc:  # e.g. the Task was closed meanwhile
+        return _not_sent(order_id, exc.message, draft, status=409)
+    except (FhirError, LaunchError) as exc:
+        reason, status, relaunch = _failure_words(exc)
+        log.info("session note not written (%s); the draft is kept", type(exc).__name__)
+        return _not_sent(order_id, reason, draft, status=status, relaunch=relaunch)
+    drafts.mark_written(key, draft["draft_id"], result={"procedure": result["procedure"]})
+    target = url_for("sessions.index", recorded=(result["procedure"] or "1").split("/")[-1])
+    return redirect(target, code=303)
+
+
+@bp.post("/<order_id>/message")
+@_therapist
+def message(order_id: str) -> Any:
+    """A message to the ordering physician (builders.messages.communication), created once per message id."""
+    ctx: LaunchContext = g.ctx
+    order_id = _order_id(order_id)
+    patient_id = _patient(ctx)
+    form = request.form
+    text = form.get("text") or ""
+    category = form.get("category") or "progress"
+    about = [a for a in form.getlist("about") if isinstance(a, str) and re.match(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$", a)]
+    reply_to = form.get("in_response_to") or None
+    message_id = form.get("message_id") or ""
+    if not is_draft_id(message_id):
+        raise InvalidInput("The message form has expired; reload the page.")
+    if not ctx.user_ref:
+        raise InvalidInput("The EHR did not say who you are, so the message cannot be sent in your name.")
+    client = fhir_client()
+    back = url_for("sessions.document", order_id=order_id)
+    try:
+        found = client.search("ServiceRequest", [("_id", order_id), ("patient", patient_id)])
+        orders = resources(found, "ServiceRequest")
+        if not orders:
+            raise InvalidInput("This patient has no such order.")
+        requester = (orders[0].get("requester") or {}).get("reference")
+        if not requester:
+            raise InvalidInput("The order names no physician to send the message to.")
+        msg = communication(order_ref=f"ServiceRequest/{order_id}", patient_ref=f"Patient/{patient_id}",
+                            sender_ref=ctx.user_ref, recipient_ref=requester, text=text, about_refs=about,
+                            category=category, in_response_to=reply_to, now=_now(), draft_id=message_id)
+        client.create(msg, if_none_exist=[("identifier", f"{MESSAGE_ID_SYSTEM}|{message_id}")])
+    except InvalidInput as exc:
+        return render_template("sessions/message_failed.html", reason=exc.message, text=text, category=category,
+                               about=about, reply_to=reply_to, message_id=message_id, order_id=order_id,
+                               back=back, categories=[(k, v[0]) for k, v in MESSAGE_CATEGORIES.items()]), 400
+    except (FhirError, LaunchError) as exc:
+        reason, status, _ = _failure_words(exc)
+        return render_template("sessions/message_failed.html", reason=reason + " The message was not sent.",
+                               text=text, category=category, about=about, reply_to=reply_to, message_id=message_id,
+                               order_id=order_id, back=back,
+                               categories=[(k, v[0]) for k, v in MESSAGE_CATEGORIES.items()]), status
+    return redirect(back + "?sent=1#thread", code=303)
+
+
+__all__ = ["bp", "order_summary", "order_technique", "site_key", "pair_orders_and_tasks", "rescreen", "Rescreen",
+           "known_findings", "note_from_fields", "form_fields", "thread", "write_session", "load_order_page",
+           "site_choices", "finding_message_text"]

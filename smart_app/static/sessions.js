@@ -1,0 +1,152 @@
+// Session note page (issue 7): live minutes and CPT units, the browser's time zone, the not-done reason, and the
+// server-side autosave. Loaded as a static file (the CSP allows no inline script); uses fmFetch from app.js (CSRF).
+//
+// Autosave: the whole form is posted to data-autosave-url about 1 s after typing stops, at once when a field loses
+// focus, and with fetch keepalive when the page is hidden or unloaded (visibilitychange / pagehide), so closing
+// the tab does not lose the last words. The status line (role=status, aria-live=polite) says when the draft was
+// last saved, or plainly that it was not.
+(function () {
+  "use strict";
+  var form = document.getElementById("note");
+  if (!form) { return; }
+  var statusEl = form.querySelector(".draft-status");
+  var url = form.getAttribute("data-autosave-url");
+  var timer = null;
+  var dirty = false;
+  var inflight = false;
+  var again = false;
+  var stopped = false; // the draft was written or replaced: no more autosaves from this page
+
+  function two(n) { return (n < 10 ? "0" : "") + n; }
+
+  function setStatus(text, isError) {
+    if (!statusEl) { return; }
+    statusEl.textContent = text;
+    statusEl.classList.toggle("draft-status--error", !!isError);
+  }
+
+  // --- time zone: the server reads times in the browser's offset (minutes east of UTC) -----------------------
+  var tzInput = form.querySelector("[data-tz]");
+  var tzLabel = form.querySelector("[data-tz-label]");
+  var offset = -new Date().getTimezoneOffset();
+  if (tzInput) { tzInput.value = String(offset); }
+  if (tzLabel) {
+    var name = "";
+    try { name = Intl.DateTimeFormat().resolvedOptions().timeZone || ""; } catch (e) { name = ""; }
+    var sign = offset >= 0 ? "+" : "-";
+    var abs = Math.abs(offset);
+    tzLabel.textContent = (name ? name + " " : "") + "(UTC" + sign + two(Math.floor(abs / 60)) + ":" + two(abs % 60) + ")";
+  }
+
+  // --- live minutes and CPT units (CMS 8-minute rule, same as builders.session.cpt_units) ------------------------
+  var out = form.querySelector("[data-minutes]");
+  var CPT = { "swedish": "97124", "deep-tissue": "97124", "myofascial-release": "97140", "trigger-point": "97140",
+              "lymphatic-drainage": "97140", "neuromuscular": "97140", "stretching": "97110" };
+  function minutesOf(value) {
+    var m = /^(\d{2}):(\d{2})/.exec(value || "");
+    return m ? parseInt(m[1], 10) * 60 + parseInt(m[2], 10) : null;
+  }
+  function units(minutes) { return minutes < 8 ? 0 : Math.floor((minutes + 7) / 15); }
+  function updateMinutes() {
+    if (!out) { return; }
+    var s = minutesOf(form.elements.start.value);
+    var e = minutesOf(form.elements.end.value);
+    if (s === null || e === null) { out.textContent = "— min"; return; }
+    var m = e - s;
+    if (m <= 0) { out.textContent = "The end is not after the start"; return; }
+    var u = units(m);
+    var code = CPT[form.elements.technique.value] || "";
+    out.textContent = m + " min · " + u + " CPT unit" + (u === 1 ? "" : "s") + (code ? " (" + code + ")" : "");
+  }
+
+  // --- not done: show the reason field only then -------------------------------------------------------------
+  function updateStatus() {
+    var notDone = form.querySelector('input[name="status"][value="not-done"]').checked;
+    form.querySelectorAll('[data-show-when="not-done"]').forEach(function (el) { el.hidden = !notDone; });
+  }
+  document.querySelectorAll('[data-action="not-done"]').forEach(function (btn) {
+    btn.addEventListener("click", function () {
+      form.querySelector('input[name="status"][value="not-done"]').checked = true;
+      var reason = form.elements.status_reason;
+      if (reason && !reason.value) { reason.value = btn.getAttribute("data-reason") || ""; }
+      updateStatus();
+      schedule(0);
+      if (reason) { setTimeout(function () { reason.focus(); }, 0); }
+    });
+  });
+
+  // --- autosave -----------------------------------------------------------------------------------------------
+  function body() {
+    var data = new URLSearchParams();
+    new FormData(form).forEach(function (value, key) {
+      if (key !== "action" && key !== "csrf_token") { data.append(key, value); }
+    });
+    return data;
+  }
+
+  function save(keepalive) {
+    if (stopped || !url) { return; }
+    if (inflight && !keepalive) { again = true; return; }
+    dirty = false;
+    inflight = true;
+    setStatus("Saving draft…", false);
+    var p = window.fmFetch(url, { method: "POST", body: body(), keepalive: !!keepalive,
+                                  headers: { "Content-Type": "application/x-www-form-urlencoded" } });
+    p.then(function (resp) {
+      return resp.json().catch(function () { return {}; }).then(function (data) { return [resp, data]; });
+    }).then(function (pair) {
+      var resp = pair[0], data = pair[1];
+      if (resp.ok && data.saved) {
+        var d = new Date(data.saved_at);
+        setStatus("Draft saved " + two(d.getHours()) + ":" + two(d.getMinutes()), false);
+      } else if (resp.status === 409) {
+        stopped = true;
+        setStatus("Not saved: " + (data.message || "this draft was replaced. Reload the page."), true);
+      } else {
+        dirty = true;
+        setStatus("Not saved: " + (data.message || ("the app answered " + resp.status)) +
+                  " Keep this page open and try again, or use Save draft.", true);
+      }
+    }).catch(function () {
+      dirty = true;
+      setStatus("Not saved: the app could not be reached. Keep this page open; it will try again.", true);
+    }).then(function () {
+      inflight = false;
+      if (again || dirty) { again = false; if (dirty) { schedule(3000); } else { schedule(0); } }
+    });
+  }
+
+  function schedule(ms) {
+    dirty = true;
+    if (timer) { clearTimeout(timer); }
+    timer = setTimeout(function () { timer = null; save(false); }, ms === undefined ? 1000 : ms);
+  }
+
+  form.addEventListener("input", function (ev) {
+    if (ev.target.name === "start" || ev.target.name === "end") { updateMinutes(); }
+    schedule(1000);
+  });
+  form.addEventListener("change", function (ev) {
+    updateMinutes();
+    updateStatus();
+    schedule(1000);
+  });
+  form.addEventListener("focusout", function () {
+    if (dirty) { if (timer) { clearTimeout(timer); timer = null; } save(false); }
+  });
+  function flush() {
+    if (dirty) { if (timer) { clearTimeout(timer); timer = null; } save(true); }
+  }
+  document.addEventListener("visibilitychange", function () {
+    if (document.visibilityState === "hidden") { flush(); }
+  });
+  window.addEventListener("pagehide", flush);
+  form.addEventListener("submit", function () {
+    // The submit itself keeps the draft on the server first; no autosave may race it.
+    stopped = true;
+    if (timer) { clearTimeout(timer); timer = null; }
+  });
+
+  updateMinutes();
+  updateStatus();
+})();

@@ -1,0 +1,425 @@
+"""Therapist documentation against the real sandbox (issue 7): the app on loopback, launched as the therapist,
+documents sessions for orders the tests post straight to the sandbox (order_transaction bundles).
+
+What is checked: the written Procedure + 2 pain Observations + Provenance + Task progress (each validated against
+our profiles); a fever recorded after the order is flagged on re-screen; not-done with a reason; an injected EHR
+failure on submit keeps the draft and the retry writes once; a Task version conflict on retry does not double
+count; token expiry mid-note; an app restart on the same SQLite file keeps the draft; another user cannot read it;
+the last session completes the Task; messages thread with inResponseTo.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from html import unescape
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from fhir_massage.builders.messages import communication
+from fhir_massage.builders.order import order_transaction
+from fhir_massage.builders.session import OBSERVATION_ID_SYSTEM, SESSION_ID_SYSTEM, SessionNote
+from fhir_massage.errors import FhirConflict
+from fhir_massage.fhir import FhirClient, StaticToken, resources
+from fhir_massage.orders_model import OrderDraft
+from fhir_massage.validation import errors, validate_resource
+from smart_app.drafts import DraftKey, DraftStore
+from smart_app.launch import NS_TOKENS
+from smart_app.sessions import write_session
+from tests.fixtures.smart_sandbox import create_launch, get_token, start_smart_sandbox
+
+pytestmark = pytest.mark.integration
+
+PHYSICIAN = "dr-ada-grey"
+THERAPIST = "lmt-sam-reyes"
+THERAPIST_REF = "Practitioner/lmt-sam-reyes"
+TOM = "demo-tom-becker"  # clear chart: chronic low back pain
+FEIL = "98671a34-1c6e-4569-a1bc-6ee40c8d03a5"  # Jacki Feil, chronic pain, nothing to avoid
+SUZI = "95efed54-0648-4faf-a179-9a2b3c45e92d"  # Suzi Bechtelar, fibromyalgia, clear
+LOWER_BACK = "37822005"
+WRITE_SCOPES = ("launch openid fhirUser patient/Patient.rs patient/ServiceRequest.crus patient/Task.crus "
+                "patient/DetectedIssue.crs patient/Provenance.crs patient/Observation.crus patient/Condition.crus "
+                "patient/Procedure.crus patient/Communication.crs user/Practitioner.rs")
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    """A sandbox of this module's own: the tests change charts (a fever, new orders)."""
+    sb = start_smart_sandbox()
+    yield sb
+    sb.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_faults(sandbox):
+    yield
+    requests.delete(f"{sandbox.url}/_sandbox/faults", timeout=10)
+
+
+def ehr_client(sandbox, patient: str, user: str = PHYSICIAN) -> FhirClient:
+    tok = get_token(sandbox, "test-public", user, patient, scopes=WRITE_SCOPES)
+    return FhirClient(sandbox.fhir_base, token_source=StaticToken(tok["access_token"]), max_retries=0)
+
+
+def post_order(sandbox, patient: str, *, technique: str = "swedish", sites=(LOWER_BACK,), frequency: int = 1,
+               weeks: int = 2, notes: str = "Gentle; report any numbness.") -> tuple[str, str]:
+    """A signed order + its fulfilment Task owned by the therapist, as the ordering UI would write it."""
+    now = datetime.now(timezone.utc)
+    draft = OrderDraft(draft_id=str(uuid.uuid4()), patient_ref=f"Patient/{patient}",
+                       requester_ref="Practitioner/dr-ada-grey", techniques=(technique,), sites=tuple(sites),
+                       frequency=frequency, duration_weeks=weeks, session_minutes=45,
+                       authored=now - timedelta(minutes=1), reason_text="Chronic low back pain", pressure="moderate",
+                       notes=notes)
+    client = ehr_client(sandbox, patient)
+    answer = client.transaction(order_transaction(draft, [], now, owner_ref="PractitionerRole/lmt-sam-reyes-role"))
+    by_type = {}
+    for e in answer["entry"]:
+        loc = e["response"]["location"]
+        m = re.search(r"(ServiceRequest|Task)/([^/]+)", loc)
+        if m:
+            by_type[m.group(1)] = m.group(2)
+    return by_type["ServiceRequest"], by_type["Task"]
+
+
+class Therapist:
+    """A browser (requests session) launched into the app by the EHR as ``user`` for ``patient``."""
+
+    def __init__(self, sandbox, app, patient: str, user: str = THERAPIST) -> None:
+        self.app = app
+        self.http = requests.Session()
+        out = create_launch(sandbox, app.client_id, user, patient)
+        r = self.http.get(out["launch_url"], timeout=30)
+        assert r.status_code == 200, r.text[:500]
+        self.lsid = re.match(r"^/p/([^/]+)/", urlsplit(r.url).path).group(1)
+        self.base = f"{app.url}/p/{self.lsid}/sessions"
+
+    def page(self, order_id: str) -> requests.Response:
+        return self.http.get(f"{self.base}/{order_id}", timeout=30)
+
+    @staticmethod
+    def csrf(html: str) -> str:
+        return re.search(r'<meta name="csrf-token" content="([^"]+)"', html).group(1)
+
+    @staticmethod
+    def draft_id(html: str) -> str:
+        return re.search(r'name="draft_id" value="([^"]+)"', html).group(1)
+
+    def autosave(self, order_id: str, html: str, fields: dict[str, Any]) -> requests.Response:
+        data = {"draft_id": self.draft_id(html), **fields}
+        return self.http.post(f"{self.base}/{order_id}/draft", data=data, timeout=30,
+                              headers={"X-CSRF-Token": self.csrf(html), "Accept": "application/json"})
+
+    def submit(self, order_id: str, html: str, fields: dict[str, Any] | None, action: str = "submit"
+               ) -> requests.Response:
+        data = {"csrf_token": self.csrf(html), "draft_id": self.draft_id(html), "action": action, **(fields or {})}
+        return self.http.post(f"{self.base}/{order_id}", data=data, timeout=60)
+
+
+def note_fields(**over: Any) -> dict[str, Any]:
+    today = datetime.now(timezone.utc).date().isoformat()
+    fields = {"status": "completed", "technique": "swedish", "sites": [LOWER_BACK], "date": today, "start": "09:00",
+              "end": "09:40", "tz": "0", "pressure": "moderate", "position": "prone", "response": "Tolerated well",
+              "adverse_events": "", "pain_before": "6", "pain_after": "3", "subjective": "Low back stiff after work",
+              "objective": "Hypertonic lumbar paraspinals", "assessment": "Improving", "plan": "Continue weekly",
+              "follow_up": "Re-assess range of motion at session 4"}
+    fields.update(over)
+    return fields
+
+
+def session_resources(client: FhirClient, order_id: str) -> dict[str, list[dict[str, Any]]]:
+    procs = client.search_all("Procedure", [("based-on", f"ServiceRequest/{order_id}")])
+    obs = client.search_all("Observation", [("based-on", f"ServiceRequest/{order_id}")]) if procs else []
+    return {"Procedure": [p for p in procs if p["resourceType"] == "Procedure"],
+            "Observation": [o for o in obs if o["resourceType"] == "Observation"]}
+
+
+def assert_valid(resource: dict[str, Any]) -> None:
+    problems = errors(validate_resource(resource))
+    assert problems == [], [str(p) for p in problems]
+
+
+@pytest.fixture
+def app(sandbox, make_app_server):
+    return make_app_server(sandbox)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_document_a_session_writes_procedure_pain_provenance_and_task(sandbox, app):
+    order_id, task_id = post_order(sandbox, TOM, weeks=3)
+    t = Therapist(sandbox, app, TOM)
+    listing = t.http.get(f"{t.base}/", timeout=30)
+    assert listing.status_code == 200
+    assert f'data-order="{order_id}"' in listing.text and "0 of 3 sessions done" in listing.text
+    assert "Gentle; report any numbness." in unescape(listing.text)  # the physician's notes
+    page = t.page(order_id)
+    assert page.status_code == 200, page.text[:800]
+    assert 'data-testid="nothing-new"' in page.text  # Tom's chart is clear and nothing changed
+    assert "Moderate pressure" in page.text  # the order's precautions
+    r = t.submit(order_id, page.text, note_fields())
+    assert r.status_code == 200 and "Session recorded in the chart" in r.text, r.text[:800]
+    assert "1 of 3 sessions done" in r.text
+
+    client = ehr_client(sandbox, TOM)
+    found = session_resources(client, order_id)
+    (proc,) = found["Procedure"]
+    assert proc["status"] == "completed" and proc["basedOn"] == [{"reference": f"ServiceRequest/{order_id}"}]
+    assert proc["performedPeriod"]["start"].endswith("T09:00:00Z") and proc["performedPeriod"]["end"].endswith("T09:40:00Z")
+    assert proc["performer"][0]["actor"]["reference"] == THERAPIST_REF
+    assert proc["bodySite"][0]["coding"][0]["code"] == LOWER_BACK
+    assert proc["followUp"][0]["text"].startswith("Re-assess")
+    assert any(n["text"].startswith("S: Low back stiff") for n in proc["note"])
+    assert_valid(proc)
+    pain = sorted(found["Observation"], key=lambda o: o["effectiveDateTime"])
+    assert [o["valueInteger"] for o in pain] == [6, 3]
+    for o in pain:
+        assert o["code"]["coding"][0]["code"] == "72514-3"
+        assert o["partOf"] == [{"reference": f"Procedure/{proc['id']}"}]
+        assert_valid(o)
+    task = client.read("Task", task_id)
+    assert task["status"] == "in-progress" and task["businessStatus"]["text"] == "1 of 3 sessions done"
+    assert task["output"][0]["valueReference"]["reference"] == f"Procedure/{proc['id']}"
+    assert_valid(task)
+    provs = [p for p in client.search_all("Provenance", [("target", f"Procedure/{proc['id']}")])
+             if p["resourceType"] == "Provenance"]
+    assert len(provs) == 1 and provs[0]["agent"][0]["who"]["reference"] == THERAPIST_REF
+    assert_valid(provs[0])
+    # the draft is gone once the EHR confirmed the write; the page starts a new note
+    again = t.page(order_id)
+    assert "Not saved yet" in again.text and t.draft_id(again.text) != t.draft_id(page.text)
+
+
+def test_fever_after_the_order_is_flagged_and_session_recorded_not_done(sandbox, app):
+    order_id, task_id = post_order(sandbox, FEIL)
+    client = ehr_client(sandbox, FEIL)
+    now = datetime.now(timezone.utc)
+    client.create({
+        "resourceType": "Observation", "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                  "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5", "display": "Body temperature"}]},
+        "subject": {"reference": f"Patient/{FEIL}"}, "effectiveDateTime": now.isoformat(timespec="seconds"),
+        "valueQuantity": {"value": 38.9, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"}})
+    t = Therapist(sandbox, app, FEIL)
+    page = t.page(order_id)
+    html = unescape(page.text)
+    assert 'data-testid="stop"' in html and "Do not give this session as ordered" in html
+    new = re.findall(r'data-testid="new-finding"', html)
+    assert new, html[:3000]
+    assert "38.9" in html  # the evidence is shown
+    # the new finding is shown before the form, and the message to the physician is pre-filled
+    assert html.index("New since the order") < html.index('id="note"')
+    assert "Re-screen before the swedish massage session" in html.lower() or "Re-screen before the" in html
+    r = t.submit(order_id, page.text, note_fields(status="not-done", status_reason="Fever 38.9 °C at arrival",
+                                                  start="", end="", pain_before="", pain_after=""))
+    assert "Session recorded" in r.text, r.text[:1500]
+    (proc,) = session_resources(client, order_id)["Procedure"]
+    assert proc["status"] == "not-done" and proc["statusReason"]["text"] == "Fever 38.9 °C at arrival"
+    assert "end" not in proc["performedPeriod"]
+    assert_valid(proc)
+    assert session_resources(client, order_id)["Observation"] == []
+    task = client.read("Task", task_id)
+    assert task["output"][0]["type"]["coding"][0]["code"] == "session-not-done"
+    assert task["businessStatus"]["text"] == "0 of 2 sessions done" and task["status"] == "ready"
+
+    # notify the physician with the pre-filled message; the physician answers; the thread shows both, nested
+    page = t.page(order_id)
+    text = unescape(re.search(r'<textarea name="text" rows="7" required>(.*?)</textarea>', page.text, re.S).group(1))
+    about = re.findall(r'name="about" value="([^"]+)"', page.text)
+    msg_id = re.search(r'id="message-form".*?name="message_id" value="([^"]+)"', page.text, re.S).group(1)
+    form = {"csrf_token": t.csrf(page.text), "message_id": msg_id, "category": "condition-change", "text": text,
+            "about": about}
+    r = t.http.post(f"{t.base}/{order_id}/message", data=form, timeout=30)
+    assert r.status_code == 200 and "Message sent" in r.text
+    t.http.post(f"{t.base}/{order_id}/message", data=form, timeout=30)  # a double click sends it once
+    comms = [c for c in client.search_all("Communication", [("based-on", f"ServiceRequest/{order_id}")])
+             if c["resourceType"] == "Communication"]
+    assert len(comms) == 1
+    (sent,) = comms
+    assert sent["recipient"] == [{"reference": "Practitioner/dr-ada-grey"}]
+    assert sent["sender"]["reference"] == THERAPIST_REF and any(a["reference"].startswith("Observation/")
+                                                               for a in sent["about"])
+    assert_valid(sent)
+    reply = communication(order_ref=f"ServiceRequest/{order_id}", patient_ref=f"Patient/{FEIL}",
+                          sender_ref="Practitioner/dr-ada-grey", recipient_ref=THERAPIST_REF,
+                          text="Hold massage until afebrile 48 h.", category="request",
+                          in_response_to=f"Communication/{sent['id']}", now=datetime.now(timezone.utc),
+                          draft_id=str(uuid.uuid4()))
+    client.create(reply)
+    listing = unescape(t.http.get(f"{t.base}/", timeout=30).text)
+    block = listing[listing.index(f'data-order="{order_id}"'):]
+    assert "Hold massage until afebrile 48 h." in block
+    assert re.search(r'thread__msg--depth1[^>]*>.*?Hold massage until afebrile', block, re.S)
+
+
+def test_failed_submit_keeps_the_draft_and_the_retry_writes_once(sandbox, app):
+    order_id, task_id = post_order(sandbox, SUZI)
+    t = Therapist(sandbox, app, SUZI)
+    page = t.page(order_id)
+    saved = t.autosave(order_id, page.text, note_fields(subjective="Typed before the EHR failed"))
+    assert saved.status_code == 200 and saved.json()["saved"]
+    # the page's batch read passes, the transaction (the next POST to /fhir) gets a 500
+    requests.post(f"{sandbox.url}/_sandbox/faults", json={"fail_every_n": 2, "fail_status": 500,
+                                                          "fail_methods": ["POST"]}, timeout=10)
+    r = t.submit(order_id, page.text, note_fields(subjective="Typed before the EHR failed"))
+    assert r.status_code == 503
+    words = unescape(r.text)
+    assert "The EHR answered with an error (500)." in words
+    assert "Your note is saved as a draft on this server" in words and "nothing was written to the chart" in words
+    requests.delete(f"{sandbox.url}/_sandbox/faults", timeout=10)
+    client = ehr_client(sandbox, SUZI)
+    assert session_resources(client, order_id)["Procedure"] == []
+    # reopen: the draft is there
+    page2 = t.page(order_id)
+    assert "Typed before the EHR failed" in page2.text and t.draft_id(page2.text) == t.draft_id(page.text)
+    # "Try again" posts only the draft id: the stored draft is written
+    r = t.http.post(f"{t.base}/{order_id}", data={"csrf_token": t.csrf(page2.text), "action": "submit",
+                                                 "draft_id": t.draft_id(page2.text)}, timeout=60)
+    assert "Session recorded" in r.text, r.text[:1000]
+    found = session_resources(client, order_id)
+    assert len(found["Procedure"]) == 1 and len(found["Observation"]) == 2
+    assert found["Procedure"][0]["identifier"][0] == {"system": SESSION_ID_SYSTEM, "value": t.draft_id(page.text)}
+    # a late autosave from the closed tab cannot bring the written note back
+    late = t.autosave(order_id, page.text, note_fields())
+    assert late.status_code == 409
+    assert "Not saved yet" in t.page(order_id).text
+    assert client.read("Task", task_id)["businessStatus"]["text"] == "1 of 2 sessions done"
+
+
+def test_task_conflict_on_retry_does_not_double_count(sandbox):
+    order_id, task_id = post_order(sandbox, SUZI)
+    client = ehr_client(sandbox, SUZI)
+    task = client.read("Task", task_id)
+    now = datetime.now(timezone.utc)
+    note = SessionNote(draft_id=str(uuid.uuid4()), order_ref=f"ServiceRequest/{order_id}", task_ref=f"Task/{task_id}",
+                       patient_ref=f"Patient/{SUZI}", performer_ref=THERAPIST_REF, start=now - timedelta(minutes=30),
+                       end=now, technique="swedish", sites=(LOWER_BACK,), pain_before=5, pain_after=2)
+    first = write_session(client, note, task, now)
+    assert first["already"] is False and first["procedure"].startswith("Procedure/")
+    # the answer was "lost": the retry still holds the old Task version -> 412 -> re-read -> already recorded
+    again = write_session(client, note, task, now)
+    assert again == {"procedure": first["procedure"], "already": True}
+    after = client.read("Task", task_id)
+    assert after["businessStatus"]["text"] == "1 of 2 sessions done" and len(after["output"]) == 1
+    assert len(session_resources(client, order_id)["Procedure"]) == 1
+    # someone else changed the Task in between (not our session): rebuilt on the fresh Task and written
+    other = dict(after, description=after["description"] + " (edited)")
+    client.update(other, if_match=True)
+    note2 = SessionNote(**{**note.__dict__, "draft_id": str(uuid.uuid4())})
+    res = write_session(client, note2, after, now)
+    assert res["already"] is False
+    assert client.read("Task", task_id)["businessStatus"]["text"] == "2 of 2 sessions done"
+    with pytest.raises(FhirConflict):  # a conflict that never resolves is not hidden
+        class Always:
+            def transaction(self, bundle):
+                raise FhirConflict("conflict", status=412)
+
+            def read(self, *a):
+                return after
+        write_session(Always(), SessionNote(**{**note.__dict__, "draft_id": str(uuid.uuid4())}),
+                      dict(after, status="in-progress", restriction={"repetitions": 9}), now)
+
+
+def test_token_expiry_mid_note_refreshes_and_submits(sandbox, make_app_server):
+    app = make_app_server(sandbox, {"access_token_lifetime": 1})
+    order_id, _ = post_order(sandbox, TOM)
+    t = Therapist(sandbox, app, TOM)
+    page = t.page(order_id)
+    assert t.autosave(order_id, page.text, note_fields()).status_code == 200
+    first = app.store.get(NS_TOKENS, t.lsid)
+    # wait for the 1-second token to expire on the sandbox's clock (a clock wait, not a readiness wait)
+    time.sleep(max(0.0, first["expires_at"] - time.time()) + 0.3)
+    r = t.submit(order_id, page.text, note_fields(subjective="Written after the token expired"))
+    assert "Session recorded" in r.text, r.text[:800]
+    assert app.store.get(NS_TOKENS, t.lsid)["access_token"] != first["access_token"]
+    procs = session_resources(ehr_client(sandbox, TOM), order_id)["Procedure"]
+    assert len(procs) == 1 and any("Written after the token expired" in n["text"] for n in procs[0]["note"])
+
+
+def test_refresh_refused_keeps_the_draft_for_a_new_launch(sandbox, make_app_server):
+    app = make_app_server(sandbox, {"access_token_lifetime": 1, "refresh": False})
+    order_id, _ = post_order(sandbox, TOM)
+    t = Therapist(sandbox, app, TOM)
+    page = t.page(order_id)
+    assert t.autosave(order_id, page.text, note_fields(subjective="Before the session ended")).status_code == 200
+    time.sleep(max(0.0, app.store.get(NS_TOKENS, t.lsid)["expires_at"] - time.time()) + 0.3)  # clock wait
+    r = t.submit(order_id, page.text, note_fields(subjective="Before the session ended"))
+    assert r.status_code == 401
+    words = unescape(r.text)
+    assert "Your session with the EHR has ended" in words and "saved as a draft on this server" in words
+    t2 = Therapist(sandbox, app, TOM)  # a new launch finds the draft
+    assert "Before the session ended" in t2.page(order_id).text
+
+
+def test_app_restart_keeps_the_draft(sandbox, make_app_server, tmp_path):
+    store_url = f"sqlite:///{tmp_path / 'app.db'}"
+    first = make_app_server(sandbox, STORE_URL=store_url)
+    order_id, _ = post_order(sandbox, TOM)
+    t = Therapist(sandbox, first, TOM)
+    page = t.page(order_id)
+    assert t.autosave(order_id, page.text, note_fields(subjective="Survives a restart")).status_code == 200
+    first.stop()
+    first.store.close()
+    second = make_app_server(sandbox, STORE_URL=store_url)
+    t2 = Therapist(sandbox, second, TOM)
+    page2 = t2.page(order_id)
+    assert "Survives a restart" in page2.text and t2.draft_id(page2.text) == t.draft_id(page.text)
+    assert "Draft saved" in page2.text
+    r = t2.submit(order_id, page2.text, None)  # "try again" shape: the stored draft is written
+    assert "Session recorded" in r.text
+    assert len(session_resources(ehr_client(sandbox, TOM), order_id)["Procedure"]) == 1
+
+
+def test_another_user_cannot_read_the_draft(sandbox, app):
+    order_id, _ = post_order(sandbox, TOM)
+    t = Therapist(sandbox, app, TOM)
+    page = t.page(order_id)
+    assert t.autosave(order_id, page.text, note_fields(subjective="Private words")).status_code == 200
+    doctor = Therapist(sandbox, app, TOM, user=PHYSICIAN)
+    r = doctor.page(order_id)
+    assert r.status_code == 403 and "Private words" not in r.text
+    landing = doctor.http.get(f"{app.url}/p/{doctor.lsid}/", timeout=30)
+    r = doctor.http.post(f"{doctor.base}/{order_id}/draft", data={"draft_id": t.draft_id(page.text)}, timeout=30,
+                         headers={"X-CSRF-Token": Therapist.csrf(landing.text), "Accept": "application/json"})
+    assert r.status_code == 403 and "Private words" not in r.text
+    # at the store: the same patient and order under the physician's name finds nothing
+    drafts = DraftStore(app.store, 3600)
+    assert drafts.load(DraftKey(sandbox.fhir_base, "Practitioner/dr-ada-grey", TOM, f"ServiceRequest/{order_id}")) is None
+    assert drafts.load(DraftKey(sandbox.fhir_base, THERAPIST_REF, TOM, f"ServiceRequest/{order_id}"))["fields"][
+        "subjective"] == "Private words"
+
+
+def test_last_session_completes_the_task(sandbox, app):
+    order_id, task_id = post_order(sandbox, SUZI, frequency=1, weeks=1)
+    t = Therapist(sandbox, app, SUZI)
+    r = t.submit(order_id, t.page(order_id).text, note_fields())
+    assert "Session recorded" in r.text and "1 of 1 sessions done" in r.text
+    client = ehr_client(sandbox, SUZI)
+    task = client.read("Task", task_id)
+    assert task["status"] == "completed"
+    assert_valid(task)
+    # one more completed session is refused in plain words, the draft kept
+    page = t.page(order_id)
+    r = t.submit(order_id, page.text, note_fields(start="10:00", end="10:30"))
+    assert r.status_code == 400 and "All 1 ordered sessions are documented" in unescape(r.text)
+    assert len(session_resources(client, order_id)["Procedure"]) == 1
+
+
+def test_form_problems_are_shown_next_to_fields_and_nothing_is_written(sandbox, app):
+    order_id, _ = post_order(sandbox, TOM)
+    t = Therapist(sandbox, app, TOM)
+    page = t.page(order_id)
+    r = t.submit(order_id, page.text, note_fields(end="08:30", pain_after="11", sites=[]))
+    assert r.status_code == 400
+    words = unescape(r.text)
+    assert 'id="err-end"' in r.text and "must end after it starts" in words
+    assert 'id="err-pain_after"' in r.text and 'id="err-sites"' in r.text
+    assert "saved as a draft, but not sent" in words
+    assert session_resources(ehr_client(sandbox, TOM), order_id)["Procedure"] == []
+    assert "08:30" in t.page(order_id).text  # what was typed is kept
