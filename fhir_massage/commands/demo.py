@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             "client_id": CLIENT_ID, "name": "fhir-massage (demo)", "auth_method": "client_secret_basic",
             "client_secret": secret, "redirect_uris": [f"{app_base}/callback"], "launch_url": f"{app_base}/launch",
             "refresh": True,
-        }]},
+        }], "cds_base_url": f"{app_base}/cds-services"},
     )
     sandbox_srv.app = create_sandbox_app(sandbox_cfg)
     store_url = f"sqlite:///{(args.data_dir / 'app.sqlite3').resolve()}" if args.data_dir else "sqlite:///:memory:"

@@ -153,6 +153,11 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
     }
     app.register_blueprint(fhir_bp)
     app.register_blueprint(admin)
+    # The EHR's own order-entry screen that calls CDS Hooks services (order-select / order-sign): integrators see
+    # the cards in a browser. The service URL comes from config.auth["cds_base_url"] (the demo points it at the app).
+    from fhir_massage.sandbox import ehr_orders
+
+    ehr_orders.install(app, config)
 
     @app.before_request
     def _faults() -> Response | None:

@@ -32,10 +32,10 @@ class CdsPair:
 
 
 def start_cds_pair(*, configure: bool = True) -> CdsPair:
-    """An open, seeded sandbox with the order entry installed, and the app registered to accept its CDS JWTs."""
+    """An open, seeded sandbox (create_sandbox_app installs the order entry), and the app registered to accept its
+    CDS JWTs."""
     cfg = SandboxConfig(open=True, seed=True)
     sb_app = create_sandbox_app(cfg)
-    ehr_orders.install(sb_app, cfg)
     running = serve_in_thread(sb_app)
     wait_ready(f"{running.url}/_sandbox/health", ok=lambda r: r.status_code == 200)
     sb = running.url
