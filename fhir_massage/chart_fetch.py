@@ -1,9 +1,12 @@
 """Fetch what screening reads for one patient from a live FHIR R4 server, in ONE batch request when possible.
 
 The batch (FHIR R4 http.html#transaction, type ``batch``) holds GET searches: the Patient, Conditions,
-Observations of the LOINC codes screening uses, the three medication resources (with ``_include`` of the
-referenced Medication, search.html#include), AllergyIntolerance and Procedure. Each batch-response entry is a
-searchset page; further pages are followed with the client's paging (same-origin links only).
+Observations of the LOINC codes screening uses, the three medication resources, AllergyIntolerance and Procedure.
+Each batch-response entry is a searchset page; further pages are followed with the client's paging (same-origin
+links only). Medications given as ``medicationReference`` to a Medication that is neither contained nor already
+fetched are read in a second batch, only when there are any: ``_include=MedicationRequest:medication`` would save
+that round trip but is not supported everywhere (servers answer 400), and one refused entry must not cost the
+medication list.
 
 Servers differ: some reject batch, some answer an entry with an error (an unsupported resource type or search
 parameter). Then the failed searches are repeated one by one, in parallel, and a search that still fails is
@@ -35,9 +38,9 @@ def chart_searches(patient_id: str) -> list[tuple[str, list[tuple[str, str]]]]:
     return [
         ("Condition", [p, ("_count", _COUNT)]),
         ("Observation", [p, ("code", obs_codes), ("_count", _COUNT)]),
-        ("MedicationRequest", [p, ("_include", "MedicationRequest:medication"), ("_count", _COUNT)]),
-        ("MedicationStatement", [p, ("_include", "MedicationStatement:medication"), ("_count", _COUNT)]),
-        ("MedicationAdministration", [p, ("_include", "MedicationAdministration:medication"), ("_count", _COUNT)]),
+        ("MedicationRequest", [p, ("_count", _COUNT)]),
+        ("MedicationStatement", [p, ("_count", _COUNT)]),
+        ("MedicationAdministration", [p, ("_count", _COUNT)]),
         ("AllergyIntolerance", [p, ("_count", _COUNT)]),
         ("Procedure", [p, ("_count", _COUNT)]),
     ]
@@ -92,6 +95,7 @@ def fetch_chart_resources(client: FhirClient, patient_id: str) -> list[dict[str,
         out.insert(0, client.read("Patient", patient_id))
         failed.remove(-1)
     if failed:
+
         def one(i: int) -> list[dict[str, Any]]:
             rtype, params = searches[i]
             try:
@@ -114,6 +118,46 @@ def fetch_chart_resources(client: FhirClient, patient_id: str) -> list[dict[str,
         with ThreadPoolExecutor(max_workers=min(4, len(failed))) as pool:
             for chunk in pool.map(one, failed):
                 out.extend(chunk)
+    out.extend(_referenced_medications(client, out))
+    return out
+
+
+_MED_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdministration")
+
+
+def _referenced_medications(client: FhirClient, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Medication resources referenced (``Medication/<id>``) but not yet fetched, read in one batch."""
+    have = {f"Medication/{r.get('id')}" for r in found if r.get("resourceType") == "Medication"}
+    wanted: list[str] = []
+    for r in found:
+        if r.get("resourceType") not in _MED_TYPES:
+            continue
+        ref = (r.get("medicationReference") or {}).get("reference") if isinstance(r.get("medicationReference"), dict) else None
+        if not isinstance(ref, str) or ref.startswith("#"):
+            continue
+        tail = ref.split("/_history/")[0].rsplit("/", 2)
+        if len(tail) >= 2 and tail[-2] == "Medication":
+            key = f"Medication/{tail[-1]}"
+            if key not in have and key not in wanted:
+                wanted.append(key)
+    if not wanted:
+        return []
+    out: list[dict[str, Any]] = []
+    try:
+        response = client.batch(batch_bundle([request_entry("GET", key) for key in wanted]))
+        for key, result in zip(wanted, entry_outcomes(response)):
+            if isinstance(result, FhirResult) and isinstance(result.resource, dict):
+                out.append(result.resource)
+            else:
+                out.append(_outcome(f"medication {key}", result if isinstance(result, Exception) else Exception("no resource")))
+    except FhirError as exc:
+        if exc.status in (401, 403):
+            raise
+        for key in wanted:
+            try:
+                out.append(client.read("Medication", key.split("/", 1)[1]))
+            except FhirError as err:
+                out.append(_outcome(f"medication {key}", err))
     return out
 
 

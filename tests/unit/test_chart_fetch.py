@@ -94,3 +94,26 @@ def test_missing_patient_is_not_found():
     responses.post(BASE, json={"resourceType": "Bundle", "type": "batch-response", "entry": entries})
     with client() as c, pytest.raises(FhirNotFound):
         fetch_chart_resources(c, "p1")
+
+
+@responses.activate
+def test_referenced_medications_are_read_in_a_second_batch_only_when_needed():
+    searches = chart_searches("p1")
+    mr = {"resourceType": "MedicationRequest", "id": "m1", "status": "active", "intent": "order",
+          "subject": {"reference": "Patient/p1"}, "authoredOn": "2024-05-01",
+          "medicationReference": {"reference": "Medication/med1"}}
+    entries = [{"resource": PATIENT, "response": {"status": "200 OK"}}]
+    for rtype, _ in searches:
+        entries.append({"resource": searchset(mr) if rtype == "MedicationRequest" else searchset(), "response": {"status": "200 OK"}})
+    responses.post(BASE, json={"resourceType": "Bundle", "type": "batch-response", "entry": entries})
+    med = {"resourceType": "Medication", "id": "med1",
+           "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "855332"}]}}
+    responses.post(BASE, json={"resourceType": "Bundle", "type": "batch-response",
+                               "entry": [{"resource": med, "response": {"status": "200 OK"}}]})
+    with client() as c:
+        found = fetch_chart_resources(c, "p1")
+    second = json.loads(responses.calls[1].request.body)
+    assert [e["request"]["url"] for e in second["entry"]] == ["Medication/med1"]
+    chart = from_resources(found)
+    assert {code for _, code, _ in chart.medications[0].codings} == {"855332"}
+    assert len(responses.calls) == 2
