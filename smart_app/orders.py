@@ -262,13 +262,16 @@ class _Evaluation:
     def sign_status(self) -> str:
         blocking = sum(1 for a in self.actions if a.kind == "override" and not a.done)
         acks = sum(1 for a in self.actions if a.kind == "acknowledge" and not a.done)
-        if self.parsed.problems:
-            return "Complete the order: " + str(len(self.parsed.problems)) + " field(s) need attention."
+        parts = []
         if blocking:
-            return f"Signing is blocked: {blocking} finding(s) need an override with a reason."
+            parts.append(f"Signing is blocked: {_n(blocking, 'finding needs', 'findings need')} an override with a "
+                         "reason.")
         if acks:
-            return f"Acknowledge {acks} finding(s) before signing."
-        return "Ready to sign."
+            parts.append(f"Acknowledge {_n(acks, 'finding', 'findings')} before signing.")
+        missing = list(dict.fromkeys(FIELD_WORDS.get(k, k) for k in self.parsed.problems))
+        if missing:
+            parts.append("Still to complete: " + ", ".join(missing) + ".")
+        return " ".join(parts) or "Ready to sign."
 
     def summary_context(self) -> dict[str, Any]:
         return {
@@ -302,6 +305,15 @@ def _form_context(ev: _Evaluation, draft_id: str, *, show_problems: bool, error:
         **ev.summary_context(),
         "problems": ev.action_problems if show_problems else {},
     }
+
+
+FIELD_WORDS = {"techniques": "technique", "sites": "body sites", "reason_text": "reason", "reason_refs": "reason",
+               "frequency": "sessions a week", "duration_weeks": "weeks", "session_minutes": "session length",
+               "pressure": "pressure", "requester_ref": "ordering physician", "patient_ref": "patient"}
+
+
+def _n(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
 
 
 def _now() -> datetime:

@@ -103,6 +103,25 @@
       });
     }
 
+    // Replace the summary but keep what the physician is typing in it (an override reason chosen while the request
+    // was in flight) and keep the focus where it was.
+    function swapPanel(html) {
+      var kept = {};
+      $all("input, select, textarea", panel).forEach(function (el) {
+        kept[el.name] = el.type === "checkbox" ? el.checked : el.value;
+      });
+      var focused = document.activeElement && panel.contains(document.activeElement) ? document.activeElement.name : null;
+      panel.innerHTML = html;
+      $all("input, select, textarea", panel).forEach(function (el) {
+        if (!Object.prototype.hasOwnProperty.call(kept, el.name)) { return; }
+        if (el.type === "checkbox") { el.checked = kept[el.name]; } else { el.value = kept[el.name]; }
+      });
+      if (focused) {
+        var again = panel.querySelector('[name="' + focused + '"]');
+        if (again) { again.focus(); }
+      }
+    }
+
     function rescreen() {
       var mine = ++seq;
       var body = new URLSearchParams(new FormData(form));
@@ -115,7 +134,7 @@
         return resp.json();
       }).then(function (data) {
         if (mine !== seq) { return; }  // a newer request is on its way
-        panel.innerHTML = data.html;
+        swapPanel(data.html);
         panel.setAttribute("data-verdict", data.verdict);
         markSites(data.markedSites || []);
         showProblems(data.problems || {});
@@ -138,7 +157,9 @@
 
     function onEdit(ev) {
       var el = ev.target;
-      if (!el || !el.name || (panel && panel.contains(el))) { return; }  // override/ack inputs: no re-screen
+      if (!el || !el.name) { return; }
+      // override/ack inputs: re-screen on change only (the sign status follows), never while typing
+      if (panel && panel.contains(el)) { if (ev.type === "change") { schedule(0); } return; }
       touched[fieldKey(el)] = true;
       if (el.name === "site" || el.name.indexOf("side-") === 0) { syncDiagram(); }
       schedule(ev.type === "input" && el.type !== "checkbox" ? 300 : 0);
