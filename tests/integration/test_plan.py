@@ -1,0 +1,279 @@
+"""The plan area against the real sandbox on loopback: what the physician sees (counts, adherence, pain values,
+sessions not done, a contraindication that appeared after signing shown first), replies, status changes with the
+Task following, the version-conflict page (nothing overwritten), the panel with and without user/ scopes, and the
+round trips of the view not growing with the number of sessions."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+from html import unescape
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from fhir_massage.fhir import FhirClient, StaticToken
+from smart_app import plan as plan_area
+from tests.fixtures.smart_sandbox import create_launch, get_token, start_smart_sandbox
+from tests.integration.test_plan_helpers import (DR_REF, LMT_REF, PHYSICIAN, document, message, sign_order,
+                                                 writer)
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime.now(timezone.utc)
+USER_SCOPES = ("launch openid fhirUser online_access " + " ".join(
+    f"user/{t}.rs" for t in plan_area.PANEL_NEEDS + plan_area.RESCREEN_NEEDS + ("Practitioner", "PractitionerRole",
+                                                                              "Medication")))
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    sb = start_smart_sandbox()
+    yield sb
+    sb.stop()
+
+
+@pytest.fixture(scope="module")
+def w(sandbox):
+    return writer(sandbox)
+
+
+def launch(sandbox, app, patient: str, user: str = PHYSICIAN) -> tuple[requests.Session, str]:
+    """EHR launch with a browser-like session; returns (session, the plan page URL)."""
+    browser = requests.Session()
+    out = create_launch(sandbox, app.client_id, user, patient)
+    r = browser.get(out["launch_url"], timeout=30)
+    assert r.status_code == 200, r.text[:500]
+    lsid = re.match(r"^/p/([^/]+)/", urlsplit(r.url).path).group(1)
+    return browser, f"{app.url}/p/{lsid}/plan/"
+
+
+def forms(html: str) -> list[dict]:
+    """Each <form> of the page: its action, hidden fields and submit buttons."""
+    out = []
+    for m in re.finditer(r'<form method="post" action="([^"]+)"[^>]*>(.*?)</form>', html, re.S):
+        body = m.group(2)
+        hidden = {unescape(n): unescape(v) for n, v in
+                  re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', body)}
+        buttons = re.findall(r'<button type="submit" name="action" value="([^"]+)"', body)
+        out.append({"action": unescape(m.group(1)), "hidden": hidden, "buttons": buttons, "body": body})
+    return out
+
+
+def status_form(html: str, plan_key: str) -> dict:
+    return next(f for f in forms(html) if f["hidden"].get("plan") == plan_key and f["buttons"])
+
+
+def post(browser, app, form: dict, **fields) -> requests.Response:
+    data = {**form["hidden"], **fields}
+    return browser.post(app.url + form["action"], data=data, timeout=30)
+
+
+def read(w: FhirClient, ref: str) -> dict:
+    rtype, rid = ref.split("/")
+    return w.read(rtype, rid)
+
+
+def task_of(w: FhirClient, order_ref: str) -> dict:
+    return w.search_all("Task", {"focus": order_ref})[0]
+
+
+def fever_today(w: FhirClient, patient: str) -> None:
+    """A temperature of 38.9 °C charted after the order was signed (screening: defer massage with fever)."""
+    w.create({"resourceType": "Observation", "status": "final",
+              "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                        "code": "vital-signs"}]}],
+              "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5", "display": "Body temperature"}],
+                       "text": "Temperature"},
+              "subject": {"reference": f"Patient/{patient}"}, "effectiveDateTime": NOW.isoformat(timespec="seconds"),
+              "valueQuantity": {"value": 38.9, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"}})
+
+
+def test_plan_view_shows_counts_adherence_pain_not_done_and_the_new_finding_first(sandbox, w, make_app_server):
+    plan = sign_order(w, "demo-tom-becker", authored=NOW - timedelta(days=14))
+    for i, (before, after) in enumerate([(7, 4), (6, 3), (5, 2)]):
+        document(w, plan, start=NOW - timedelta(days=12 - 3 * i), pain=(before, after))
+    document(w, plan, start=NOW - timedelta(days=2), not_done="Patient had a fever of 38.9")
+    message(w, plan, "Pain is easing; she asked about adding her neck.")
+    fever_today(w, "demo-tom-becker")
+
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, "demo-tom-becker")
+    r = browser.get(url, timeout=30)
+    assert r.status_code == 200, r.text[:1000]
+    html = r.text
+    assert re.search(r'data-testid="sessions-done">3 of 12 done<', html)
+    # 3 sessions in 2 weeks against 2/week = 4 expected: 75 %
+    assert re.search(r'data-testid="adherence"><span class="adh adh--mid">75%</span>', html)
+    table = re.search(r'data-testid="pain-table">(.*?)</table>', html, re.S).group(1)
+    rows = re.findall(r"<tr><th scope=\"row\">([\d-]+)</th><td>(\d+)</td><td>(\d+)</td><td>([+-]\d+)</td></tr>", table)
+    assert [r_[1:] for r_ in rows] == [("7", "4", "-3"), ("6", "3", "-3"), ("5", "2", "-3")]
+    assert re.search(r'<svg class="pain-chart"[^>]* role="img" aria-labelledby="pain-0-title pain-0-desc"', html)
+    assert '<title id="pain-0-title">' in html and "3 sessions with pain scores" in html
+    assert "Patient had a fever of 38.9" in re.search(r'data-testid="not-done">(.*?)</ul>', html, re.S).group(1)
+    assert "Pain is easing" in html and "Awaiting your reply" in html
+    # the contraindication that appeared after signing comes before everything else about the plan
+    new_at = html.index('data-testid="new-findings"')
+    assert new_at < html.index('data-testid="plan"') and new_at < html.index('data-testid="sessions-done"')
+    section = html[new_at:html.index("</section>", new_at)]
+    assert "fever" in section.lower() and 'role="alert"' in html[new_at - 60:new_at]
+
+
+def test_reply_writes_a_communication_in_response_to_the_therapist(sandbox, w, make_app_server):
+    plan = sign_order(w, "demo-helen-brooks", authored=NOW - timedelta(days=7))
+    original = message(w, plan, "New bruise on the left calf; I skipped the legs.", category="condition-change")
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, "demo-helen-brooks")
+    html = browser.get(url, timeout=30).text
+    form = next(f for f in forms(html) if f["action"].endswith("/plan/reply"))
+    assert form["hidden"]["in_response_to"] == f"Communication/{original['id']}"
+    r = post(browser, app, form, text="Thanks. Hold the legs until I have seen her.", category="request")
+    assert r.status_code == 200 and 'data-testid="done"' in r.text, r.text[:800]
+    replies = [c for c in w.search_all("Communication", {"based-on": plan.order_ref})
+               if c.get("inResponseTo")]
+    assert len(replies) == 1
+    reply = replies[0]
+    assert reply["inResponseTo"] == [{"reference": f"Communication/{original['id']}"}]
+    assert reply["sender"]["reference"] == DR_REF and reply["recipient"] == [{"reference": LMT_REF}]
+    assert reply["payload"][0]["contentString"] == "Thanks. Hold the legs until I have seen her."
+    # the thread is answered now: no more "awaiting your reply" on it
+    assert "Awaiting your reply" not in browser.get(url, timeout=30).text
+    # a re-sent form (double click, lost answer) writes nothing new: the draft id keys a conditional create
+    post(browser, app, form, text="Thanks. Hold the legs until I have seen her.", category="request")
+    assert len([c for c in w.search_all("Communication", {"based-on": plan.order_ref}) if c.get("inResponseTo")]) == 1
+
+
+def test_hold_resume_complete_and_revoke_with_the_task_following(sandbox, w, make_app_server):
+    plan = sign_order(w, "demo-eleanor-price", authored=NOW - timedelta(days=10))
+    other = sign_order(w, "demo-eleanor-price", techniques=("stretching",), authored=NOW - timedelta(days=9))
+    document(w, plan, start=NOW - timedelta(days=8), pain=(5, 3))
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, "demo-eleanor-price")
+    order, task = plan.order_ref, f"Task/{task_of(w, plan.order_ref)['id']}"
+
+    def act(key: str, action: str, **extra) -> requests.Response:
+        form = status_form(browser.get(url, timeout=30).text, key)
+        assert action in form["buttons"], (action, form["buttons"])
+        r = post(browser, app, form, action=action, **extra)
+        assert r.status_code == 200 and 'data-testid="done"' in r.text, r.text[:800]
+        return r
+
+    act(plan.draft_id, "hold", reason="Fracture follow-up pending")
+    assert read(w, order)["status"] == "on-hold" and read(w, task)["status"] == "on-hold"
+    assert read(w, order)["note"][-1]["text"] == "On hold: Fracture follow-up pending"
+    act(plan.draft_id, "resume")
+    assert read(w, order)["status"] == "active" and read(w, task)["status"] == "in-progress"  # a session was done
+    act(plan.draft_id, "complete")
+    assert read(w, order)["status"] == "completed" and read(w, task)["status"] == "completed"
+    act(other.draft_id, "revoke", reason="Not needed")
+    other_task = task_of(w, other.order_ref)
+    assert read(w, other.order_ref)["status"] == "revoked" and other_task["status"] == "cancelled"
+    # every change is signed: a Provenance (UPDATE) names the physician and the order
+    provs = w.search_all("Provenance", {"target": other.order_ref})
+    assert any(p["activity"]["coding"][0]["code"] == "UPDATE" and p["agent"][0]["who"]["reference"] == DR_REF
+               for p in provs)
+    # a finished plan offers no more status changes
+    assert not any(f["hidden"].get("plan") == plan.draft_id and f["buttons"]
+                   for f in forms(browser.get(url, timeout=30).text))
+
+
+def test_modify_sites_and_schedule_and_the_task_follows(sandbox, w, make_app_server):
+    plan = sign_order(w, "demo-ray-okafor", authored=NOW - timedelta(days=3))
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, "demo-ray-okafor")
+    html = browser.get(url, timeout=30).text
+    form = next(f for f in forms(html) if f["hidden"].get("action") == "modify")
+    site = re.search(r'name="site" value="([^"]+)" checked', form["body"]).group(1)
+    r = post(browser, app, form, site=site, add_site="", frequency="1", weeks="4", minutes="30",
+             reason="Shorter course", **{f"technique-{plan.orders[0]['id']}": "swedish"})
+    assert r.status_code == 200 and 'data-testid="done"' in r.text, r.text[:800]
+    sr = read(w, plan.order_ref)
+    assert sr["occurrenceTiming"]["repeat"]["frequency"] == 1 and sr["quantityQuantity"]["value"] == 4
+    task = task_of(w, plan.order_ref)
+    assert task["restriction"]["repetitions"] == 4 and task["businessStatus"]["text"] == "0 of 4 sessions done"
+
+
+def test_version_conflict_shows_both_versions_and_overwrites_nothing(sandbox, w, make_app_server):
+    plan = sign_order(w, "demo-maria-santos", authored=NOW - timedelta(days=5))
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, "demo-maria-santos")
+    stale = status_form(browser.get(url, timeout=30).text, plan.draft_id)  # both updates start from this version
+    first = post(browser, app, stale, action="hold", reason="Waiting for obstetric clearance")
+    assert first.status_code == 200 and read(w, plan.order_ref)["status"] == "on-hold"
+    version_after_first = read(w, plan.order_ref)["meta"]["versionId"]
+
+    second = post(browser, app, stale, action="revoke", reason="Duplicate order")
+    assert second.status_code == 409, second.text[:800]
+    html = second.text
+    assert 'data-testid="conflict"' in html and "not saved" in html
+    status_row = re.search(r'<tr class="([^"]*)" data-field="Status">(.*?)</tr>', html, re.S)
+    assert "diff--theirs" in status_row.group(1)  # someone else changed the status
+    assert re.search(r'data-testid="wanted">revoked<', status_row.group(2))
+    assert re.search(r'data-testid="current">on-hold<', status_row.group(2))
+    notes_row = re.search(r'data-field="Notes">(.*?)</tr>', html, re.S).group(1)
+    assert "Revoked: Duplicate order" in notes_row and "On hold: Waiting for obstetric clearance" in notes_row
+    # nothing overwritten
+    sr = read(w, plan.order_ref)
+    assert sr["status"] == "on-hold" and sr["meta"]["versionId"] == version_after_first
+    assert task_of(w, plan.order_ref)["status"] == "on-hold"
+    # "apply my change on top of the new version": the revoke goes through against the current version
+    again = next(f for f in forms(html) if f["action"].endswith("/plan/action"))
+    assert again["hidden"][f"v-{plan.orders[0]['id']}"] == version_after_first
+    r = post(browser, app, again)
+    assert r.status_code == 200 and 'data-testid="done"' in r.text, r.text[:800]
+    sr = read(w, plan.order_ref)
+    assert sr["status"] == "revoked" and [n["text"] for n in sr["note"]][-2:] == [
+        "On hold: Waiting for obstetric clearance", "Revoked: Duplicate order"]
+    assert task_of(w, plan.order_ref)["status"] == "cancelled"
+
+
+def test_therapist_sees_the_plan_but_no_order_actions(sandbox, w, make_app_server):
+    sign_order(w, "demo-frank-delgado", authored=NOW - timedelta(days=5))
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, "demo-frank-delgado", user="lmt-sam-reyes")
+    html = browser.get(url, timeout=30).text
+    assert 'data-testid="plan"' in html and not forms(html)
+    r = browser.post(url + "action", data={"plan": "x", "action": "hold"}, timeout=30)
+    assert r.status_code in (400, 403)  # CSRF-less or forbidden: never a change
+
+
+def test_panel_without_user_scopes_says_which_to_ask_for(sandbox, make_app_server):
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, "demo-tom-becker")
+    r = browser.get(url + "panel", timeout=30)
+    assert r.status_code == 200
+    needed = re.search(r'data-testid="missing-scopes">(.*?)</ul>', r.text, re.S).group(1)
+    assert "user/ServiceRequest.rs" in needed and "user/Communication.rs" in needed
+
+
+def test_panel_with_user_scopes_lists_patients_by_attention(sandbox, w, make_app_server):
+    calm = sign_order(w, "demo-dana-whitfield", techniques=("lymphatic-drainage",), sites=("53120007:right",),
+                      authored=NOW - timedelta(days=2))
+    worried = sign_order(w, "demo-frank-delgado", authored=NOW - timedelta(days=21))
+    message(w, worried, "He looked unwell today.", category="condition-change")
+    app = make_app_server(sandbox, registration={"scopes": USER_SCOPES})
+    browser, url = launch(sandbox, app, "demo-dana-whitfield")
+    r = browser.get(url + "panel", timeout=30)
+    assert r.status_code == 200, r.text[:800]
+    order = re.findall(r'<tr data-patient="(Patient/[^"]+)"', r.text)
+    assert "Patient/demo-frank-delgado" in order and "Patient/demo-dana-whitfield" in order
+    assert order.index("Patient/demo-frank-delgado") < order.index("Patient/demo-dana-whitfield")
+    frank = re.search(r'data-patient="Patient/demo-frank-delgado"[^>]*>(.*?)</tr>', r.text, re.S).group(1)
+    assert "unread message" in frank and "change in condition" in frank
+    assert calm.order_ref  # the calm plan is listed but below
+
+
+def test_round_trips_do_not_grow_with_sessions(sandbox, w):
+    small = sign_order(w, "demo-tom-becker", authored=NOW - timedelta(days=200))
+    tok = get_token(sandbox, "test-public", PHYSICIAN, "demo-tom-becker",
+                    scopes="launch openid fhirUser user/*.rs")["access_token"]
+    reader = FhirClient(sandbox.fhir_base, token_source=StaticToken(tok))
+    before = plan_area.load(reader, "demo-tom-becker")
+    big = sign_order(w, "demo-tom-becker", frequency=3, weeks=20, authored=NOW - timedelta(days=190))
+    for i in range(50):
+        document(w, big, start=NOW - timedelta(days=180 - 3 * i), pain=(8 - i % 5, 4 - i % 4))
+    after = plan_area.load(reader, "demo-tom-becker")
+    assert len(after.procedures) >= len(before.procedures) + 50 and len(after.observations) >= 100
+    assert after.round_trips == before.round_trips <= 2
+    assert small.order_ref
