@@ -516,12 +516,20 @@ def threads(communications: Iterable[Mapping[str, Any]], *, physician_refs: Iter
             seen.add(ref)
             ref = parent
 
+    def depth(ref: str) -> int:
+        n, seen = 0, set()
+        while (parent := msgs[ref][0].in_response_to) and parent in msgs and parent not in seen:
+            seen.add(ref)
+            ref, n = parent, n + 1
+        return n
+
     grouped: dict[str, list[str]] = {}
     for ref in msgs:
         grouped.setdefault(root(ref), []).append(ref)
     out = []
     for root_ref, refs in grouped.items():
-        ordered = sorted(refs, key=lambda r: (_sort_time(msgs[r][0].sent), r))
+        # ``sent`` has whole seconds: a reply sent within the second of its message must still come after it
+        ordered = sorted(refs, key=lambda r: (_sort_time(msgs[r][0].sent), depth(r), r))
         messages = tuple(msgs[r][0] for r in ordered)
         order = msgs[root_ref][1] or next((msgs[r][1] for r in ordered if msgs[r][1]), None)
         unread = messages[-1].sender not in mine
