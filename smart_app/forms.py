@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
+from fhir_massage.builders.detected_issue import detected_issue
+from fhir_massage.builders.order import FINDING_ID_SYSTEM, meta, order_transaction
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUES
 from fhir_massage.orders_model import LATERALITIES, OrderDraft, is_lateralizable, order_problems
 
 __all__ = [
     "DEFAULTS", "OVERRIDE_REASONS", "FORM_FIELDS", "FormData", "ParsedForm", "parse_order_form", "fields_from_form",
-    "Action", "required_actions", "action_problems", "mitigation", "screen_inputs",
+    "Action", "required_actions", "action_problems", "mitigation", "screen_inputs", "finding_issues", "order_bundle",
 ]
 
 # Sensible defaults (issue 6): once a week for six weeks, one-hour sessions.
@@ -234,3 +236,29 @@ def screen_inputs(draft: OrderDraft) -> tuple[list[str] | None, list[str] | None
 
 def technique_label(key: str) -> str:
     return TECHNIQUE_DISPLAY.get(key, key)
+
+
+def finding_issues(draft: OrderDraft, screening: Any, actions: Sequence[Action], now: datetime) -> list[dict[str, Any]]:
+    """One DetectedIssue (MassageContraindication) per finding of the screening, each with the physician's
+    mitigation when there was one. Every finding is written, also those outside this order's sites or techniques:
+    the therapist must know of a DVT in the left leg even when the order is for the back."""
+    when = now.isoformat().replace("+00:00", "Z")
+    by_rule = {a.rule: a for a in actions}
+    out = []
+    for f in screening.findings:
+        action = by_rule.get(f.rule)
+        issue = detected_issue(
+            f, patient_ref=draft.patient_ref, now=now, author_ref=draft.requester_ref,
+            # the first identifier is the conditional-create key: per draft and rule, never the bare rule id (that
+            # would match the finding of another order for the same patient)
+            identifier={"system": FINDING_ID_SYSTEM, "value": f"{draft.draft_id}:{f.rule}"},
+            mitigation=mitigation(action, author_ref=draft.requester_ref, when=when) if action else None)
+        out.append({"resourceType": "DetectedIssue", "meta": meta("DetectedIssue"),
+                    **{k: v for k, v in issue.items() if k != "resourceType"}})
+    return out
+
+
+def order_bundle(draft: OrderDraft, screening: Any, actions: Sequence[Action], now: datetime, *,
+                 app_version: str | None = None) -> dict[str, Any]:
+    """The ONE transaction that signs the draft (builders.order.order_transaction) with its findings."""
+    return order_transaction(draft, finding_issues(draft, screening, actions, now), now, app_version=app_version)

@@ -32,9 +32,7 @@ from flask import Blueprint, Response, abort, current_app, g, redirect, render_t
 from werkzeug.exceptions import BadRequest, Gone
 
 from fhir_massage import validation
-from fhir_massage.builders.detected_issue import detected_issue
-from fhir_massage.builders.order import FINDING_ID_SYSTEM, ORDER_ID_SYSTEM, meta, order_identifier, \
-    order_transaction
+from fhir_massage.builders.order import ORDER_ID_SYSTEM, order_identifier
 from fhir_massage.chart import from_resources
 from fhir_massage.chart_fetch import fetch_chart_resources
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUES
@@ -447,19 +445,7 @@ def _failure_text(exc: FhirError) -> str:
 
 
 def _bundle(ev: _Evaluation, now: datetime) -> dict[str, Any]:
-    when = now.isoformat().replace("+00:00", "Z")
-    actions = {a.rule: a for a in ev.actions}
-    issues = []
-    for f in ev.screening.findings:
-        action = actions.get(f.rule)
-        issue = detected_issue(
-            f, patient_ref=ev.draft.patient_ref, now=now, author_ref=ev.draft.requester_ref,
-            # the first identifier is the conditional-create key: per draft and rule, never the bare rule id
-            identifier={"system": FINDING_ID_SYSTEM, "value": f"{ev.draft.draft_id}:{f.rule}"},
-            mitigation=forms.mitigation(action, author_ref=ev.draft.requester_ref, when=when) if action else None)
-        issues.append({"resourceType": "DetectedIssue", "meta": meta("DetectedIssue"),
-                       **{k: v for k, v in issue.items() if k != "resourceType"}})
-    return order_transaction(ev.draft, issues, now, app_version=_app_version())
+    return forms.order_bundle(ev.draft, ev.screening, ev.actions, now, app_version=_app_version())
 
 
 def _app_version() -> str | None:
