@@ -47,6 +47,7 @@ NS_TOKENS = "tokens"
 NS_STYLE = "style"
 
 _LSID = re.compile(r"^[A-Za-z0-9_\-]{20,64}$")
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,6 +418,13 @@ def callback() -> Response:
             notes.append("The EHR named a user on another server; the app does not look it up there.")
     elif "openid" in rec["scope"].split():
         notes.append("The EHR did not say who is signed in (no id_token).")
+    patient_id, encounter_id = tokens.patient, tokens.encounter
+    if patient_id is not None and not _FHIR_ID.match(patient_id):
+        # an id is [A-Za-z0-9-.]{1,64} (FHIR R4 datatypes "id"); anything else could steer our requests elsewhere
+        notes.append("The EHR sent a patient id that is not a valid FHIR id, so the app ignored it.")
+        patient_id = None
+    if encounter_id is not None and not _FHIR_ID.match(encounter_id):
+        encounter_id = None
     granted = smart.Scopes.parse(tokens.scope)
     sid = secrets.token_urlsafe(24)
     cfg = current_app.config
@@ -428,21 +436,21 @@ def callback() -> Response:
     }, ttl)
     session = {
         "browser": rec["browser"], "iss": iss, "fhir_base": iss, "client_id": reg.client_id,
-        "patient": tokens.patient, "encounter": tokens.encounter, "user_ref": user_ref,
+        "patient": patient_id, "encounter": encounter_id, "user_ref": user_ref,
         "need_patient_banner": tokens.need_patient_banner, "intent": tokens.intent,
         "smart_style_url": tokens.smart_style_url, "fhir_context": list(tokens.fhir_context),
         "scope": tokens.scope, "requested_scope": rec["scope"], "standalone": rec["standalone"],
         "tenant": tokens.tenant, "created": now, "role": None, "role_source": "", "banner": None,
         "user_name": claims.get("name") if isinstance(claims.get("name"), str) else None,
     }
-    if not tokens.patient:
+    if not patient_id and tokens.patient is None:
         notes.append("The EHR did not give a patient for this launch.")
     trimmed = granted.missing(rec["scope"])
     if trimmed:
         notes.append(f"The EHR granted fewer permissions than asked ({len(trimmed)} not granted).")
     # One batch for the landing page: the patient and the user's Practitioner/PractitionerRole (benchmark target).
     client = FhirClient(iss, token_source=token_source(sid, iss), timeout=state.timeout, session=state.http)
-    patient, practitioner, roles = _landing_reads(client, tokens.patient, user_ref, notes)
+    patient, practitioner, roles = _landing_reads(client, patient_id, user_ref, notes)
     session["banner"] = identity.banner(patient)
     if practitioner is not None:
         session["user_name"] = identity.human_name(practitioner) or session["user_name"]

@@ -427,3 +427,23 @@ def test_unreachable_ehr_is_a_503_page(fake_ehr, app_factory):
     rsps.get(f"{ehr.iss}/.well-known/smart-configuration", body=rq.ConnectionError("refused"))
     r = app_factory(ehr).test_client().get("/launch?" + urlencode({"iss": ehr.iss, "launch": "x"}))
     assert r.status_code == 503 and "could not be reached" in r.get_data(as_text=True)
+
+
+def test_fhir_user_as_practitioner_role(fake_ehr, app_factory):
+    """fhirUser may name a PractitionerRole (SC "fhirUser"): role and name come from one search with _include."""
+    ehr, rsps = fake_ehr
+    ehr.user_ref = "PractitionerRole/role-1"
+    ehr.install(rsps)
+    client = app_factory(ehr).test_client()
+    html = client.get(smart_launch(client, ehr).headers["Location"]).get_data(as_text=True)
+    assert "William Osler" in html and "role-badge--physician" in html
+    assert len(ehr.fhir_requests) == 1
+
+
+def test_patient_id_that_is_not_a_fhir_id_is_ignored(fake_ehr, app_factory):
+    ehr, rsps = fake_ehr
+    ehr.token_extra = {"patient": "x?_include=*"}
+    ehr.install(rsps)
+    client = app_factory(ehr).test_client()
+    html = client.get(smart_launch(client, ehr).headers["Location"]).get_data(as_text=True)
+    assert "not a valid FHIR id" in html and "No patient in context" in html
