@@ -130,6 +130,7 @@ class OrderSummary:
     total: int | None
     task_status: str | None
     finding_refs: tuple[str, ...]  # supportingInfo DetectedIssues
+    pressure: str | None = None  # ordered pressure (orderDetail pressure-<level>), the note's default
 
     @property
     def progress(self) -> str:
@@ -142,7 +143,19 @@ class OrderSummary:
         return bool(self.total) and self.done >= (self.total or 0)
 
 
-def order_summary(sr: Mapping[str, Any], task: Mapping[str, Any] | None) -> OrderSummary:
+def practitioner_names(found: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """"Practitioner/x" -> display name, from Practitioners included in a search (``_include=...:requester``)."""
+    out = {}
+    for r in found:
+        if isinstance(r, Mapping) and r.get("resourceType") == "Practitioner" and r.get("id"):
+            name = identity.human_name(r)
+            if name:
+                out[f"Practitioner/{r['id']}"] = name
+    return out
+
+
+def order_summary(sr: Mapping[str, Any], task: Mapping[str, Any] | None,
+                  names: Mapping[str, str] | None = None) -> OrderSummary:
     technique = order_technique(sr)
     keys, texts = [], []
     for bs in sr.get("bodySite") or []:
@@ -153,6 +166,7 @@ def order_summary(sr: Mapping[str, Any], task: Mapping[str, Any] | None) -> Orde
             keys.append(k)
         texts.append(str(bs.get("text") or k or "unnamed site"))
     details, precautions = [], []
+    pressure = None
     for d in sr.get("orderDetail") or []:
         if not isinstance(d, Mapping) or not d.get("text"):
             continue
@@ -161,6 +175,9 @@ def order_summary(sr: Mapping[str, Any], task: Mapping[str, Any] | None) -> Orde
                  and c.get("system") == ORDER_DETAIL_SYSTEM]
         if any(str(c).startswith(("pressure", "positioning")) for c in codes):
             precautions.append(str(d["text"]))
+        for c in codes:
+            if str(c).startswith("pressure-") and str(c)[9:] in PRESSURES:
+                pressure = str(c)[9:]
     requester = (sr.get("requester") or {}).get("reference")
     total = None
     if task is not None:
@@ -176,11 +193,13 @@ def order_summary(sr: Mapping[str, Any], task: Mapping[str, Any] | None) -> Orde
         sites=tuple(keys), site_texts=tuple(texts), details=tuple(details), precautions=tuple(precautions),
         notes=tuple(_texts(sr.get("note"))), patient_instruction=str(sr.get("patientInstruction") or ""),
         authored=sr.get("authoredOn"), requester=requester,
-        requester_name=(sr.get("requester") or {}).get("display"), status=str(sr.get("status") or ""),
+        requester_name=(sr.get("requester") or {}).get("display") or (names or {}).get(requester or ""),
+        status=str(sr.get("status") or ""),
         task=task, task_ref=f"Task/{task['id']}" if task and task.get("id") else None,
         done=sessions_done(task) if task else 0, total=total, task_status=(task or {}).get("status"),
         finding_refs=tuple(r["reference"] for r in sr.get("supportingInfo") or []
                            if isinstance(r, Mapping) and str(r.get("reference") or "").startswith("DetectedIssue/")),
+        pressure=pressure,
     )
 
 
@@ -340,7 +359,7 @@ def form_fields(form: Any) -> dict[str, Any]:
 
 def default_fields(order: OrderSummary, now: datetime) -> dict[str, Any]:
     return {"status": "completed", "technique": order.technique or "", "sites": list(order.sites),
-            "date": now.date().isoformat(), "tz": "0"}
+            "pressure": order.pressure or "", "date": now.date().isoformat(), "tz": "0"}
 
 
 def _tz(value: str | None) -> tuple[timezone | None, str | None]:
@@ -535,6 +554,7 @@ class PageData:
     comms: list[dict[str, Any]] = field(default_factory=list)
     chart_resources: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)
 
 
 def load_order_page(client: Any, patient_id: str, order_id: str, *, with_chart: bool = True) -> PageData:
@@ -542,7 +562,8 @@ def load_order_page(client: Any, patient_id: str, order_id: str, *, with_chart: 
     re-screen) the Patient and the chart searches. Failed entries become problems shown on the page."""
     p = ("patient", patient_id)
     entries = [
-        request_entry("GET", "ServiceRequest?" + urlencode([("_id", order_id), p, ("_revinclude", "Task:focus")])),
+        request_entry("GET", "ServiceRequest?" + urlencode([("_id", order_id), p, ("_revinclude", "Task:focus"),
+                                                            ("_include", "ServiceRequest:requester")])),
         request_entry("GET", "DetectedIssue?" + urlencode([p, ("_count", "200")])),
         request_entry("GET", "Communication?" + urlencode([("based-on", f"ServiceRequest/{order_id}"),
                                                            ("_count", "200")])),
@@ -562,7 +583,8 @@ def load_order_page(client: Any, patient_id: str, order_id: str, *, with_chart: 
     if not pairs:
         return data
     data.sr, task = pairs[0]
-    data.order = order_summary(data.sr, task)
+    data.names = practitioner_names(found)
+    data.order = order_summary(data.sr, task, data.names)
     issues = _searchset(outcomes[1])
     if issues is None:
         data.problems.append("The findings the order was signed with could not be read; every finding counts as "
@@ -615,6 +637,13 @@ def run_rescreen(data: PageData, today: date) -> Rescreen:
 # Views
 
 
+def _names_for(ctx: LaunchContext, names: Mapping[str, str]) -> dict[str, str]:
+    out = dict(names)
+    if ctx.user_ref:
+        out[ctx.user_ref] = f"You ({ctx.user_name})" if ctx.user_name else "You"
+    return out
+
+
 def _therapist(fn: Any) -> Any:
     return require_launch(roles=(identity.THERAPIST,))(fn)
 
@@ -627,6 +656,7 @@ def index() -> Any:
     p = ("patient", patient_id)
     answer = fhir_client().batch(batch_bundle([
         request_entry("GET", "ServiceRequest?" + urlencode([p, ("status", "active"), ("_revinclude", "Task:focus"),
+                                                            ("_include", "ServiceRequest:requester"),
                                                             ("_count", "100")])),
         request_entry("GET", "Communication?" + urlencode([p, ("_count", "200")])),
     ]))
@@ -637,15 +667,16 @@ def index() -> Any:
     comms = [r for r in _searchset(outcomes[1]) or [] if r.get("resourceType") == "Communication"]
     drafts = _drafts()
     rows = []
+    names = _names_for(ctx, practitioner_names(found))
     for sr, task in pair_orders_and_tasks(found):
-        order = order_summary(sr, task)
+        order = order_summary(sr, task, names)
         draft = None
         if ctx.user_ref:
             try:
                 draft = drafts.load(_draft_key(ctx, order.id))
             except DraftError:
                 draft = None
-        rows.append((order, thread(comms, order_ref=order.ref, me=ctx.user_ref), draft))
+        rows.append((order, thread(comms, order_ref=order.ref, me=ctx.user_ref, names=names), draft))
     recorded = request.args.get("recorded")
     return render_template("sessions/index.html", rows=rows, recorded=recorded,
                            sent=request.args.get("sent"), messages_ok=_searchset(outcomes[1]) is not None)
@@ -671,7 +702,8 @@ def _render_document(order_id: str, data: PageData, *, fields: Mapping[str, Any]
         "sessions/document.html", order=order, rescreen=result, fields=fields, draft=draft, draft_id=draft_id,
         problems=problems or {}, notice=notice, minutes=minutes, units=units, cpt=cpt,
         site_choices=site_choices(order.sites), techniques=[(t, TECHNIQUE_DISPLAY[t]) for t in TECHNIQUES],
-        pressures=PRESSURES, messages=thread(data.comms, order_ref=order.ref, me=ctx.user_ref),
+        pressures=PRESSURES, messages=thread(data.comms, order_ref=order.ref, me=ctx.user_ref,
+                                             names=_names_for(ctx, data.names)),
         message_categories=[(k, v[0]) for k, v in MESSAGE_CATEGORIES.items()], stop_message=stop_message,
         stop_about=about, message_id=new_draft_id(), today=now.date().isoformat(),
     ), status

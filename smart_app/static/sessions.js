@@ -35,7 +35,9 @@
     try { name = Intl.DateTimeFormat().resolvedOptions().timeZone || ""; } catch (e) { name = ""; }
     var sign = offset >= 0 ? "+" : "-";
     var abs = Math.abs(offset);
-    tzLabel.textContent = (name ? name + " " : "") + "(UTC" + sign + two(Math.floor(abs / 60)) + ":" + two(abs % 60) + ")";
+    if (name === "UTC" || name === "Etc/UTC") { name = ""; }
+    var utc = "UTC" + sign + two(Math.floor(abs / 60)) + ":" + two(abs % 60);
+    tzLabel.textContent = name ? name + " (" + utc + ")" : utc;
   }
 
   // --- live minutes and CPT units (CMS 8-minute rule, same as builders.session.cpt_units) ------------------------
@@ -89,6 +91,7 @@
     if (inflight && !keepalive) { again = true; return; }
     dirty = false;
     inflight = true;
+    var failed = false;
     setStatus("Saving draft…", false);
     var p = window.fmFetch(url, { method: "POST", body: body(), keepalive: !!keepalive,
                                   headers: { "Content-Type": "application/x-www-form-urlencoded" } });
@@ -98,25 +101,33 @@
       var resp = pair[0], data = pair[1];
       if (resp.ok && data.saved) {
         var d = new Date(data.saved_at);
-        setStatus("Draft saved " + two(d.getHours()) + ":" + two(d.getMinutes()), false);
+        setStatus(dirty ? "Unsaved changes (saving automatically)"
+                        : "Draft saved " + two(d.getHours()) + ":" + two(d.getMinutes()), false);
       } else if (resp.status === 409) {
         stopped = true;
         setStatus("Not saved: " + (data.message || "this draft was replaced. Reload the page."), true);
       } else {
-        dirty = true;
-        setStatus("Not saved: " + (data.message || ("the app answered " + resp.status)) +
-                  " Keep this page open and try again, or use Save draft.", true);
+        failed = true;
+        setStatus("Not saved: " + (data.message || ("the app answered " + resp.status + ".")) +
+                  " Keep this page open; it will try again, or use Save draft.", true);
       }
     }).catch(function () {
-      dirty = true;
+      failed = true;
       setStatus("Not saved: the app could not be reached. Keep this page open; it will try again.", true);
     }).then(function () {
       inflight = false;
-      if (again || dirty) { again = false; if (dirty) { schedule(3000); } else { schedule(0); } }
+      if (stopped) { return; }
+      if (failed || again || dirty) {
+        again = false;
+        dirty = true;
+        if (timer) { clearTimeout(timer); }
+        timer = setTimeout(function () { timer = null; save(false); }, failed ? 5000 : 0);
+      }
     });
   }
 
   function schedule(ms) {
+    if (!dirty && !stopped && !inflight) { setStatus("Unsaved changes (saving automatically)", false); }
     dirty = true;
     if (timer) { clearTimeout(timer); }
     timer = setTimeout(function () { timer = null; save(false); }, ms === undefined ? 1000 : ms);
@@ -145,6 +156,10 @@
     // The submit itself keeps the draft on the server first; no autosave may race it.
     stopped = true;
     if (timer) { clearTimeout(timer); timer = null; }
+  });
+
+  window.addEventListener("pageshow", function (ev) {
+    if (ev.persisted) { stopped = false; } // back from a failed submit (bfcache): autosave again
   });
 
   updateMinutes();

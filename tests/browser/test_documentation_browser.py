@@ -1,0 +1,115 @@
+"""The therapist documents a session in headless Chromium, inside the sandbox EHR's iframe: types a note (the
+autosave says "Draft saved"), the EHR fails the submit (injected fault), a reload finds the draft, the submit
+then writes the Procedure and the pain Observations once. A screenshot of the note page goes to
+/tmp/session-page.png for a person to look at."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import requests
+
+from fhir_massage.builders.order import order_transaction
+from fhir_massage.fhir import FhirClient, StaticToken
+from fhir_massage.orders_model import OrderDraft
+from tests.fixtures.smart_sandbox import default_clients, get_token
+
+pytestmark = pytest.mark.browser
+
+TOM = "demo-tom-becker"
+SCOPES = ("launch openid fhirUser patient/Patient.rs patient/ServiceRequest.crus patient/Task.crus "
+          "patient/DetectedIssue.crs patient/Provenance.crs patient/Procedure.rs patient/Observation.rs")
+SCREENSHOT = "/tmp/session-page.png"
+
+
+def _order(sandbox) -> tuple[FhirClient, str]:
+    tok = get_token(sandbox, "test-public", "dr-ada-grey", TOM, scopes=SCOPES)
+    client = FhirClient(sandbox.fhir_base, token_source=StaticToken(tok["access_token"]), max_retries=0)
+    now = datetime.now(timezone.utc)
+    draft = OrderDraft(draft_id=str(uuid.uuid4()), patient_ref=f"Patient/{TOM}",
+                       requester_ref="Practitioner/dr-ada-grey", techniques=("swedish",),
+                       sites=("37822005", "16982005:left"), frequency=2, duration_weeks=3, session_minutes=45,
+                       authored=now - timedelta(minutes=1), reason_text="Chronic low back pain", pressure="moderate",
+                       notes="Avoid deep pressure over the lumbar spine.")
+    answer = client.transaction(order_transaction(draft, [], now, owner_ref="PractitionerRole/lmt-sam-reyes-role"))
+    order_id = next(re.search(r"ServiceRequest/([^/]+)", e["response"]["location"]).group(1)
+                    for e in answer["entry"] if "ServiceRequest/" in e["response"]["location"])
+    return client, order_id
+
+
+def test_note_survives_a_failed_submit_and_is_written_once(make_smart_sandbox, make_app_server, browser):
+    clients, keys = default_clients()
+    sandbox = make_smart_sandbox(clients=clients[:1], keys={})
+    app = make_app_server(sandbox)
+    client, order_id = _order(sandbox)
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(f"{sandbox.url}/ehr")
+        page.check('input[name="user"][value="lmt-sam-reyes"]')
+        page.check(f'input[name="patient"][value="{TOM}"]')
+        page.select_option("#client_id", app.client_id)
+        page.get_by_role("button", name="Launch").click()
+
+        frame = page.frame_locator("iframe.app")
+        frame.get_by_role("link", name="Document a session").first.click()
+        order_card = frame.locator(f'[data-order="{order_id}"]')
+        order_card.get_by_role("link", name="Document a session").click()
+        frame.get_by_test_id("rescreen").wait_for()
+        assert frame.get_by_test_id("nothing-new").is_visible()
+
+        frame.locator('input[name="start"]').fill("09:00")
+        frame.locator('input[name="end"]').fill("09:38")
+        minutes = frame.get_by_test_id("minutes")
+        assert re.search(r"38 min · 3 CPT units \(97124\)", minutes.inner_text()), minutes.inner_text()
+        frame.locator('input[name="pain_before"]').fill("7")
+        frame.locator('input[name="pain_after"]').fill("4")
+        frame.locator('textarea[name="subjective"]').fill("Low back ache after gardening, 7/10.")
+        frame.locator('textarea[name="objective"]').fill("Hypertonic left erector spinae; guarded lumbar flexion.")
+        frame.locator('input[name="response"]').fill("Tolerated well; relaxed by the end.")
+        status = frame.get_by_test_id("draft-status")
+        status.filter(has_text=re.compile(r"^Draft saved \d\d:\d\d$")).wait_for()
+
+        app_frame = next(f for f in page.frames if f.url.startswith(app.url))
+        note_url = app_frame.url
+        shot = context.new_page()
+        shot.goto(note_url)
+        shot.get_by_test_id("draft-status").filter(has_text="Draft saved").wait_for()
+        shot.screenshot(path=SCREENSHOT, full_page=True)
+        shot.close()
+
+        # the EHR fails the write: the batch read passes, the transaction (next POST) answers 500
+        requests.post(f"{sandbox.url}/_sandbox/faults", json={"fail_every_n": 2, "fail_status": 500,
+                                                              "fail_methods": ["POST"]}, timeout=10)
+        frame.get_by_test_id("submit").click()
+        failed = frame.get_by_test_id("not-sent")
+        failed.wait_for()
+        assert "nothing was written to the chart" in failed.inner_text()
+        requests.delete(f"{sandbox.url}/_sandbox/faults", timeout=10)
+
+        app_frame = next(f for f in page.frames if f.url.startswith(app.url))
+        app_frame.goto(note_url)  # reload the note page: the draft is there
+        assert frame.locator('textarea[name="subjective"]').input_value() == "Low back ache after gardening, 7/10."
+        assert frame.locator('input[name="end"]').input_value() == "09:38"
+        assert frame.get_by_test_id("draft-status").inner_text().startswith("Draft saved")
+
+        frame.get_by_test_id("submit").click()
+        frame.get_by_text("Session recorded in the chart").wait_for()
+        assert "1 of 6 sessions done" in frame.locator(f'[data-order="{order_id}"]').inner_text()
+    finally:
+        context.close()
+
+    procs = [p for p in client.search_all("Procedure", [("based-on", f"ServiceRequest/{order_id}")])
+             if p["resourceType"] == "Procedure"]
+    assert len(procs) == 1
+    (proc,) = procs
+    start, end = (datetime.fromisoformat(proc["performedPeriod"][k].replace("Z", "+00:00")) for k in ("start", "end"))
+    assert end - start == timedelta(minutes=38)
+    obs = [o for o in client.search_all("Observation", [("based-on", f"ServiceRequest/{order_id}")])
+           if o["resourceType"] == "Observation"]
+    assert sorted(o["valueInteger"] for o in obs) == [4, 7]
+    assert all(o["partOf"] == [{"reference": f"Procedure/{proc['id']}"}] for o in obs)
