@@ -402,7 +402,7 @@ class _Engine:
                 continue
             for rule_id, cm in matches:
                 rule = self.kb.rules[rule_id]
-                if rule.kind in ("observation", "allergy"):
+                if rule.kind == "observation":
                     continue
                 self._condition_rule(fact, rule, cm, active, unconfirmed)
 
