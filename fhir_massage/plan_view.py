@@ -228,8 +228,10 @@ def group_plans(service_requests: Iterable[Mapping[str, Any]], rows: Sequence[Pl
             key=key, rows=tuple(grows), techniques=techniques, sites=sites, site_codes=site_codes,
             schedule_text=next((r.schedule_text for r in grows if r.schedule_text), ""),
             status=statuses.pop() if len(statuses) == 1 else "mixed", authored=authored,
-            sessions_done=sum(r.sessions_done for r in grows),
-            sessions_planned=sum(p for p in planned if p) if all(planned) else None,
+            # the orders of one plan share its schedule, and a visit usually gives every technique of the plan:
+            # the plan's count is that of its most documented technique (the table shows each one)
+            sessions_done=max(r.sessions_done for r in grows),
+            sessions_planned=max(p for p in planned if p) if any(planned) else None,
             last_session=max(lasts) if lasts else None, pain=_merged_trend(points),
             open_issues=open_issues(recorded_issues(srs, issues)), not_done=tuple(not_done)))
     out.sort(key=lambda g: (g.active, g.authored or date.min, g.key), reverse=True)

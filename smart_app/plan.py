@@ -355,10 +355,12 @@ def index() -> Any:
     cards, other, warnings, att = build_cards(data, today=now.date(), now=now, physician_refs=_physician_refs(),
                                               patient_ref=f"Patient/{ctx.patient_id}")
     done = request.args.get("done")
+    order_names = {r.order_ref: tech_names(r.techniques) for c in cards for r in c.group.rows}
     return render_template("plan/index.html", cards=cards, other_threads=other, warnings=warnings,
                            attention=att, people=data.people, done=DONE_WORDS.get(done or ""),
                            cannot_act=_may_act(), reply_target=reply_target, action_labels=ACTION_LABELS, categories=CATEGORIES,
-                           round_trips=data.round_trips, techniques=TECHNIQUES, technique_display=TECHNIQUE_DISPLAY,
+                           round_trips=data.round_trips, order_names=order_names if len(order_names) > 1 else {},
+                           techniques=TECHNIQUES, technique_display=TECHNIQUE_DISPLAY,
                            all_sites=_site_choices(), lateralities=list(LATERALITIES),
                            new_id=lambda: uuid.uuid4().hex, tech_names=tech_names, panel_ok=_panel_missing() == [])
 

@@ -1,0 +1,80 @@
+"""The physician's plan view in headless Chromium, launched from the sandbox EHR simulator: the pain chart and the
+counts, a reply to the therapist, putting the order on hold - and each change found in the sandbox."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tests.integration.test_plan_helpers import DR_REF, document, message, sign_order, writer
+
+pytestmark = pytest.mark.browser
+
+PATIENT = "demo-tom-becker"
+SHOT = "/tmp/plan-page.png"
+
+
+def test_physician_reads_the_plan_replies_and_puts_the_order_on_hold(make_smart_sandbox, make_app_server, browser):
+    sandbox = make_smart_sandbox()
+    w = writer(sandbox, patient=PATIENT)
+    now = datetime.now(timezone.utc)
+    plan = sign_order(w, PATIENT, techniques=("swedish", "myofascial-release"), authored=now - timedelta(days=28))
+    scores = [(8, 5), (7, 5), (7, 4), (6, 4), (6, 3), (5, 3), (5, 2), (4, 2)]
+    for i, pain in enumerate(scores):
+        document(w, plan, start=now - timedelta(days=26 - 3 * i, hours=3), pain=pain)
+    document(w, plan, start=now - timedelta(days=2), not_done="Patient cancelled: flu")
+    asked = message(w, plan, "Low back much better. May I add 10 minutes for the hips?", category="request")
+    app = make_app_server(sandbox)
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(f"{sandbox.url}/ehr")
+        page.check('input[name="user"][value="dr-ada-grey"]')
+        page.check(f'input[name="patient"][value="{PATIENT}"]')
+        page.select_option("#client_id", app.client_id)
+        page.get_by_role("button", name="Launch").click()
+        frame = page.frame_locator("iframe.app")
+        frame.get_by_role("link", name="Plan").click()
+
+        chart = frame.get_by_role("img", name="Pain before and after each session")
+        chart.wait_for()
+        assert frame.get_by_test_id("sessions-done").inner_text() == "8 of 12"
+        assert "from 8 to 4" in frame.get_by_test_id("pain-note").inner_text()
+        assert "Patient cancelled: flu" in frame.get_by_test_id("not-done").inner_text()
+        # the numbers behind the chart, for screen readers (and anyone who opens them)
+        frame.get_by_text("Pain scores as a table").click()
+        first_row = frame.get_by_test_id("pain-table").locator("tbody tr").first
+        assert first_row.locator("td").all_inner_texts() == ["8", "5", "-3"]
+
+        # the whole app page as the physician sees it (same browser session, outside the EHR frame)
+        app_frame = next(f for f in page.frames if f.url.startswith(app.url))
+        whole = context.new_page()
+        whole.goto(app_frame.url)
+        whole.get_by_text("Pain scores as a table").click()
+        whole.screenshot(path=SHOT, full_page=True)
+        whole.close()
+
+        # reply to the therapist
+        frame.get_by_label("Reply to Sam Reyes").fill("Yes, add the hips; keep the pressure moderate.")
+        frame.get_by_role("button", name="Send reply").click()
+        frame.get_by_test_id("done").wait_for()
+        assert frame.get_by_test_id("done").inner_text() == "Your reply was sent."
+        replies = [c for c in w.search_all("Communication", {"based-on": plan.order_ref}) if c.get("inResponseTo")]
+        assert [(r["inResponseTo"][0]["reference"], r["sender"]["reference"]) for r in replies] == [
+            (f"Communication/{asked['id']}", DR_REF)]
+
+        # put the plan on hold
+        frame.get_by_label("Reason (goes into the order's notes)").fill("Review the hips first")
+        frame.get_by_role("button", name="Put on hold").click()
+        frame.get_by_text("The order is on hold.").wait_for()
+        assert frame.get_by_test_id("plan-status").inner_text().lower() == "on hold"
+        for order in plan.orders:
+            sr = w.read("ServiceRequest", order["id"])
+            task = w.search_all("Task", {"focus": f"ServiceRequest/{order['id']}"})[0]
+            assert sr["status"] == "on-hold" and task["status"] == "on-hold"
+            assert sr["note"][-1]["text"] == "On hold: Review the hips first"
+    finally:
+        context.close()
