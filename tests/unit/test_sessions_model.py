@@ -1,0 +1,220 @@
+"""Pure parts of smart_app/sessions.py: reading orders and Tasks, the new-since-order re-screen, the note form,
+message threads."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+
+from fhir_massage.builders.detected_issue import RULE_IDENTIFIER_SYSTEM
+from fhir_massage.builders.order import fulfillment_task, service_request
+from fhir_massage.orders_model import OrderDraft
+from fhir_massage.screening import Evidence, Finding, Screening, screen
+from fhir_massage.chart import from_resources
+from smart_app.sessions import (finding_message_text, known_findings, note_from_fields, order_summary,
+                                pair_orders_and_tasks, rescreen, site_choices, site_key, thread)
+
+AUTHORED = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
+
+
+def make_order(sites=("37822005", "30021000:left"), pressure="moderate", total_weeks=2, sr_id="o1", task_id="t1",
+               findings=()):
+    draft = OrderDraft(draft_id="d1", patient_ref="Patient/p1", requester_ref="Practitioner/dr", techniques=("swedish",),
+                       sites=tuple(sites), frequency=1, duration_weeks=total_weeks, session_minutes=45,
+                       authored=AUTHORED, pressure=pressure, notes="Be gentle.", reason_text="Low back pain",
+                       positioning=("side-lying",))
+    sr = dict(service_request(draft, findings_refs=list(findings), now=AUTHORED), id=sr_id)
+    task = dict(fulfillment_task(draft, order_ref=f"ServiceRequest/{sr_id}", now=AUTHORED), id=task_id,
+                meta={"versionId": "1"})
+    return sr, task
+
+
+@pytest.mark.parametrize("body_site,key", [
+    ({"coding": [{"system": "http://snomed.info/sct", "code": "37822005"}], "text": "Lower back"}, "37822005"),
+    ({"coding": [{"system": "http://snomed.info/sct", "code": "30021000"}], "text": "Left lower leg"}, "30021000:left"),
+    ({"coding": [{"system": "http://snomed.info/sct", "code": "30021000"}], "text": "Right lower leg"}, "30021000:right"),
+    ({"coding": [{"system": "http://snomed.info/sct", "code": "30021000"}], "text": "Lower leg, both sides"},
+     "30021000:bilateral"),
+    ({"coding": [{"system": "http://snomed.info/sct", "code": "30021000"}], "text": "Lower leg"}, None),  # side unknown
+    ({"coding": [{"system": "http://example.org", "code": "30021000"}], "text": "Left lower leg"}, None),
+    ({"coding": [{"system": "http://snomed.info/sct", "code": "99999999"}]}, None),
+    ({"text": "Back"}, None),
+])
+def test_site_key(body_site, key):
+    assert site_key(body_site) == key
+
+
+def test_order_summary_reads_what_the_order_builder_wrote():
+    sr, task = make_order()
+    o = order_summary(sr, task, {"Practitioner/dr": "Ada Grey"})
+    assert (o.technique, o.sites, o.total, o.done, o.task_ref) == ("swedish", ("37822005", "30021000:left"), 2, 0,
+                                                                   "Task/t1")
+    assert o.pressure == "moderate" and o.requester_name == "Ada Grey"
+    assert "Moderate pressure" in o.precautions and "side-lying" in o.precautions
+    assert o.notes[0] == "Be gentle." and o.progress == "0 of 2 sessions done" and not o.all_done
+
+
+def test_pairing_prefers_the_open_task_and_skips_other_orders():
+    sr, task = make_order()
+    closed = dict(task, id="t0", status="cancelled", lastModified="2026-11-25T00:00:00Z")
+    other = {"resourceType": "ServiceRequest", "id": "x", "intent": "order",
+             "code": {"coding": [{"system": "http://loinc.org", "code": "1-1"}]}}
+    pairs = pair_orders_and_tasks([sr, closed, task, other])
+    assert [(s["id"], t["id"]) for s, t in pairs] == [("o1", "t1")]
+    assert pair_orders_and_tasks([sr])[0][1] is None
+
+
+def finding(rule, cls="absolute", refs=("Condition/c1",), dates=None, applicable=True):
+    ev = tuple(Evidence(ref=r, display=r, dates=dates or {}) for r in refs)
+    return Finding(rule=rule, cls=cls, techniques=("swedish",), sites=(), evidence=tuple(refs), message=f"{rule} msg",
+                   evidence_class="CONS", source="test", verified=True, details=ev, title=rule.upper())
+
+
+def screening_of(*findings, applicable=()):
+    return Screening(verdict="caution", findings=tuple(findings), needs_review=(), warnings=(), techniques=("swedish",),
+                     sites=(), today=NOW.date(), patient="Patient/p1", kb_version="t", applicable=tuple(applicable))
+
+
+def issue(di_id, rule, refs):
+    return {"resourceType": "DetectedIssue", "id": di_id,
+            "identifier": [{"system": "x", "value": "d1:0"}, {"system": RULE_IDENTIFIER_SYSTEM, "value": rule}],
+            "evidence": [{"detail": [{"reference": r} for r in refs]}],
+            "implicated": [{"reference": "ServiceRequest/o1"}] + [{"reference": r} for r in refs]}
+
+
+def test_known_findings_only_from_the_orders_supporting_info():
+    issues = [issue("di1", "anticoag", ["MedicationRequest/m1"]), issue("di2", "dvt", ["Condition/c1"])]
+    assert known_findings(issues, ["DetectedIssue/di1"]) == {"anticoag": {"MedicationRequest/m1"}}
+
+
+def test_rescreen_splits_new_and_known():
+    sr, task = make_order(findings=["DetectedIssue/di1", "DetectedIssue/di2"])
+    order = order_summary(sr, task)
+    issues = [issue("di1", "anticoag", ["MedicationRequest/m1"]), issue("di2", "dvt", ["Condition/c1"])]
+    known = finding("anticoag", "relative", ("MedicationRequest/m1",), {"authored": "2026-11-01"})
+    dated_after = finding("fever", "absolute", ("Observation/t1",), {"effective": "2026-11-28"})
+    not_signed = finding("pregnancy", "relative", ("Observation/p1",), {"effective": "2026-11-20"})  # same day
+    new_evidence = finding("dvt", "absolute", ("Condition/c1", "Condition/c2"), {"onset": "2026-11-10"})
+    result = rescreen(screening_of(known, dated_after, not_signed, new_evidence, applicable=("fever", "dvt")),
+                      order, issues)
+    new = {f.rule: why for f, why in result.new}
+    assert set(new) == {"fever", "pregnancy", "dvt"}
+    assert "Dated after the order (2026-11-20)" in new["fever"] and "effective 2026-11-28" in new["fever"]
+    assert new["pregnancy"].startswith("Not among the findings")
+    assert new["dvt"].startswith("The same concern on new evidence")
+    assert [f.rule for f in result.known] == ["anticoag"]
+    assert {f.rule for f in result.stop} == {"fever", "dvt"}
+    assert [f.rule for f, _ in result.new][:2] in (["fever", "dvt"], ["dvt", "fever"])  # stops first
+    assert not result.clear
+
+
+def test_rescreen_with_nothing_new_is_clear():
+    sr, task = make_order(findings=["DetectedIssue/di1"])
+    known = finding("anticoag", "relative", ("MedicationRequest/m1",), {"authored": "2026-11-01"})
+    result = rescreen(screening_of(known), order_summary(sr, task),
+                      [issue("di1", "anticoag", ["MedicationRequest/m1"])])
+    assert result.clear and result.new == () and result.stop == ()
+
+
+def test_rescreen_with_the_real_engine_flags_a_fever_after_the_order():
+    sr, task = make_order()
+    order = order_summary(sr, task)
+    chart = from_resources([
+        {"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01", "gender": "female"},
+        {"resourceType": "Observation", "id": "temp", "status": "final", "subject": {"reference": "Patient/p1"},
+         "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+         "effectiveDateTime": "2026-11-28T08:00:00Z",
+         "valueQuantity": {"value": 38.9, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"}},
+    ])
+    s = screen(chart, techniques=[order.technique], sites=list(order.sites), today=date(2026, 11, 28))
+    result = rescreen(s, order, [])
+    assert result.stop and result.new
+    assert any("Observation/temp" in f.evidence for f in result.stop)
+    text = finding_message_text(result.stop, order, date(2026, 11, 28))
+    assert "38.9" in text and "I have not given the session as ordered" in text
+
+
+BASE_FIELDS = {"status": "completed", "technique": "swedish", "sites": ["37822005"], "date": "2026-11-28",
+               "start": "09:00", "end": "09:38", "tz": "0", "pain_before": "6", "pain_after": "2"}
+
+
+def note(fields, **kw):
+    sr, task = make_order(**kw)
+    return note_from_fields(fields, draft_id="3f1d8c7e-1111-4222-8333-444455556666", order=order_summary(sr, task),
+                            patient_ref="Patient/p1", performer_ref="Practitioner/lmt", now=NOW)
+
+
+def test_note_from_a_complete_form():
+    n, problems = note(BASE_FIELDS)
+    assert problems == {}
+    assert n.minutes == 38 and n.pain_before == 6 and n.pain_after == 2 and n.task_ref == "Task/t1"
+    assert n.start == datetime(2026, 11, 28, 9, 0, tzinfo=timezone.utc)
+
+
+def test_browser_time_zone_is_used():
+    n, problems = note(dict(BASE_FIELDS, tz="-300"))  # UTC-05:00, sent by sessions.js as minutes east
+    assert problems == {} and n.start.astimezone(timezone.utc) == datetime(2026, 11, 28, 14, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("change,field,words", [
+    ({"start": ""}, "start", "When did the session start?"),
+    ({"end": "9:99"}, "end", "HH:MM"),
+    ({"end": "08:59"}, "end", "must end after it starts"),
+    ({"pain_after": "11"}, "pain_after", "0 (no pain) to 10"),
+    ({"pain_before": "-1"}, "pain_before", "0 (no pain) to 10"),
+    ({"sites": []}, "sites", "Say which body sites"),
+    ({"sites": ["30021000"]}, "sites", "Say which side"),
+    ({"date": "28/11/2026"}, "date", "YYYY-MM-DD"),
+    ({"tz": "abc"}, "tz", "time zone"),
+    ({"technique": "reiki"}, "technique", "Unknown technique"),
+    ({"pressure": "crushing"}, "pressure", "Pressure is one of"),
+    ({"status": "not-done"}, "status_reason", "Say why the session was not done."),
+])
+def test_form_problems_by_field(change, field, words):
+    _, problems = note(dict(BASE_FIELDS, **change))
+    assert field in problems and words in problems[field], problems
+
+
+def test_not_done_needs_no_times_and_keeps_no_end():
+    n, problems = note({"status": "not-done", "status_reason": "Fever", "date": "2026-11-28", "technique": "swedish"})
+    assert problems == {} and n.end is None and n.start.date() == date(2026, 11, 28)
+
+
+def test_all_sessions_done_is_a_problem():
+    sr, task = make_order(total_weeks=1)
+    task["output"] = [{"type": {"coding": [{"system": "https://fhir-massage.dev/fhir/CodeSystem/massage-task-io",
+                                            "code": "session"}]}, "valueReference": {"reference": "Procedure/1"}}]
+    _, problems = note_from_fields(BASE_FIELDS, draft_id="d", order=order_summary(sr, task), patient_ref="Patient/p1",
+                                   performer_ref="Practitioner/lmt", now=NOW)
+    assert "All 1 ordered sessions are documented" in problems["order"]
+
+
+def test_site_choices_put_the_ordered_sites_first_and_offer_sides():
+    choices = site_choices(["30021000:left"])
+    assert choices[0] == ("30021000:left", "Left lower leg", True)
+    keys = [k for k, _, _ in choices]
+    assert "30021000:right" in keys and "30021000:bilateral" in keys and "30021000" not in keys
+    assert "37822005" in keys and len(keys) == len(set(keys))
+
+
+def msg(mid, sender, sent, text, reply_to=None, order="ServiceRequest/o1"):
+    c = {"resourceType": "Communication", "id": mid, "basedOn": [{"reference": order}], "sender": {"reference": sender},
+         "sent": sent, "payload": [{"contentString": text}],
+         "category": [{"coding": [{"system": "x", "code": "progress"}]}]}
+    if reply_to:
+        c["inResponseTo"] = [{"reference": f"Communication/{reply_to}"}]
+    return c
+
+
+def test_thread_nests_replies_under_what_they_answer():
+    comms = [msg("b", "Practitioner/dr", "2026-11-27T10:00:00Z", "Reply", reply_to="a"),
+             msg("a", "Practitioner/lmt", "2026-11-27T09:00:00Z", "First"),
+             msg("c", "Practitioner/lmt", "2026-11-27T11:00:00Z", "Second"),
+             msg("d", "Practitioner/lmt", "2026-11-27T12:00:00Z", "Reply to a missing one", reply_to="zz"),
+             msg("e", "Practitioner/lmt", "2026-11-27T12:00:00Z", "Other order", order="ServiceRequest/o2")]
+    out = thread(comms, order_ref="ServiceRequest/o1", me="Practitioner/lmt", names={"Practitioner/dr": "Ada Grey"})
+    assert [(m.text, m.depth) for m in out] == [("First", 0), ("Reply", 1), ("Second", 0),
+                                                ("Reply to a missing one", 0)]
+    assert out[1].sender_name == "Ada Grey" and out[0].mine and not out[1].mine
