@@ -325,3 +325,24 @@ def test_style_from_another_server_is_not_fetched(sandbox, app_for):
         assert hits == []  # not the EHR's origin: never contacted (no SSRF through the token response)
     finally:
         other_server.stop()
+
+
+@pytest.mark.parametrize("auth", [
+    pytest.param({"discovery": "capability-only"}, id="capability-only discovery (v1 server)"),
+    pytest.param({"fhir_user": "relative"}, id="relative fhirUser"),
+])
+def test_sandbox_modes(make_smart_sandbox, make_app_server, auth):
+    sandbox = make_smart_sandbox(clients=[], auth=auth)
+    app = make_app_server(sandbox, None, AREAS=())
+    r = ehr_launch(requests.Session(), sandbox, app, user=THERAPIST)
+    assert r.status_code == 200, r.text[:600]
+    assert banner_name(r.text) == TOM[1] and "role-badge--therapist" in r.text
+
+
+def test_v1_only_client_gets_v1_scopes(sandbox, app_for):
+    app = app_for({"scope_dialect": "v1"}, registration={"scope_dialect": "v1"})
+    r = ehr_launch(requests.Session(), sandbox, app)
+    assert banner_name(r.text) == TOM[1]
+    granted = re.search(r"<summary>Permissions granted by the EHR</summary>\s*<p><code>([^<]*)<", r.text).group(1)
+    assert "patient/ServiceRequest.write" in granted.split()
+    assert f'href="/p/{lsid_of(r.url)}/orders/"' in r.text  # v1 .write allows ordering
