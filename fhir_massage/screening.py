@@ -23,7 +23,7 @@ from datetime import date
 from typing import Any, Iterable, Mapping, Sequence
 
 from fhir_massage.chart import (
-    AllergyFact, ConditionFact, MedicationFact, ObservationFact, PatientChart, ProcedureFact, from_bundle,
+    ConditionFact, MedicationFact, ObservationFact, PatientChart, from_bundle,
 )
 from fhir_massage.codes import TECHNIQUES
 from fhir_massage.errors import InvalidInput
@@ -145,6 +145,7 @@ class Screening:
 
     def to_json(self) -> dict[str, Any]:
         applicable = set(self.applicable)
+        # needsReview entries: {"evidence": "Type/id", "reason": "..."} (+ "alsoIn": [refs] for repeated copies)
         findings = []
         for f in self.findings:
             j = f.to_json()
@@ -153,7 +154,8 @@ class Screening:
         return {
             "verdict": self.verdict,
             "findings": findings,
-            "needsReview": [dict(n) for n in self.needs_review],
+            "needsReview": [{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in n.items()}
+                            for n in self.needs_review],
             "warnings": list(self.warnings),
             "patient": self.patient,
             "screenedOn": self.today.isoformat(),
@@ -295,12 +297,12 @@ class _Engine:
         self.review: dict[tuple[str, str], dict[str, str]] = {}
         self.warnings: list[str] = list(chart.warnings)
         self.gestational_days: list[tuple[int, Evidence]] = []
-        self.recent_surgery_days: int | None = None
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
     def needs_review(self, ref: str, reason: str) -> None:
         self.review.setdefault((ref, reason), {"evidence": ref, "reason": reason})
+
 
     def fire(self, rule: Rule, sites: Iterable[Site], ev: Evidence, *, companions: bool = True) -> None:
         self.acc.add(rule, sites, ev)
@@ -800,7 +802,19 @@ class _Engine:
         self.allergies()
         self.procedures()
         findings = self.acc.build()
-        review = sorted(self.review.values(), key=lambda r: (r["evidence"], r["reason"]))
+        # Repeated copies of one problem (Synthea repeats conditions at every encounter) give the same reason:
+        # one entry, the other resources listed under "alsoIn".
+        by_reason: dict[str, list[str]] = {}
+        for ref, reason in self.review:
+            by_reason.setdefault(reason, []).append(ref)
+        review = []
+        for reason, refs in by_reason.items():
+            refs = sorted(set(refs))
+            entry = {"evidence": refs[0], "reason": reason}
+            if len(refs) > 1:
+                entry["alsoIn"] = refs[1:]
+            review.append(entry)
+        review.sort(key=lambda r: (r["evidence"], r["reason"]))
         return findings, review
 
 

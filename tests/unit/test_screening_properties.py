@@ -12,7 +12,7 @@ from fhir_massage.chart import from_resources
 from fhir_massage.codes import TECHNIQUES
 from fhir_massage.screening import VERDICTS, screen
 from tests.unit.test_screening_rules import (
-    ICD, RXN, SCT, allergy, bp, condition, med_request, observation, patient, procedure, site, text_condition,
+    ICD, SCT, allergy, bp, condition, med_request, observation, patient, procedure, site, text_condition,
 )
 
 TODAY = date(2024, 6, 1)

@@ -452,3 +452,10 @@ def test_every_rule_fires_from_its_codes_for_each_of_its_techniques(rule_id, sys
             assert verdict == "contraindicated"
         elif applies:
             assert verdict in ("caution", "contraindicated")
+
+
+def test_repeated_uncoded_problem_is_one_review_entry():
+    result = run(*[text_condition(f"c{i}", "Blood clot in leg") for i in range(5)])
+    assert len(result.needs_review) == 1
+    entry = result.to_json()["needsReview"][0]
+    assert entry["evidence"] == "Condition/c0" and entry["alsoIn"] == [f"Condition/c{i}" for i in range(1, 5)]
