@@ -16,7 +16,8 @@ field); every identifier of the transaction derives from it (builders/order.py),
 retry or a network retry writes one order. The chart is fetched once per launch session and kept in the store a
 few minutes (``ORDERS_CHART_TTL``), so the live re-screen costs no EHR round trip.
 
-Config: ``ORDERS_CHART_TTL`` (s, default 300), ``ORDERS_VALIDATE`` (check every resource against our profiles before
+Config: ``ORDERS_CHART_TTL`` (s, default 300), ``ORDERS_SIGN_CHART_AGE`` (s, default 60: signing refetches an
+older chart), ``ORDERS_VALIDATE`` (check every resource against our profiles before
 sending; default on under TESTING or DEBUG), ``ORDERS_TODAY`` (ISO date to screen as of; tests only).
 """
 
@@ -130,11 +131,14 @@ def _save_draft(draft_id: str, rec: Mapping[str, Any]) -> None:
     _store().put(NS_DRAFT, draft_id, dict(rec), _ttl())
 
 
-def chart_resources(ctx: LaunchContext) -> list[dict[str, Any]]:
-    """The patient's chart for screening: fetched once (one batch), then kept in the store for a few minutes."""
+def chart_resources(ctx: LaunchContext, *, max_age: float | None = None) -> list[dict[str, Any]]:
+    """The patient's chart for screening: fetched once (one batch), then kept in the store for a few minutes.
+    ``max_age``: refetch when the kept copy is older (signing screens a chart at most a minute old, so a problem
+    entered in the EHR while the physician was filling the form is still seen before the order is written)."""
     store = _store()
     cached = store.get(NS_CHART, ctx.sid)
-    if cached and cached.get("patient") == ctx.patient_id:
+    if cached and cached.get("patient") == ctx.patient_id and (
+            max_age is None or time.time() - float(cached.get("fetched") or 0) <= max_age):
         return cached["resources"]
     resources = fetch_chart_resources(fhir_client(), ctx.patient_id)
     store.put(NS_CHART, ctx.sid, {"patient": ctx.patient_id, "resources": resources, "fetched": time.time()},
@@ -400,7 +404,8 @@ def sign() -> Any:
         rec["fields"] = fields
         _save_draft(draft_id, rec)
         now = _now()
-        ev = _Evaluation(ctx, draft_id, fields, chart_resources(ctx), now)
+        fresh = float(current_app.config.get("ORDERS_SIGN_CHART_AGE", 60))
+        ev = _Evaluation(ctx, draft_id, fields, chart_resources(ctx, max_age=fresh), now)
         if ev.problems:
             return render_template("orders/form.html", **_form_context(ev, draft_id, show_problems=True)), 422
         client = fhir_client()

@@ -266,3 +266,41 @@ def test_therapist_is_not_offered_ordering(smart_sandbox, app):
     csrf = re.search(r'<meta name="csrf-token" content="([^"]+)"', r.text).group(1)
     s = browser.post(f"{landing}orders/sign", data={"csrf_token": csrf, "draft_id": "x"}, timeout=30)
     assert s.status_code == 403 and sid
+
+
+@pytest.mark.parametrize("patient,words", [
+    ("demo-helen-brooks", "Couldn't code this problem: review it."),
+    ("demo-ray-okafor", "Some codes behind this finding are not verified"),
+])
+def test_review_items_and_unverified_codes_are_said_plainly(smart_sandbox, app, patient, words):
+    browser, landing = launch(smart_sandbox, app, patient=patient)
+    page = open_order_form(browser, landing)
+    assert words in unescape(page.text)
+    assert 'data-verdict="clear"' not in page.text
+
+
+def test_a_problem_entered_while_the_form_is_open_is_screened_before_signing(make_smart_sandbox, make_app_server):
+    from datetime import date
+
+    sandbox = make_smart_sandbox()  # its own sandbox: this test changes Tom Becker's chart
+    app = make_app_server(sandbox, None, AREAS=("orders",), ORDERS_SIGN_CHART_AGE=0)
+    browser, landing = launch(sandbox, app)
+    page = open_order_form(browser, landing)
+    assert 'data-verdict="clear"' in page.text
+    tok = get_token(sandbox, "test-public", PHYSICIAN, TOM, scopes="launch openid fhirUser patient/Condition.cruds")
+    dvt = {"resourceType": "Condition", "subject": {"reference": f"Patient/{TOM}"},
+           "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                          "code": "active"}]},
+           "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                                              "code": "confirmed"}]},
+           "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I82.402"}],
+                    "text": "Acute DVT, left lower leg"},
+           "onsetDateTime": date.today().isoformat()}
+    r = requests.post(f"{sandbox.fhir_base}/Condition", json=dvt, timeout=10,
+                      headers={"Authorization": f"Bearer {tok['access_token']}",
+                               "Content-Type": "application/fhir+json"})
+    assert r.status_code == 201, r.text[:500]
+    data = form_fields(page, technique=["swedish"], site=[LEFT_LOWER_LEG], **{f"side-{LEFT_LOWER_LEG}": "left"})
+    signed = browser.post(sign_url(page), data=data, timeout=60)
+    assert signed.status_code == 422, signed.url
+    assert 'name="override-dvt-acute"' in signed.text
