@@ -210,3 +210,25 @@ def test_cli_ehr_flag():
                                                              "client_id": "my-app", "auth": "public"}
     with pytest.raises(InvalidInput):
         _parse_ehr("no-equals-sign")
+
+
+def test_odd_launch_and_callback_input_never_gives_a_500():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    app = make()
+    client = app.test_client()
+    text = st.text(max_size=300)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(iss=text, launch=st.one_of(st.none(), text), state=text, code=text, error=st.one_of(st.none(), text))
+    def check(iss, launch, state, code, error):
+        q = {"iss": iss} if launch is None else {"iss": iss, "launch": launch}
+        r = client.get("/launch", query_string=q)
+        assert r.status_code in (400,), (q, r.status_code)  # never a registered iss here: no outbound call
+        cb = {"state": state, "code": code} if error is None else {"state": state, "error": error}
+        r = client.get("/callback", query_string=cb)
+        assert r.status_code == 400
+        assert "Traceback" not in r.get_data(as_text=True)
+
+    check()
