@@ -503,6 +503,34 @@ def load_private_key(value: str | Mapping[str, Any]) -> RSAKey | ECKey:
         raise LaunchError(f"The private key could not be read ({type(exc).__name__}).", code="config") from None
 
 
+def public_jwk(value: str | Mapping[str, Any], *, alg: str | None = None) -> dict[str, Any]:
+    """The public JWK (with kid, alg, use=sig) of a PEM or JWK, private or public: for publishing a next key."""
+    try:
+        if isinstance(value, Mapping) or (isinstance(value, str) and value.lstrip().startswith("{")):
+            data = json.loads(value) if isinstance(value, str) else dict(value)
+            key: RSAKey | ECKey = ECKey.import_key(data) if data.get("kty") == "EC" else RSAKey.import_key(data)
+        elif "EC " in value or _pem_is_ec(value) or "BEGIN PUBLIC KEY" in value and _pem_public_is_ec(value):
+            key = ECKey.import_key(value)
+        else:
+            key = RSAKey.import_key(value)
+    except (JoseError, ValueError, TypeError) as exc:
+        raise LaunchError(f"The public key could not be read ({type(exc).__name__}).", code="config") from None
+    jwk = dict(key.as_dict(private=False))
+    jwk.update({"kid": key.kid or key.thumbprint(), "alg": alg or ("ES384" if isinstance(key, ECKey) else "RS384"),
+                "use": "sig"})
+    return jwk
+
+
+def _pem_public_is_ec(pem: str) -> bool:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        return isinstance(load_pem_public_key(pem.encode()), ec.EllipticCurvePublicKey)
+    except (ValueError, TypeError):
+        return False
+
+
 def _pem_is_ec(pem: str) -> bool:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_private_key

@@ -42,6 +42,8 @@ A registration (TOML ``[[ehr]]`` table or dict):
     private_key_file  = "keys/example.pem"               # private_key_jwt: PEM or JWK JSON file (RSA or EC P-384);
     private_key       = {...} | "-----BEGIN ..."         #   or the key inline (dicts only: JWK or PEM text)
     private_key_alg   = "RS384" | "ES384"                # default from the key type
+    next_public_key_file = "keys/next.pem"               # optional: the next key, published in our JWKS ahead of
+                                                         #   a rotation (CA "Registering a client": SHOULD)
     scope_dialect     = "auto" | "v1" | "v2"             # auto: from the server's capabilities
     scopes            = "launch openid ..."              # optional override of the requested scopes
     frame_ancestors   = ["https://ehr.example.org"]      # origins allowed to embed the app (default: iss origin)
@@ -80,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
 AUTH_METHODS = ("public", "client_secret_basic", "private_key_jwt")
 _REG_KEYS = {"iss", "client_id", "name", "auth", "client_secret_env", "client_secret", "private_key_file",
              "private_key", "private_key_alg", "scope_dialect", "scopes", "frame_ancestors",
+             "next_public_key_file", "next_public_key",
              "cds_iss", "cds_jwks_url", "cds_jwks"}  # CDS Hooks caller keys: read by smart_app/cds.py (docs/cds-hooks.md)
 
 
@@ -92,6 +95,7 @@ class Registration:
     scope_dialect: str = "auto"
     scopes: str | None = None
     frame_ancestors: tuple[str, ...] = ()
+    next_public_jwk: dict[str, Any] | None = None  # published in /.well-known/jwks.json next to the current key
 
     @property
     def auth_method(self) -> str:
@@ -146,6 +150,23 @@ class Registration:
                 auth = smart.PrivateKeyJwt(client_id, key, data.get("private_key_alg"))
             except Exception as exc:  # LaunchError from smart: re-raise as a config problem
                 raise InvalidInput(f"Private key for {iss}: {exc}") from None
+        next_jwk = None
+        if data.get("next_public_key") is not None or data.get("next_public_key_file"):
+            if method != "private_key_jwt":
+                raise InvalidInput(f"next_public_key_file for {iss} only makes sense with private_key_jwt.")
+            src = data.get("next_public_key")
+            if src is None:
+                path = Path(str(data["next_public_key_file"]))
+                if not path.is_absolute() and base_dir is not None:
+                    path = base_dir / path
+                try:
+                    src = path.read_text()
+                except OSError as exc:
+                    raise InvalidInput(f"Cannot read the next public key file for {iss} ({exc.strerror}).") from None
+            try:
+                next_jwk = smart.public_jwk(src, alg=data.get("private_key_alg"))
+            except Exception as exc:
+                raise InvalidInput(f"Next public key for {iss}: {exc}") from None
         dialect = data.get("scope_dialect", "auto")
         if dialect not in ("auto", "v1", "v2"):
             raise InvalidInput(f"scope_dialect for {iss} must be auto, v1 or v2.")
@@ -165,7 +186,8 @@ class Registration:
                 raise InvalidInput(f"frame_ancestors entries are origins like https://ehr.example.org, not {origin!r}.")
             checked.append(f"{p.scheme}://{p.netloc}")
         return cls(iss=iss, client_id=client_id, client_auth=auth, name=str(data.get("name") or urlsplit(iss).netloc),
-                   scope_dialect=dialect, scopes=scopes or None, frame_ancestors=tuple(checked))
+                   scope_dialect=dialect, scopes=scopes or None, frame_ancestors=tuple(checked),
+                   next_public_jwk=next_jwk)
 
 
 def load_registrations_toml(path: str | Path) -> list[dict[str, Any]]:
@@ -183,8 +205,9 @@ def load_registrations_toml(path: str | Path) -> list[dict[str, Any]]:
     out = []
     for t in tables:
         t = dict(t)
-        if t.get("private_key_file") and not Path(t["private_key_file"]).is_absolute():
-            t["private_key_file"] = str((path.parent / t["private_key_file"]).resolve())
+        for k in ("private_key_file", "next_public_key_file"):
+            if t.get(k) and not Path(t[k]).is_absolute():
+                t[k] = str((path.parent / t[k]).resolve())
         out.append(t)
     return out
 

@@ -610,10 +610,10 @@ def jwks() -> Response:
     keys = []
     seen = set()
     for reg in _state().registry.values():
-        jwk = reg.client_auth.public_jwk()
-        if jwk and jwk["kid"] not in seen:
-            seen.add(jwk["kid"])
-            keys.append(jwk)
+        for jwk in (reg.client_auth.public_jwk(), reg.next_public_jwk):  # current key, then the next one
+            if jwk and jwk["kid"] not in seen:
+                seen.add(jwk["kid"])
+                keys.append(jwk)
     if not keys:
         abort(404)
     return Response(__import__("orjson").dumps({"keys": keys}), mimetype="application/json",

@@ -232,3 +232,18 @@ def test_odd_launch_and_callback_input_never_gives_a_500():
         assert "Traceback" not in r.get_data(as_text=True)
 
     check()
+
+
+def test_jwks_publishes_the_next_key_for_rotation(tmp_path):
+    from joserfc.jwk import RSAKey
+
+    current, nxt = RSAKey.generate_key(2048, private=True), RSAKey.generate_key(2048, private=True)
+    (tmp_path / "next.pem").write_bytes(nxt.as_pem(private=False))
+    app = make(REGISTRATIONS=[{"iss": ISS, "client_id": "a", "auth": "private_key_jwt",
+                               "private_key": current.as_dict(private=True),
+                               "next_public_key_file": str(tmp_path / "next.pem")}])
+    keys = app.test_client().get("/.well-known/jwks.json").json["keys"]
+    assert [k["kid"] for k in keys] == [current.thumbprint(), nxt.thumbprint()]
+    assert all(k["alg"] == "RS384" and k["use"] == "sig" and "d" not in k for k in keys)
+    with pytest.raises(InvalidInput, match="only makes sense"):
+        make(REGISTRATIONS=[{"iss": ISS, "client_id": "a", "next_public_key_file": str(tmp_path / "next.pem")}])
