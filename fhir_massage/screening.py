@@ -470,6 +470,12 @@ class _Engine:
                 weeks = _z3a_weeks(system, code)
                 if weeks is not None:
                     self.gestational_days.append((weeks * 7, self._condition_ev(fact, cm, active, unconfirmed)))
+                trimester = _o_code_trimester(system, code)
+                if trimester is not None and active:
+                    # a representative gestational age inside that trimester (only the trimester is known)
+                    ga = {1: 49, 2: 140, 3: 230}[trimester]
+                    self.gestational_days.append((ga, self._condition_ev(fact, cm, active, unconfirmed,
+                                                                         f"trimester {trimester} from the ICD-10-CM code")))
         sites = self.sites_for(rule, fact, cm, None)
         ev = self._condition_ev(fact, cm, active, unconfirmed, self._with_inferred(fact.ref, note, rule))
         self.fire(rule, sites, ev)
@@ -683,11 +689,14 @@ class _Engine:
             ev = Evidence(ref=latest.ref, display=f"Pregnancy status: {latest.answer}", status=latest.status,
                           dates={"effective": latest.effective_date.isoformat()},
                           code=CodeMatch("http://loinc.org", "82810-3", "Pregnancy status", "[V]", True))
-            if latest.answer == "pregnant":
+            if latest.answer in ("pregnant", "possible"):
                 if age > th["pregnancy_status_stale_days"]:
-                    self.needs_review(latest.ref, f"Pregnancy status 'pregnant' was recorded {age} days ago; confirm "
-                                                  "whether the patient is still pregnant.")
+                    self.needs_review(latest.ref, f"Pregnancy status '{latest.answer}' was recorded {age} days ago; "
+                                                  "confirm whether the patient is pregnant now.")
                 else:
+                    if latest.answer == "possible":  # SNOMED 102874004 Possible pregnancy: act as if, flagged
+                        ev = Evidence(ref=ev.ref, display="Pregnancy status: possible pregnancy", status=ev.status,
+                                      dates=ev.dates, code=ev.code, unconfirmed=True)
                     self.fire(rule, (Site(self.kb.root_site),), ev)
             elif latest.answer == "unknown":
                 self._ask_pregnancy(latest.ref)
@@ -829,6 +838,17 @@ def _z3a_weeks(system: str, code: str) -> int | None:
     if n == 0:
         return None
     return 7 if n == 1 else n
+
+
+def _o_code_trimester(system: str, code: str) -> int | None:
+    """ICD-10-CM O-codes carry the trimester in their last character (O88.211 first, O44.13 third) [V per the
+    reference]; only 5-6 character codes, because 7-character ones end with the fetus number (O36.5131)."""
+    if system != "icd10cm":
+        return None
+    c = norm_icd(code)
+    if not c.startswith("O") or len(c) not in (5, 6) or c[-1] not in "123":
+        return None
+    return int(c[-1])
 
 
 def _obs_key(o: ObservationFact) -> tuple:

@@ -459,3 +459,18 @@ def test_repeated_uncoded_problem_is_one_review_entry():
     assert len(result.needs_review) == 1
     entry = result.to_json()["needsReview"][0]
     assert entry["evidence"] == "Condition/c0" and entry["alsoIn"] == [f"Condition/c{i}" for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("code,first", [("O09.91", True), ("O09.92", False), ("O88.211", True), ("O36.5131", False)],
+                         ids=["o-code-first-trimester", "o-code-second-trimester", "obstetric-vte-first-trimester",
+                              "seven-character-o-code-last-digit-is-the-fetus"])
+def test_trimester_from_o_code(code, first):
+    found = rules_of(run(condition("c", code, ICD)))
+    assert "pregnancy" in found
+    assert ("pregnancy-first-trimester" in found) is first
+
+
+def test_possible_pregnancy_answer_counts_unconfirmed():
+    result = run(observation("o", "82810-3", answer=(SCT, "102874004")), techniques=["swedish"])
+    f = next(f for f in result.findings if f.rule == "pregnancy")
+    assert result.verdict == "caution" and f.unconfirmed
