@@ -309,7 +309,8 @@ def finding_message_text(findings: Sequence[screening_mod.Finding], order: Order
              f"(order of {str(order.authored or '')[:10]}):"]
     for f in findings:
         ev = "; ".join(d.summary() for d in f.details)
-        lines.append(f"- {f.title or f.rule} [{f.rule}, {f.cls}]: {f.message}" + (f" Evidence: {ev}." if ev else ""))
+        shown = f" Evidence: {ev}." if ev and "Evidence:" not in f.message else ""  # some rule messages quote it
+        lines.append(f"- {f.title or f.rule} [{f.rule}, {f.cls}]: {f.message}{shown}")
     lines.append("I have not given the session as ordered. Please review and advise (clearance, a change of "
                  "technique or site, or holding the order).")
     return "\n".join(lines)
@@ -695,6 +696,8 @@ def _render_document(order_id: str, data: PageData, *, fields: Mapping[str, Any]
     minutes, units, cpt = minutes_and_units(note)
     stop_message = finding_message_text(result.stop or tuple(f for f, _ in result.new), order, now.date()) \
         if (result.stop or result.new) else ""
+    # sites to hatch on the diagram: where an applicable absolute or local finding forbids this technique
+    marked = sorted({str(site) for f in result.stop for site in f.sites})
     about = []
     for f in (result.stop or tuple(f for f, _ in result.new)):
         about += [e for e in f.evidence if e not in about]
@@ -705,7 +708,7 @@ def _render_document(order_id: str, data: PageData, *, fields: Mapping[str, Any]
         pressures=PRESSURES, messages=thread(data.comms, order_ref=order.ref, me=ctx.user_ref,
                                              names=_names_for(ctx, data.names)),
         message_categories=[(k, v[0]) for k, v in MESSAGE_CATEGORIES.items()], stop_message=stop_message,
-        stop_about=about, message_id=new_draft_id(), today=now.date().isoformat(),
+        stop_about=about, message_id=new_draft_id(), today=now.date().isoformat(), marked_sites=marked,
     ), status
 
 
@@ -865,8 +868,12 @@ def submit(order_id: str) -> Any:
     if action != "submit":
         return redirect(url_for("sessions.document", order_id=order_id, saved="1") + "#note", code=303)
     now = _now()
+    client = fhir_client()
+    # One retry at most while the therapist waits: the draft is safe on the server and "Try again" is one click,
+    # so a dead EHR is reported in seconds, not after the client's full back-off.
+    client.max_retries = min(client.max_retries, 1)
     try:
-        data = load_order_page(fhir_client(), _patient(ctx), order_id)
+        data = load_order_page(client, _patient(ctx), order_id)
     except (FhirError, LaunchError) as exc:
         reason, status, relaunch = _failure_words(exc)
         return _not_sent(order_id, reason, draft, status=status, relaunch=relaunch)
@@ -883,7 +890,7 @@ def submit(order_id: str) -> Any:
                                 problems=problems, status=400,
                                 notice="The note is saved as a draft, but not sent: see the fields marked below.")
     try:
-        result = write_session(fhir_client(), note, data.order.task, now)
+        result = write_session(client, note, data.order.task, now)
     except InvalidInput as exc:  # e.g. the Task was closed meanwhile
         return _not_sent(order_id, exc.message, draft, status=409)
     except (FhirError, LaunchError) as exc:

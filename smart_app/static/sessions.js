@@ -77,6 +77,53 @@
     });
   });
 
+  // --- body diagram (smart_app/templates/_body_diagram.html) <-> the site checkboxes (values CODE[:side]) -------
+  function siteBox(key) { return form.querySelector('input[name="sites"][value="' + key + '"]'); }
+  function sidesOf(code) {
+    var both = siteBox(code + ":bilateral"), l = siteBox(code + ":left"), r = siteBox(code + ":right");
+    var out = [];
+    if (both && both.checked) { return ["left", "right"]; }
+    if (l && l.checked) { out.push("left"); }
+    if (r && r.checked) { out.push("right"); }
+    return out;
+  }
+  function syncDiagram() {
+    form.querySelectorAll(".bd-region").forEach(function (region) {
+      var code = region.getAttribute("data-site"), side = region.getAttribute("data-side");
+      var box = siteBox(code);
+      var on = side ? sidesOf(code).indexOf(side) >= 0 : !!(box && box.checked);
+      region.classList.toggle("bd-region--selected", on);
+      region.setAttribute("aria-checked", on ? "true" : "false");
+    });
+  }
+  function toggleRegion(region) {
+    var code = region.getAttribute("data-site"), side = region.getAttribute("data-side");
+    if (!side) {
+      var box = siteBox(code);
+      if (box) { box.checked = !box.checked; }
+    } else {
+      var sides = sidesOf(code);
+      var i = sides.indexOf(side);
+      if (i >= 0) { sides.splice(i, 1); } else { sides.push(side); }
+      ["left", "right", "bilateral"].forEach(function (s) {
+        var b = siteBox(code + ":" + s);
+        if (!b) { return; }
+        b.checked = sides.length === 2 ? s === "bilateral" : (sides.length === 1 && sides[0] === s);
+      });
+      var other = form.querySelector(".other-sites");
+      var shown = siteBox(code + ":" + (sides.length === 2 ? "bilateral" : (sides[0] || side)));
+      if (other && shown && shown.checked && other.contains(shown)) { other.open = true; }
+    }
+    syncDiagram();
+    schedule(1000);
+  }
+  form.querySelectorAll(".body-diagram--interactive .bd-region").forEach(function (region) {
+    region.addEventListener("click", function () { toggleRegion(region); });
+    region.addEventListener("keydown", function (ev) {
+      if (ev.key === " " || ev.key === "Enter") { ev.preventDefault(); toggleRegion(region); }
+    });
+  });
+
   // --- autosave -----------------------------------------------------------------------------------------------
   function body() {
     var data = new URLSearchParams();
@@ -138,6 +185,7 @@
     schedule(1000);
   });
   form.addEventListener("change", function (ev) {
+    if (ev.target.name === "sites") { syncDiagram(); }
     updateMinutes();
     updateStatus();
     schedule(1000);
@@ -164,4 +212,5 @@
 
   updateMinutes();
   updateStatus();
+  syncDiagram();
 })();

@@ -71,6 +71,14 @@ def test_note_survives_a_failed_submit_and_is_written_once(make_smart_sandbox, m
         frame.locator('textarea[name="subjective"]').fill("Low back ache after gardening, 7/10.")
         frame.locator('textarea[name="objective"]').fill("Hypertonic left erector spinae; guarded lumbar flexion.")
         frame.locator('input[name="response"]').fill("Tolerated well; relaxed by the end.")
+        # the shared body diagram drives the site checkboxes (patient's right lower leg, then off again)
+        region = frame.locator('#session-body [data-key="30021000:right"]')
+        region.click()
+        assert frame.locator('input[name="sites"][value="30021000:right"]').is_checked()
+        assert region.get_attribute("aria-checked") == "true"
+        region.press(" ")
+        assert not frame.locator('input[name="sites"][value="30021000:right"]').is_checked()
+        assert frame.locator('#session-body [data-key="16982005:left"]').get_attribute("aria-checked") == "true"
         status = frame.get_by_test_id("draft-status")
         status.filter(has_text=re.compile(r"^Draft saved \d\d:\d\d$")).wait_for()
 

@@ -292,6 +292,30 @@ def test_failed_submit_keeps_the_draft_and_the_retry_writes_once(sandbox, app):
     assert client.read("Task", task_id)["businessStatus"]["text"] == "1 of 2 sessions done"
 
 
+def test_timeout_on_submit_keeps_the_draft_and_a_retry_writes_once(sandbox, make_app_server):
+    app = make_app_server(sandbox, HTTP_TIMEOUT=(2.0, 1.0))
+    order_id, task_id = post_order(sandbox, FEIL, weeks=4)
+    t = Therapist(sandbox, app, FEIL)
+    page = t.page(order_id)
+    # every POST to the FHIR API now answers after the app stopped waiting; the EHR may still act on it
+    requests.post(f"{sandbox.url}/_sandbox/faults", json={"latency_ms": 1500, "fail_methods": ["POST"]}, timeout=10)
+    r = t.submit(order_id, page.text, note_fields(subjective="Written while the EHR was slow",
+                                                  status="completed", pain_before="", pain_after=""))
+    requests.delete(f"{sandbox.url}/_sandbox/faults", timeout=10)
+    assert r.status_code == 503
+    words = unescape(r.text)
+    assert "The EHR did not answer (timeout)." in words
+    assert "Your note is saved as a draft on this server; nothing was written to the chart." in words
+    page2 = t.page(order_id)
+    assert "Written while the EHR was slow" in page2.text
+    r = t.http.post(f"{t.base}/{order_id}", data={"csrf_token": t.csrf(page2.text), "action": "submit",
+                                                 "draft_id": t.draft_id(page2.text)}, timeout=60)
+    assert "Session recorded" in r.text, r.text[:800]
+    client = ehr_client(sandbox, FEIL)
+    assert len(session_resources(client, order_id)["Procedure"]) == 1
+    assert client.read("Task", task_id)["businessStatus"]["text"] == "1 of 4 sessions done"
+
+
 def test_task_conflict_on_retry_does_not_double_count(sandbox):
     order_id, task_id = post_order(sandbox, SUZI)
     client = ehr_client(sandbox, SUZI)
