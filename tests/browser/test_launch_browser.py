@@ -66,3 +66,26 @@ def test_app_runs_inside_the_ehr_iframe_and_keeps_its_session(make_smart_sandbox
         assert re.match(rf"^{re.escape(app.url)}/p/[^/]+/plan/$", app_frame.url)
     finally:
         context.close()
+
+
+def test_two_tabs_with_two_patients_keep_apart(make_smart_sandbox, make_app_server, browser):
+    """One browser (one cookie), two EHR tabs with two charts open: each iframe keeps its own launch session."""
+    sandbox = make_smart_sandbox(clients=[])
+    app = make_app_server(sandbox, None, BLUEPRINTS=[plan_stand_in()], AREAS=())
+    context = browser.new_context()
+    try:
+        tabs = {}
+        for patient, name in (("demo-tom-becker", "Tom Becker"), ("demo-maria-santos", "Maria Santos")):
+            page = context.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(f"{sandbox.url}/ehr/launch?client_id={app.client_id}&user=dr-ada-grey&patient={patient}")
+            page.frame_locator("iframe.app").get_by_test_id("patient-name").wait_for()
+            tabs[name] = page
+        for name, page in tabs.items():  # navigate in both tabs after both launches happened
+            frame = page.frame_locator("iframe.app")
+            frame.get_by_role("link", name="Plan").click()
+            frame.get_by_test_id("fhir-family").wait_for()
+            assert frame.get_by_test_id("fhir-family").inner_text() == name.split()[-1]
+            assert frame.get_by_test_id("patient-name").inner_text() == name
+    finally:
+        context.close()
