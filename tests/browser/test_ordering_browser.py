@@ -40,6 +40,15 @@ def test_physician_orders_by_clicking_and_overrides_the_dvt_leg(smart_sandbox, m
         caution = frame.locator('#screening-panel [data-verdict="caution"]')
         caution.wait_for()
 
+        # the diagram works from the keyboard too: Space toggles a focused region on and off
+        knee = frame.locator('.bd-region[data-key="72696002:right"]')
+        knee.focus()
+        knee.press("Space")
+        assert knee.get_attribute("aria-checked") == "true" and frame.locator("#side-72696002").input_value() == "right"
+        knee.press("Space")
+        assert knee.get_attribute("aria-checked") == "false"
+        assert not frame.get_by_role("checkbox", name="Knee", exact=True).is_checked()
+
         # now deep tissue on the left lower leg, chosen on the diagram
         frame.get_by_role("checkbox", name="Deep tissue massage").check()
         region = frame.locator('.bd-region[data-key="30021000:left"]')
