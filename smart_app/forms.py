@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 from fhir_massage.builders.detected_issue import detected_issue
 from fhir_massage.builders.order import FINDING_ID_SYSTEM, meta, order_transaction
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUES
-from fhir_massage.orders_model import LATERALITIES, OrderDraft, is_lateralizable, order_problems
+from fhir_massage.orders_model import OrderDraft, is_lateralizable, order_problems
 
 __all__ = [
     "DEFAULTS", "OVERRIDE_REASONS", "FORM_FIELDS", "FormData", "ParsedForm", "parse_order_form", "fields_from_form",
@@ -118,9 +118,9 @@ def parse_sites(form: FormData) -> list[str]:
         if not code:
             continue
         side = (form.get(f"side-{code}") or "").strip()
+        # a side on a site without sides is dropped (the form offers none); an unknown side is kept so that
+        # order_problems can name it
         value = f"{code}:{side}" if side and is_lateralizable(code) else code
-        if side and side not in LATERALITIES and is_lateralizable(code):
-            value = f"{code}:{side}"  # order_problems explains the unknown side
         if value not in out:
             out.append(value)
     return out
@@ -225,12 +225,8 @@ def screen_inputs(draft: OrderDraft) -> tuple[list[str] | None, list[str] | None
     """(techniques, sites) to screen the draft with: the valid ones chosen so far; None = not chosen yet (the
     engine then screens every technique / the whole body, the cautious reading)."""
     techniques = [t for t in draft.techniques if t in TECHNIQUES] or None
+    # a lateralizable site still without a side parses with no side, which the engine reads as both sides
     sites = [s.key for s in draft.parsed_sites()]
-    # a lateralizable site still without a side is screened on both sides until the physician picks one
-    for raw in draft.sites:
-        code = raw.split(":", 1)[0]
-        if ":" not in raw and is_lateralizable(code) and code not in sites:
-            sites.append(code)
     return techniques, sites or None
 
 
