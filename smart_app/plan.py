@@ -566,13 +566,21 @@ def action() -> Any:
     if not orders:
         abort(404, description="That plan is not in this patient's chart (any more).")
     now = _now()
-    bundle = change_transaction(change, orders, tasks, seen, author_ref=ctx.user_ref, now=now)
-    try:
-        client.transaction(bundle)
-    except FhirConflict as exc:
-        if exc.status != 412:
-            raise
-        return conflict_page(client, change, key, orders, seen, now)
+    for attempt in (1, 2):
+        bundle = change_transaction(change, orders, tasks, seen, author_ref=ctx.user_ref, now=now)
+        try:
+            client.transaction(bundle)
+            break
+        except FhirConflict as exc:
+            if exc.status != 412:
+                raise
+            orders, tasks = _plan_orders(client, key)
+            unchanged = all(seen.get(str(o.get("id"))) == str((o.get("meta") or {}).get("versionId"))
+                            for o in orders)
+            if attempt == 2 or not unchanged:
+                return conflict_page(client, change, key, orders, seen, now)
+            # The orders are as the physician saw them; only a Task moved (a session was documented meanwhile).
+            # The Task follows from its fresh version, so one more try overwrites nothing.
     return redirect(url_for("plan.index", done=change.action), code=303)
 
 

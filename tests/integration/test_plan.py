@@ -277,3 +277,18 @@ def test_round_trips_do_not_grow_with_sessions(sandbox, w):
     assert len(after.procedures) >= len(before.procedures) + 50 and len(after.observations) >= 100
     assert after.round_trips == before.round_trips <= 2
     assert small.order_ref
+
+
+def test_a_session_documented_meanwhile_does_not_block_the_hold(sandbox, w, make_app_server):
+    """Only the Task moved (the therapist documented a session after the page was read): the orders are as the
+    physician saw them, so the hold goes through and the Task follows from its new version."""
+    plan = sign_order(w, "demo-maria-santos", authored=NOW - timedelta(days=6))
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, "demo-maria-santos")
+    form = status_form(browser.get(url, timeout=30).text, plan.draft_id)
+    document(w, plan, start=NOW - timedelta(days=1), pain=(4, 2))  # Task version moves on
+    r = post(browser, app, form, action="hold")
+    assert r.status_code == 200 and 'data-testid="done"' in r.text, r.text[:800]
+    task = task_of(w, plan.order_ref)
+    assert read(w, plan.order_ref)["status"] == "on-hold" and task["status"] == "on-hold"
+    assert len(task["output"]) == 1  # the session the therapist wrote is still there
