@@ -44,6 +44,7 @@ class OpenIssue:
     severity: str | None
     text: str
     identified: date | None
+    version: str | None = None  # meta.versionId, for an update with If-Match
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,9 @@ def open_issues(recorded: Iterable[Mapping[str, Any]]) -> tuple[OpenIssue, ...]:
         if i.get("mitigation"):
             continue
         text = str(i.get("detail") or (i.get("code") or {}).get("text") or "Contraindication finding")
+        version = (i.get("meta") or {}).get("versionId") if isinstance(i.get("meta"), Mapping) else None
         out.append(OpenIssue(f"DetectedIssue/{i.get('id')}", i.get("severity"), text,
-                             parse_date(i.get("identifiedDateTime"))))
+                             parse_date(i.get("identifiedDateTime")), str(version) if version else None))
     out.sort(key=lambda x: (order.get(str(x.severity), 3), x.ref))
     return tuple(out)
 

@@ -30,7 +30,7 @@ from fhir_massage import chart as chart_mod
 from fhir_massage import coordination as co
 from fhir_massage import plan_view as pv
 from fhir_massage.builders.messages import CATEGORIES, MESSAGE_ID_SYSTEM, communication
-from fhir_massage.builders.order import provenance, provenance_entry
+from fhir_massage.builders.order import IDENTIFIER_BASE, instant, provenance, provenance_entry
 from fhir_massage.builders.plan import ACTIONS, modify_order, order_status_update, task_follow_order
 from fhir_massage.chart_fetch import chart_searches
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
@@ -54,7 +54,9 @@ ACTION_LABELS = {"hold": "Put on hold", "resume": "Resume", "revoke": "Revoke", 
                  "modify": "Change the order"}
 DONE_WORDS = {"hold": "The order is on hold.", "resume": "The order is active again.",
               "revoke": "The order is revoked.", "complete": "The order is marked complete.",
-              "modify": "The order was changed.", "reply": "Your reply was sent."}
+              "modify": "The order was changed.", "reply": "Your reply was sent.",
+              "finding": "The finding is recorded on the order.", "reviewed": "The finding is marked reviewed.",
+              "finding-gone": "That finding is no longer new: the chart changed or someone recorded it already."}
 # What the panel reads across patients (SMART v2 user-level scopes, SC "Scopes for requesting FHIR Resources").
 PANEL_NEEDS: tuple[str, ...] = ("ServiceRequest", "Task", "Procedure", "Observation", "DetectedIssue",
                                 "Communication", "Patient")
@@ -612,6 +614,77 @@ def conflict_page(client: FhirClient, change: Change, key: str, current: Sequenc
             "title": ", ".join(TECHNIQUE_DISPLAY.get(t, t) for t in pv.order_techniques(sr)) or "Order"})
     return render_template("plan/conflict.html", versions=versions, change=change, key=key,
                            action_label=ACTION_LABELS[change.action]), 409
+
+
+# -- findings: record a new one on the plan, mark an open one reviewed -----------------------------------------
+
+FINDING_SYSTEM = f"{IDENTIFIER_BASE}/plan-finding"
+
+
+def _mitigation(text: str, *, author_ref: str, now: datetime) -> dict[str, Any]:
+    # R4 DetectedIssue.mitigation: action 1..1 (CodeableConcept, example binding: text is enough), date, author
+    return {"action": {"text": text}, "date": instant(now), "author": {"reference": author_ref}}
+
+
+@bp.post("/finding")
+@require_launch
+def record_finding() -> Any:
+    """Write a finding that is new since signing onto the plan (DetectedIssue, status final, implicating the
+    plan's orders), optionally with what the physician did about it. The chart is screened again here rather
+    than trusting the form: what is written is what the chart says now."""
+    ctx = g.ctx
+    why = _may_act()
+    if why or not ctx.can("DetectedIssue", "create"):
+        abort(403, description=why or "The EHR did not grant this app permission to record findings.")
+    key, rule = request.form.get("plan", ""), request.form.get("rule", "")
+    text = request.form.get("mitigation", "").strip()[:500]
+    client = fhir_client()
+    data = load(client, ctx.patient_id)
+    now = _now()
+    cards, *_ = build_cards(data, today=now.date(), now=now, physician_refs=_physician_refs(),
+                            patient_ref=f"Patient/{ctx.patient_id}")
+    card = next((c for c in cards if c.group.key == key), None)
+    found = next((f for f in (card.new_findings if card else []) if f["_rule"] == rule), None)
+    if found is None:
+        return redirect(url_for("plan.index", done="finding-gone"), code=303)
+    issue = {k: v for k, v in found.items() if not k.startswith("_")}
+    evidence = ",".join(sorted(found["_new_evidence"]))
+    ident = {"system": FINDING_SYSTEM, "value": f"{key}:{rule}:{uuid.uuid5(uuid.NAMESPACE_URL, evidence)}"}
+    issue["identifier"] = [ident] + list(issue.get("identifier") or [])
+    issue["status"] = "final"
+    issue["author"] = {"reference": ctx.user_ref}
+    if text:
+        issue["mitigation"] = [_mitigation(text, author_ref=ctx.user_ref, now=now)]
+    full_url = f"urn:uuid:{uuid.uuid4()}"
+    prov = provenance([{"reference": full_url, "identifier": ident}], author_ref=ctx.user_ref, now=now)
+    client.transaction(transaction_bundle([
+        request_entry("POST", "DetectedIssue", issue, full_url=full_url,
+                      if_none_exist=[("identifier", f"{ident['system']}|{ident['value']}")]),
+        provenance_entry(prov, f"plan-finding/{ident['value']}", mode="put")]))
+    return redirect(url_for("plan.index", done="finding"), code=303)
+
+
+@bp.post("/review")
+@require_launch
+def review_issue() -> Any:
+    """Mark an open finding reviewed: a mitigation added with If-Match (a 412 is the 'someone else changed this
+    record' page; nothing is overwritten)."""
+    ctx = g.ctx
+    why = _may_act()
+    if why or not ctx.can("DetectedIssue", "update"):
+        abort(403, description=why or "The EHR did not grant this app permission to update findings.")
+    ref, version = request.form.get("issue", ""), request.form.get("version", "")
+    text = request.form.get("mitigation", "").strip()[:500] or "Reviewed by the ordering physician"
+    if not ref.startswith("DetectedIssue/") or not version:
+        raise InvalidInput("The form is incomplete; reload the plan and try again.")
+    client = fhir_client()
+    issue = client.read("DetectedIssue", ref.split("/", 1)[1])
+    if co.ref_key(issue.get("patient")) != f"Patient/{ctx.patient_id}":
+        abort(404)
+    updated = {**issue, "mitigation": list(issue.get("mitigation") or [])
+               + [_mitigation(text, author_ref=ctx.user_ref, now=_now())]}
+    client.update(updated, if_match=version)
+    return redirect(url_for("plan.index", done="reviewed"), code=303)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from fhir_massage.fhir import FhirClient, StaticToken
+from fhir_massage.smart import default_scopes
 from smart_app import plan as plan_area
 from tests.fixtures.smart_sandbox import create_launch, get_token, start_smart_sandbox
 from tests.integration.test_plan_helpers import (DR_REF, LMT_REF, PHYSICIAN, document, message, sign_order,
@@ -292,3 +293,34 @@ def test_a_session_documented_meanwhile_does_not_block_the_hold(sandbox, w, make
     task = task_of(w, plan.order_ref)
     assert read(w, plan.order_ref)["status"] == "on-hold" and task["status"] == "on-hold"
     assert len(task["output"]) == 1  # the session the therapist wrote is still there
+
+
+def test_record_a_new_finding_then_mark_it_reviewed(sandbox, w, make_app_server):
+    plan = sign_order(w, "demo-dana-whitfield", techniques=("swedish",), sites=("53120007:left",),
+                      authored=NOW - timedelta(days=3))
+    # marking reviewed updates the DetectedIssue: this registration asks for patient/DetectedIssue.crus
+    scopes = default_scopes("v2", standalone=False).replace("patient/DetectedIssue.crs", "patient/DetectedIssue.crus")
+    app = make_app_server(sandbox, registration={"scopes": scopes})
+    browser, url = launch(sandbox, app, "demo-dana-whitfield")
+    html = browser.get(url, timeout=30).text
+    # Dana's acute DVT (left leg) was not recorded with this order: it is new, and first on the page
+    record = [f for f in forms(html) if f["action"].endswith("/plan/finding")]
+    assert record, html[:2000]
+    rule = record[0]["hidden"]["rule"]
+    r = post(browser, app, record[0], mitigation="")
+    assert r.status_code == 200 and "The finding is recorded on the order." in r.text, r.text[:800]
+    written = [i for i in w.search_all("DetectedIssue", {"patient": "demo-dana-whitfield"})
+               if {"reference": plan.order_ref} in (i.get("implicated") or [])]
+    assert len(written) == 1 and written[0]["status"] == "final" and written[0]["author"]["reference"] == DR_REF
+    assert rule not in [f["hidden"].get("rule") for f in forms(r.text) if f["action"].endswith("/plan/finding")]
+    # now an open issue (no mitigation yet): mark it reviewed
+    review = next(f for f in forms(r.text) if f["action"].endswith("/plan/review")
+                  and f["hidden"]["issue"] == f"DetectedIssue/{written[0]['id']}")
+    r = post(browser, app, review, mitigation="Left leg excluded; cleared by vascular")
+    assert r.status_code == 200 and "marked reviewed" in r.text, r.text[:800]
+    issue = w.read("DetectedIssue", written[0]["id"])
+    assert issue["mitigation"][-1]["action"]["text"] == "Left leg excluded; cleared by vascular"
+    assert f"DetectedIssue/{issue['id']}" not in r.text.split('id="oi-')[1].split("</section>")[0]
+    # a stale review form (someone changed the finding since) is refused, nothing overwritten
+    r = post(browser, app, review, mitigation="again")
+    assert r.status_code == 409 and len(w.read("DetectedIssue", written[0]["id"])["mitigation"]) == 1
