@@ -37,6 +37,9 @@ def _instant(now: datetime) -> str:
     return now.isoformat(timespec="seconds")
 
 
+PROFILE = f"{CANONICAL_BASE}/StructureDefinition/massage-contraindication"
+
+
 def detected_issue(
     finding: Any,
     *,
@@ -64,6 +67,8 @@ def detected_issue(
         identifiers.insert(0, dict(identifier))
     issue: dict[str, Any] = {
         "resourceType": "DetectedIssue",
+        # Declared so the EHR (and `fhir-massage validate`) checks it against the package's profile.
+        "meta": {"profile": [PROFILE]},
         "identifier": identifiers,
         "status": status,
         "code": {"coding": [{"system": ACT_CODE, "code": act, "display": _ACT_DISPLAY[act]}],
