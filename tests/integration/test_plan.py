@@ -304,7 +304,7 @@ def test_record_a_new_finding_then_mark_it_reviewed(sandbox, w, make_app_server)
     browser, url = launch(sandbox, app, "demo-dana-whitfield")
     html = browser.get(url, timeout=30).text
     # Dana's acute DVT (left leg) was not recorded with this order: it is new, and first on the page
-    record = [f for f in forms(html) if f["action"].endswith("/plan/finding")]
+    record = [f for f in forms(html) if f["action"].endswith("/plan/finding") and f["hidden"]["plan"] == plan.draft_id]
     assert record, html[:2000]
     rule = record[0]["hidden"]["rule"]
     r = post(browser, app, record[0], mitigation="")
@@ -312,7 +312,8 @@ def test_record_a_new_finding_then_mark_it_reviewed(sandbox, w, make_app_server)
     written = [i for i in w.search_all("DetectedIssue", {"patient": "demo-dana-whitfield"})
                if {"reference": plan.order_ref} in (i.get("implicated") or [])]
     assert len(written) == 1 and written[0]["status"] == "final" and written[0]["author"]["reference"] == DR_REF
-    assert rule not in [f["hidden"].get("rule") for f in forms(r.text) if f["action"].endswith("/plan/finding")]
+    assert rule not in [f["hidden"].get("rule") for f in forms(r.text) if f["action"].endswith("/plan/finding")
+                        and f["hidden"]["plan"] == plan.draft_id]
     # now an open issue (no mitigation yet): mark it reviewed
     review = next(f for f in forms(r.text) if f["action"].endswith("/plan/review")
                   and f["hidden"]["issue"] == f"DetectedIssue/{written[0]['id']}")
