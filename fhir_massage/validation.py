@@ -20,15 +20,25 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from fhir_massage.codes import CANONICAL_BASE
 
+def _profiles_root() -> Path:
+    # A source checkout (make demo / make test) has profiles/ beside the package; an installed wheel carries the
+    # compiled package under <prefix>/share/fhir-massage/profiles (pyproject's data-files).
+    checkout = Path(__file__).resolve().parent.parent / "profiles"
+    if (checkout / "package").is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "fhir-massage" / "profiles"
+
+
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIR = ROOT / "profiles" / "package"
-CORE_VALUESETS = ROOT / "profiles" / "validator" / "core-valuesets.json"
+PACKAGE_DIR = _profiles_root() / "package"
+CORE_VALUESETS = _profiles_root() / "validator" / "core-valuesets.json"
 
 PROFILE_PREFIX = f"{CANONICAL_BASE}/StructureDefinition/"
 
