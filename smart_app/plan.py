@@ -358,11 +358,14 @@ def index() -> Any:
                                               patient_ref=f"Patient/{ctx.patient_id}")
     done = request.args.get("done")
     order_names = {r.order_ref: tech_names(r.techniques) for c in cards for r in c.group.rows}
+    several = len(order_names) > 1
+    # new findings have their own box at the top; the rest in attention order (coordination.attention)
+    attention = [(order_names.get(a.order_ref or "") if several else None, reason) for a in att if a.score > 0
+                 for reason in a.reasons if not reason.startswith("New finding")]
     return render_template("plan/index.html", cards=cards, other_threads=other, warnings=warnings,
-                           attention=att, people=data.people, done=DONE_WORDS.get(done or ""),
+                           attention=attention, people=data.people, done=DONE_WORDS.get(done or ""),
                            cannot_act=_may_act(), reply_target=reply_target, action_labels=ACTION_LABELS, categories=CATEGORIES,
-                           round_trips=data.round_trips, order_names=order_names if len(order_names) > 1 else {},
-                           techniques=TECHNIQUES, technique_display=TECHNIQUE_DISPLAY,
+                           round_trips=data.round_trips, techniques=TECHNIQUES, technique_display=TECHNIQUE_DISPLAY,
                            all_sites=_site_choices(), lateralities=list(LATERALITIES),
                            new_id=lambda: uuid.uuid4().hex, tech_names=tech_names, panel_ok=_panel_missing() == [])
 
