@@ -109,7 +109,23 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
+        """Liveness: the process answers (load balancers restart it when this fails)."""
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> tuple[dict[str, str], int]:
+        """Readiness: the shared store answers a write and a read, so a launch started here can finish anywhere."""
+        store = app.extensions["store"]
+        probe = secrets.token_hex(8)
+        try:
+            store.put("health", "readyz", probe, 30)
+            ok = store.get("health", "readyz") is not None
+        except Exception as exc:  # any store failure means "not ready", never a 500 page
+            log.warning("readiness: the store did not answer (%s)", type(exc).__name__)
+            return {"status": "unavailable", "reason": "the session store did not answer"}, 503
+        if not ok:
+            return {"status": "unavailable", "reason": "the session store lost a write"}, 503
+        return {"status": "ready"}, 200
 
     for name in app.config["AREAS"]:
         module_name = f"{__name__}.{name}"

@@ -41,8 +41,22 @@ def build_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     if not config.get("SECRET_KEY"):
         # One random key per worker would make a form rendered by one worker fail on another.
         raise InvalidInput("Set FHIR_MASSAGE_SECRET_KEY: every worker and instance must share it.")
+    if len(str(config["SECRET_KEY"])) < 32:
+        # It signs the CSRF tokens: a short key can be guessed offline from one token.
+        raise InvalidInput("FHIR_MASSAGE_SECRET_KEY is too short: use at least 32 random characters "
+                           "(python -c 'import secrets; print(secrets.token_urlsafe(32))').")
     config["TRUST_PROXY_TLS"] = env.get("FHIR_MASSAGE_TRUST_PROXY_TLS", "").strip().lower() in _TRUE
     return config
 
 
-app = create_app(build_config())
+_app = None
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first access (gunicorn's getattr of "app"), so importing build_config has no side effects.
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app(build_config())
+        return _app
+    raise AttributeError(name)
