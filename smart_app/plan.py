@@ -17,14 +17,13 @@ of the new version or keeps theirs. Nothing is ever overwritten blindly.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlencode
 
-from flask import Blueprint, abort, current_app, g, redirect, render_template, request, url_for
+from flask import Blueprint, abort, g, redirect, render_template, request, url_for
 
 from fhir_massage import chart as chart_mod
 from fhir_massage import coordination as co
@@ -37,14 +36,13 @@ from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, 
 from fhir_massage.errors import FhirConflict, FhirError, InvalidInput
 from fhir_massage.fhir import FhirClient, FhirResult, batch_bundle, entry_outcomes, request_entry, resources, \
     transaction_bundle
-from fhir_massage.orders_model import LATERALITIES, Schedule, _sites, is_lateralizable, site_problem
+from fhir_massage.orders_model import LATERALITIES, Schedule, _sites, site_problem
 from fhir_massage.screening import screen
 
 from . import identity
 from .charts import pain_chart_svg
 from .launch import fhir_client, require_launch
 
-log = logging.getLogger("smart_app.plan")
 
 bp = Blueprint("plan", __name__, url_prefix="/p/<lsid>/plan")
 
@@ -337,7 +335,7 @@ def _may_act() -> str | None:
     """Why the user may not change orders or reply here (None: they may)."""
     ctx = g.ctx
     if ctx.role != identity.PHYSICIAN:
-        return "Only the ordering physician changes the order or replies from this view."
+        return "Only physicians change the order or reply to the therapist from this view."
     if not ctx.user_ref or not ctx.user_ref.startswith(("Practitioner/", "PractitionerRole/")):
         return "The EHR did not say which practitioner you are, so the app cannot sign changes in your name."
     if not (ctx.can("ServiceRequest", "update") and ctx.can("Task", "update")):
@@ -417,7 +415,7 @@ def reply() -> Any:
                         recipient_ref=sender, text=text, category=category, in_response_to=target, now=_now(),
                         draft_id=draft_id)
     client.create(msg, if_none_exist=[("identifier", f"{MESSAGE_ID_SYSTEM}|{draft_id}")])
-    return redirect(url_for("plan.index", done="reply") + "#messages", code=303)
+    return redirect(url_for("plan.index", done="reply"), code=303)
 
 
 # -- changes to the order ---------------------------------------------------------------------------------------
