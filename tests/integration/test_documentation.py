@@ -447,3 +447,38 @@ def test_form_problems_are_shown_next_to_fields_and_nothing_is_written(sandbox, 
     assert "saved as a draft, but not sent" in words
     assert session_resources(ehr_client(sandbox, TOM), order_id)["Procedure"] == []
     assert "08:30" in t.page(order_id).text  # what was typed is kept
+
+
+class _Counter:
+    """WSGI middleware on the sandbox: counts FHIR API round trips (paths under /fhir)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO", "").startswith("/fhir"):
+            self.calls.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
+        return self.app(environ, start_response)
+
+
+def test_round_trips_one_batch_per_page_and_two_for_a_submit(sandbox, app):
+    order_id, _ = post_order(sandbox, TOM)
+    t = Therapist(sandbox, app, TOM)
+    counter = _Counter(sandbox.app.wsgi_app)
+    sandbox.app.wsgi_app = counter
+    try:
+        assert t.http.get(f"{t.base}/", timeout=30).status_code == 200
+        assert counter.calls == [("POST", "/fhir")]  # orders + Tasks + requesters + messages: one batch
+        counter.calls.clear()
+        page = t.page(order_id)
+        assert counter.calls == [("POST", "/fhir")]  # order, Task, findings, messages and the chart: one batch
+        counter.calls.clear()
+        assert t.autosave(order_id, page.text, note_fields()).status_code == 200
+        assert counter.calls == []  # a draft never waits for the EHR
+        r = t.http.post(f"{t.base}/{order_id}", allow_redirects=False, timeout=60, data={
+            "csrf_token": t.csrf(page.text), "draft_id": t.draft_id(page.text), "action": "submit", **note_fields()})
+        assert r.status_code == 303 and "recorded=" in r.headers["Location"]
+        assert counter.calls == [("POST", "/fhir"), ("POST", "/fhir")]  # re-read (batch) + the transaction
+    finally:
+        sandbox.app.wsgi_app = counter.app
