@@ -171,16 +171,37 @@ class Search:
     named_patients: set[str] = field(default_factory=set)  # patient ids named by patient/subject params
 
 
-def _exists(rtype: str, param: str, cond: str, negate: bool = False) -> str:
-    """``r.rid [NOT] IN (ids whose index rows for param match cond)``.
+# The column every index row of a kind fills. store.py's partial indexes hold only the rows where it is set, and
+# SQLite uses a partial index only when the query's own top-level terms imply "col IS NOT NULL" (a term inside an
+# OR does not count), so each parameter condition is prefixed with a term on its column (_prefilter).
+GUARD = {"token": "s.code", "reference": "s.rref", "date": "s.lo", "string": "s.sval"}
 
-    An uncorrelated IN lets SQLite drive the search from the index (ix_si_code, ix_si_ref, ...) instead of probing
-    every resource of the type. rtype and param are names from the parameter table, never user text."""
+
+def _prefilter(col: str, pins: list[Any] | None) -> tuple[str, list[Any]]:
+    """A term every index row that can match satisfies, so it changes no result: ``col IN (pins)`` when each
+    alternative of the condition fixes ``col`` to one of ``pins`` (SQLite then probes the index once per value),
+    else ``col IS NOT NULL`` (it walks the parameter's rows in the index, never the rows of other parameters)."""
+    if pins:
+        return f"{col} IN ({','.join('?' * len(pins))})", list(pins)
+    return f"{col} IS NOT NULL", []
+
+
+def _exists(rtype: str, param: str, cond: str, negate: bool = False, pre: str = "") -> str:
+    """``r.rid [NOT] IN (ids whose index rows for param match [pre AND] cond)``.
+
+    An uncorrelated IN lets SQLite drive the search from the index (ix_si_code2, ix_si_ref2, ...) instead of probing
+    every resource of the type. ``pre`` comes from _prefilter (its arguments go before cond's). rtype and param are
+    names from the parameter table, never user text."""
     assert rtype.isalnum() and re.fullmatch(r"[A-Za-z_\-]+", param), (rtype, param)
     return (
         f"r.rid {'NOT ' if negate else ''}IN (SELECT s.rid FROM search_index s WHERE s.rtype = '{rtype}'"
-        f" AND s.param = '{param}' AND ({cond}))"
+        f" AND s.param = '{param}'{' AND ' + pre if pre else ''} AND ({cond}))"
     )
+
+
+def narrows(cond: str) -> bool:
+    """True for a condition that lists the matching ids (``r.rid IN (...)``): the search can start from them."""
+    return cond.startswith("r.rid IN (")
 
 
 def parse(resource_type: str, pairs: Iterable[tuple[str, str]], base: str, *, strict: bool = False) -> Search:
@@ -319,7 +340,8 @@ def _param_cond(
     if modifier == "missing":
         if value not in ("true", "false"):
             raise bad_request(f"{raw_name} takes true or false, not '{value}'.", expression=raw_name)
-        return _exists(rtype, name, "1", negate=value == "true"), []
+        pre, pre_args = _prefilter(GUARD[sp.kind], None) if sp.kind in GUARD else ("", [])
+        return _exists(rtype, name, "1", negate=value == "true", pre=pre), pre_args
     values = value.split(",")
     if any(v == "" for v in values):
         raise bad_request(f"{raw_name} has an empty value.", expression=raw_name)
@@ -328,6 +350,7 @@ def _param_cond(
     if sp.kind == "token":
         if modifier not in ("", "not"):
             raise bad_request(f"The modifier ':{modifier}' is not supported on token parameter {name}.", expression=raw_name)
+        pins: list[Any] | None = []
         for v in values:
             if "|" in v:
                 system, _, code = v.partition("|")
@@ -340,10 +363,16 @@ def _param_cond(
                 else:
                     conds.append("(s.sys = ?)")
                     args.append(system)
+                    pins = None  # any code of that system
+                if code and pins is not None:
+                    pins.append(code)
             else:
                 conds.append("(s.code = ?)")
                 args.append(v)
-        return _exists(rtype, name, " OR ".join(conds), negate=modifier == "not"), args
+                if pins is not None:
+                    pins.append(v)
+        pre, pre_args = _prefilter(GUARD["token"], pins)
+        return _exists(rtype, name, " OR ".join(conds), negate=modifier == "not", pre=pre), pre_args + args
     if sp.kind == "string":
         if modifier not in ("", "exact", "contains"):
             raise bad_request(f"The modifier ':{modifier}' is not supported on string parameter {name}.", expression=raw_name)
@@ -358,7 +387,8 @@ def _param_cond(
                 conds.append("substr(s.sval, 1, ?) = ?")
                 f = fold(v)
                 args += [len(f), f]
-        return _exists(rtype, name, " OR ".join(conds)), args
+        pre, pre_args = _prefilter(GUARD["string"], None)
+        return _exists(rtype, name, " OR ".join(conds), pre=pre), pre_args + args
     if sp.kind == "date":
         if modifier:
             raise bad_request(f"The modifier ':{modifier}' is not supported on date parameter {name}.", expression=raw_name)
@@ -366,30 +396,40 @@ def _param_cond(
             c, a = _date_cond(v, "s.lo", "s.hi", raw_name)
             conds.append(c)
             args += a
-        return _exists(rtype, name, " OR ".join(conds)), args
+        pre, pre_args = _prefilter(GUARD["date"], None)
+        return _exists(rtype, name, " OR ".join(conds), pre=pre), pre_args + args
     if sp.kind == "reference":
         type_mod = modifier if modifier and modifier[0].isupper() else ""
         if modifier and not type_mod:
             raise bad_request(f"The modifier ':{modifier}' is not supported on reference parameter {name}.", expression=raw_name)
+        rrefs: list[Any] = []  # alternatives that fix rref (ix_si_ref2)
+        rtids: list[Any] = []  # alternatives by bare id (ix_si_rtid2); all share one target test
+        target_cond, target_args = "", []
         for v in values:
             v = _ref_value(v, base)
             norm, t, rid = parse_reference(v)
             if t is not None and not v.startswith(("http:", "https:")):
                 local = f"{t}/{rid}"
-                conds.append("(s.rref = ? OR s.rref = ?)")
-                args += [local, f"{base.rstrip('/')}/{local}"]
+                rrefs += [local, f"{base.rstrip('/')}/{local}"]
             elif t is None and ID_RE.match(v):
+                rtids.append(v)
                 targets = (type_mod,) if type_mod else sp.targets
                 if targets:
-                    conds.append(f"(s.rtid = ? AND s.rtarget IN ({','.join('?' * len(targets))}))")
-                    args += [v, *targets]
+                    target_cond, target_args = f"s.rtarget IN ({','.join('?' * len(targets))})", list(targets)
                 else:
-                    conds.append("(s.rtid = ? AND s.rref NOT LIKE 'http%')")
-                    args.append(v)
+                    target_cond, target_args = "s.rref NOT LIKE 'http%'", []
             else:
-                conds.append("(s.rref = ?)")
-                args.append(norm)
-        return _exists(rtype, name, " OR ".join(conds)), args
+                rrefs.append(norm)
+        # One IN list per column, so SQLite probes the index once per value (an OR of the same tests may make it
+        # walk the parameter's rows instead).
+        by_ref = f"s.rref IN ({','.join('?' * len(rrefs))})"
+        by_id = f"(s.rtid IN ({','.join('?' * len(rtids))}) AND {target_cond})"
+        if not rtids:
+            return _exists(rtype, name, by_ref), rrefs
+        if not rrefs:
+            return _exists(rtype, name, by_id), rtids + target_args
+        pre, pre_args = _prefilter(GUARD["reference"], None)
+        return _exists(rtype, name, f"{by_ref} OR {by_id}", pre=pre), pre_args + rrefs + rtids + target_args
     if sp.kind == "quantity":
         for v in values:
             num, _, rest = v.partition("|")
@@ -420,7 +460,7 @@ def _param_cond(
                 qargs.append(code)
             conds.append(f"({cond})")
             args += qargs
-        return _exists(rtype, name, " OR ".join(conds)), args
+        return _exists(rtype, name, " OR ".join(conds), guard=GUARD["quantity"]), args
     raise bad_request(f"Parameter {name} cannot be searched.", expression=raw_name)  # pragma: no cover
 
 

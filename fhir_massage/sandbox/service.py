@@ -27,7 +27,7 @@ import orjson
 
 from fhir_massage.sandbox.access import Grant
 from fhir_massage.sandbox.outcome import FhirProblem, bad_request, forbidden, issue, not_found, outcome
-from fhir_massage.sandbox.search import COMPARTMENT, Search, compartment_patients, parse, parse_reference
+from fhir_massage.sandbox.search import COMPARTMENT, Search, compartment_patients, narrows, parse, parse_reference
 from fhir_massage.sandbox.searchparams import PATIENT_COMPARTMENT, RESOURCE_TYPES
 from fhir_massage.sandbox.store import Record, Store
 from fhir_massage.sandbox.validation import valid_id, validate
@@ -262,7 +262,7 @@ class FhirService:
         q = parse(rtype, pairs, base, strict=True)
         self._restrict(grant, q)
         sql, args = self._where(q)
-        rows = self.store.query(f"SELECT r.rid FROM resources r WHERE {sql} LIMIT 2", args)
+        rows = self.store.query(f"SELECT r.rid FROM {self._source(q)} WHERE {sql} LIMIT 2", args)
         return self.store.get_many([(rtype, r[0]) for r in rows])
 
     def update(
@@ -371,7 +371,8 @@ class FhirService:
                 f" {q.resource_type} resources."
             )
         q.where.append(
-            f"r.rid IN (SELECT s.rid FROM search_index s WHERE s.rtype = ? AND s.param = '{COMPARTMENT}' AND s.rtid = ?)"
+            f"r.rid IN (SELECT s.rid FROM search_index s WHERE s.rtype = ? AND s.param = '{COMPARTMENT}'"
+            " AND s.rtid IS NOT NULL AND s.rtid = ?)"
         )
         q.args.extend([q.resource_type, grant.patient])
 
@@ -379,6 +380,13 @@ class FhirService:
     def _where(q: Search) -> tuple[str, list[Any]]:
         where = ["r.rtype = ?", "r.deleted = 0", *q.where]
         return " AND ".join(where), [q.resource_type, *q.args]
+
+    @staticmethod
+    def _source(q: Search) -> str:
+        """FROM clause. A search narrowed by a parameter starts from the ids the parameter lists (ix_res_keys) and
+        sorts only them; left alone, SQLite prefers walking the whole type in _lastUpdated order (ix_res_order) to
+        skip the sort, which reads every Condition on the server to find a patient's ten."""
+        return "resources r INDEXED BY ix_res_keys" if any(narrows(c) for c in q.where) else "resources r"
 
     def search(
         self, grant: Grant, base: str, rtype: str, pairs: list[tuple[str, str]], *, strict: bool = False
@@ -388,7 +396,26 @@ class FhirService:
         q = parse(rtype, pairs, base, strict=strict)
         self._restrict(grant, q)
         where, args = self._where(q)
-        total = self.store.query(f"SELECT COUNT(*) FROM resources r WHERE {where}", args)[0][0]
+        source = self._source(q)
+        total: int | None = None
+        matches: list[dict[str, Any]] = []
+        with self.store.snapshot():  # the page and the total from the same data
+            if not q.summary_count:
+                order = ", ".join([*q.order, "r.lu ASC", "r.rid ASC"])
+                # Sort ids only (no bodies through the sorter), then read the page's bodies by key.
+                page = [
+                    rid
+                    for (rid,) in self.store.query(
+                        f"SELECT r.rid FROM {source} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+                        [*args, *q.order_args, q.count, q.offset],
+                    )
+                ]
+                bodies = dict(self.store.bodies(rtype, page))
+                matches = [orjson.loads(bodies[rid]) for rid in page]
+                if len(page) < q.count and (page or q.offset == 0):
+                    total = q.offset + len(page)  # the matches end on this page: no need to count them
+            if total is None:
+                total = self.store.query(f"SELECT COUNT(*) FROM {source} WHERE {where}", args)[0][0]
         bundle: dict[str, Any] = {
             "resourceType": "Bundle",
             "id": str(uuid.uuid4()),
@@ -398,12 +425,6 @@ class FhirService:
         }
         entries: list[dict[str, Any]] = []
         if not q.summary_count:
-            order = ", ".join([*q.order, "r.lu ASC", "r.rid ASC"])
-            rows = self.store.query(
-                f"SELECT r.rid, r.body FROM resources r WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
-                [*args, *q.order_args, q.count, q.offset],
-            )
-            matches = [orjson.loads(b) for _, b in rows]
             seen = {(rtype, m["id"]) for m in matches}
             for m in matches:
                 entries.append({"fullUrl": f"{base}/{rtype}/{m['id']}", "resource": m, "search": {"mode": "match"}})

@@ -30,14 +30,33 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE TABLE IF NOT EXISTS search_index (
   rtype TEXT NOT NULL, rid TEXT NOT NULL, param TEXT NOT NULL, sys TEXT, code TEXT, sval TEXT, raw TEXT,
   lo REAL, hi REAL, rref TEXT, rtarget TEXT, rtid TEXT, num REAL);
-CREATE INDEX IF NOT EXISTS ix_res_type_lu ON resources (rtype, deleted, lu);
+-- Indexes shaped like the searches (search.py, service.py) and covering them, so the search part reads index pages
+-- only. The search_index ones are partial: each holds only the rows of the kinds that fill its columns (token,
+-- reference, date, string), which keeps a write's index upkeep at what the older, narrower indexes cost; search.py
+-- adds the matching "col IS NOT NULL" term so SQLite may use them. Older sandboxes had other indexes (among them
+-- ix_res_type_lu on (rtype, deleted, lu), which made SQLite scan every resource of the type even when a parameter
+-- named a few): they are dropped, so a data directory written by an older sandbox gets the new plans too.
+DROP INDEX IF EXISTS ix_res_type_lu;
+DROP INDEX IF EXISTS ix_si_code;
+DROP INDEX IF EXISTS ix_si_ref;
+DROP INDEX IF EXISTS ix_si_rtid;
+DROP INDEX IF EXISTS ix_si_sval;
+DROP INDEX IF EXISTS ix_si_lo;
+-- whole-type searches in the default order (_lastUpdated, id): walked in order, no sort
+CREATE INDEX IF NOT EXISTS ix_res_order ON resources (rtype, lu, rid, deleted);
+-- searches narrowed by parameters: (rtype, rid IN (...)) probes that read lu/deleted without the row
+CREATE INDEX IF NOT EXISTS ix_res_keys ON resources (rtype, rid, deleted, lu);
 CREATE INDEX IF NOT EXISTS ix_si_owner ON search_index (rtype, rid, param);
-CREATE INDEX IF NOT EXISTS ix_si_code ON search_index (rtype, param, code);
-CREATE INDEX IF NOT EXISTS ix_si_ref ON search_index (rtype, param, rref);
-CREATE INDEX IF NOT EXISTS ix_si_rtid ON search_index (rtype, param, rtid);
-CREATE INDEX IF NOT EXISTS ix_si_sval ON search_index (rtype, param, sval);
-CREATE INDEX IF NOT EXISTS ix_si_lo ON search_index (rtype, param, lo);
+CREATE INDEX IF NOT EXISTS ix_si_code2 ON search_index (rtype, param, code, sys, rid) WHERE code IS NOT NULL;
+CREATE INDEX IF NOT EXISTS ix_si_ref2 ON search_index (rtype, param, rref, rid) WHERE rref IS NOT NULL;
+CREATE INDEX IF NOT EXISTS ix_si_rtid2 ON search_index (rtype, param, rtid, rtarget, rid) WHERE rtid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS ix_si_sval2 ON search_index (rtype, param, sval, rid) WHERE sval IS NOT NULL;
+CREATE INDEX IF NOT EXISTS ix_si_lo2 ON search_index (rtype, param, lo, hi, rid) WHERE lo IS NOT NULL;
 """
+
+
+# Ids per "rid IN (...)" statement: well under SQLite's limit on bound variables (32,766 since 3.32).
+_IN_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -95,6 +114,13 @@ class Store:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Several reads that see the same data: every write goes through this one connection under this lock, so
+        holding it keeps writers out (a search's page and its total agree)."""
+        with self._lock:
+            yield
+
     # -- reads -------------------------------------------------------------------------------------------------
 
     def get(self, rtype: str, rid: str) -> Record | None:
@@ -107,11 +133,28 @@ class Store:
         return Record(rtype, rid, version, lu, bool(deleted), orjson.loads(body) if body else None)
 
     def get_many(self, keys: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        out = []
+        """The current, not deleted resources among ``keys``, in the order of ``keys`` (absent ones left out)."""
+        by_type: dict[str, list[str]] = {}
         for rtype, rid in keys:
-            rec = self.get(rtype, rid)
-            if rec and not rec.deleted and rec.body:
-                out.append(rec.body)
+            by_type.setdefault(rtype, []).append(rid)
+        found: dict[tuple[str, str], bytes] = {}
+        with self._lock:
+            for rtype, rids in by_type.items():
+                for rid, body in self.bodies(rtype, rids):
+                    found[(rtype, rid)] = body
+        return [orjson.loads(found[key]) for key in keys if key in found]
+
+    def bodies(self, rtype: str, rids: list[str]) -> list[tuple[str, bytes]]:
+        """(id, JSON body) of the current, not deleted resources of one type among ``rids``, in no set order."""
+        out: list[tuple[str, bytes]] = []
+        with self._lock:
+            for start in range(0, len(rids), _IN_CHUNK):
+                chunk = list(dict.fromkeys(rids[start : start + _IN_CHUNK]))
+                out += self._conn.execute(
+                    f"SELECT rid, body FROM resources WHERE rtype = ? AND rid IN ({','.join('?' * len(chunk))})"
+                    " AND deleted = 0 AND body IS NOT NULL",
+                    [rtype, *chunk],
+                ).fetchall()
         return out
 
     def get_version(self, rtype: str, rid: str, version: int) -> Record | None:
