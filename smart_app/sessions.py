@@ -44,7 +44,8 @@ from fhir_massage.chart_fetch import chart_searches
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES
 from fhir_massage.errors import FhirAuthError, FhirConflict, FhirError, InvalidInput, LaunchError
 from fhir_massage.fhir import FhirResult, batch_bundle, entry_outcomes, request_entry, resources
-from fhir_massage.orders_model import LATERALITIES, PRESSURES, _sites, is_lateralizable, parse_site
+from fhir_massage.knowledge import load_kb
+from fhir_massage.orders_model import LATERALITIES, PRESSURES, is_lateralizable, parse_site
 
 from . import identity
 from .drafts import DraftAlreadyWritten, DraftError, DraftKey, DraftStore, is_draft_id, new_draft_id
@@ -87,7 +88,7 @@ def site_key(body_site: Mapping[str, Any]) -> str | None:
     coding gives the structure, ``text`` the side (Site.text: "Left lower leg", "Lower leg, both sides")."""
     code = None
     for c in body_site.get("coding") or []:
-        if isinstance(c, Mapping) and c.get("system") == "http://snomed.info/sct" and c.get("code") in _sites():
+        if isinstance(c, Mapping) and c.get("system") == "http://snomed.info/sct" and c.get("code") in load_kb().sites:
             code = c["code"]
             break
     if code is None:
@@ -330,8 +331,8 @@ def site_choices(order_sites: Sequence[str]) -> list[tuple[str, str, bool]]:
         if s and k not in seen:
             out.append((k, s.text, True))
             seen.add(k)
-    for code, (display, lateral) in _sites().items():
-        keys = [f"{code}:{side}" for side in LATERALITIES] if lateral else [code]
+    for code, info in load_kb().sites.items():
+        keys = [f"{code}:{side}" for side in LATERALITIES] if info.lateralizable else [code]
         for k in keys:
             if k in seen:
                 continue

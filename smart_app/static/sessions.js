@@ -153,6 +153,12 @@
       } else if (resp.status === 409) {
         stopped = true;
         setStatus("Not saved: " + (data.message || "this draft was replaced. Reload the page."), true);
+      } else if (resp.status === 401 || resp.status === 403) {
+        // The app session ended (or this browser lost its cookie): retrying cannot help. The draft as last saved
+        // is kept on the server; what was typed since is only in this page.
+        stopped = true;
+        setStatus("Not saved: " + (data.message || "your session has ended.") + " What you typed since the last " +
+                  "save is only in this page: copy it, then open the patient again from the EHR.", true);
       } else {
         failed = true;
         setStatus("Not saved: " + (data.message || ("the app answered " + resp.status + ".")) +

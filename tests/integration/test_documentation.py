@@ -23,9 +23,9 @@ import requests
 
 from fhir_massage.builders.messages import communication
 from fhir_massage.builders.order import order_transaction
-from fhir_massage.builders.session import OBSERVATION_ID_SYSTEM, SESSION_ID_SYSTEM, SessionNote
+from fhir_massage.builders.session import SESSION_ID_SYSTEM, SessionNote
 from fhir_massage.errors import FhirConflict
-from fhir_massage.fhir import FhirClient, StaticToken, resources
+from fhir_massage.fhir import FhirClient, StaticToken
 from fhir_massage.orders_model import OrderDraft
 from fhir_massage.validation import errors, validate_resource
 from smart_app.drafts import DraftKey, DraftStore
