@@ -21,7 +21,11 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from fhir_massage.builders.detected_issue import detected_issue
 from fhir_massage.builders.messages import communication
+from fhir_massage.chart import from_resources
+from fhir_massage.chart_fetch import fetch_chart_resources
+from fhir_massage.screening import screen
 from fhir_massage.builders.order import order_transaction
 from fhir_massage.builders.session import SESSION_ID_SYSTEM, SessionNote
 from fhir_massage.errors import FhirConflict
@@ -39,10 +43,13 @@ PHYSICIAN = "dr-ada-grey"
 THERAPIST = "lmt-sam-reyes"
 THERAPIST_REF = "Practitioner/lmt-sam-reyes"
 TOM = "demo-tom-becker"  # clear chart: chronic low back pain
+DANA = "demo-dana-whitfield"  # DVT left lower leg on apixaban
 FEIL = "98671a34-1c6e-4569-a1bc-6ee40c8d03a5"  # Jacki Feil, chronic pain, nothing to avoid
 SUZI = "95efed54-0648-4faf-a179-9a2b3c45e92d"  # Suzi Bechtelar, fibromyalgia, clear
 LOWER_BACK = "37822005"
 WRITE_SCOPES = ("launch openid fhirUser patient/Patient.rs patient/ServiceRequest.crus patient/Task.crus "
+                "patient/MedicationRequest.rs patient/MedicationStatement.rs patient/MedicationAdministration.rs "
+                "patient/AllergyIntolerance.rs "
                 "patient/DetectedIssue.crs patient/Provenance.crs patient/Observation.crus patient/Condition.crus "
                 "patient/Procedure.crus patient/Communication.crs user/Practitioner.rs")
 
@@ -67,7 +74,8 @@ def ehr_client(sandbox, patient: str, user: str = PHYSICIAN) -> FhirClient:
 
 
 def post_order(sandbox, patient: str, *, technique: str = "swedish", sites=(LOWER_BACK,), frequency: int = 1,
-               weeks: int = 2, notes: str = "Gentle; report any numbness.") -> tuple[str, str]:
+               weeks: int = 2, notes: str = "Gentle; report any numbness.", screened: bool = False
+               ) -> tuple[str, str]:
     """A signed order + its fulfilment Task owned by the therapist, as the ordering UI would write it."""
     now = datetime.now(timezone.utc)
     draft = OrderDraft(draft_id=str(uuid.uuid4()), patient_ref=f"Patient/{patient}",
@@ -76,7 +84,15 @@ def post_order(sandbox, patient: str, *, technique: str = "swedish", sites=(LOWE
                        authored=now - timedelta(minutes=1), reason_text="Chronic low back pain", pressure="moderate",
                        notes=notes)
     client = ehr_client(sandbox, patient)
-    answer = client.transaction(order_transaction(draft, [], now, owner_ref="PractitionerRole/lmt-sam-reyes-role"))
+    issues = []
+    if screened:  # what the ordering UI does: screen the chart, sign with the findings as DetectedIssues
+        chart = from_resources(fetch_chart_resources(client, patient))
+        result = screen(chart, techniques=[technique], sites=list(sites), today=now.date())
+        issues = [detected_issue(f, patient_ref=f"Patient/{patient}", now=now) for f in result.findings
+                  if not f.informational]
+        assert issues, "the chart was expected to have findings"
+    answer = client.transaction(order_transaction(draft, issues, now,
+                                                  owner_ref="PractitionerRole/lmt-sam-reyes-role"))
     by_type = {}
     for e in answer["entry"]:
         loc = e["response"]["location"]
@@ -256,6 +272,18 @@ def test_fever_after_the_order_is_flagged_and_session_recorded_not_done(sandbox,
     block = listing[listing.index(f'data-order="{order_id}"'):]
     assert "Hold massage until afebrile 48 h." in block
     assert re.search(r'thread__msg--depth1[^>]*>.*?Hold massage until afebrile', block, re.S)
+    # the therapist answers from the thread: the reply points at the physician's message
+    raw = t.http.get(f"{t.base}/", timeout=30).text
+    form = re.search(r'<form method="post" action="[^"]*/message">(.*?)</form>', raw[raw.index(f'data-order="{order_id}"'):],
+                     re.S).group(1)
+    hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form))
+    assert hidden["in_response_to"].startswith("Communication/")
+    r = t.http.post(f"{t.base}/{order_id}/message", data={**hidden, "text": "Understood, holding."}, timeout=30)
+    assert r.status_code == 200
+    answer = [c for c in client.search_all("Communication", [("based-on", f"ServiceRequest/{order_id}")])
+              if c["resourceType"] == "Communication" and c["payload"][0]["contentString"] == "Understood, holding."]
+    assert len(answer) == 1 and answer[0]["inResponseTo"] == [{"reference": hidden["in_response_to"]}]
+    assert answer[0]["recipient"] == [{"reference": "Practitioner/dr-ada-grey"}]
 
 
 def test_failed_submit_keeps_the_draft_and_the_retry_writes_once(sandbox, app):
@@ -482,3 +510,26 @@ def test_round_trips_one_batch_per_page_and_two_for_a_submit(sandbox, app):
         assert counter.calls == [("POST", "/fhir"), ("POST", "/fhir")]  # re-read (batch) + the transaction
     finally:
         sandbox.app.wsgi_app = counter.app
+
+
+def test_findings_the_physician_signed_with_are_not_new(sandbox, app):
+    order_id, _ = post_order(sandbox, DANA, screened=True)
+    t = Therapist(sandbox, app, DANA)
+    html = unescape(t.page(order_id).text)
+    assert 'data-testid="nothing-new"' in html and 'data-testid="new-finding"' not in html
+    assert re.search(r"Known when the order was signed \(\d+\)", html)
+    # a second DVT recorded after the order is new, even though the rule was known
+    client = ehr_client(sandbox, DANA)
+    today = datetime.now(timezone.utc).date().isoformat()
+    client.create({
+        "resourceType": "Condition", "subject": {"reference": f"Patient/{DANA}"},
+        "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                       "code": "active"}]},
+        "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                                           "code": "confirmed"}]},
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I82.401",
+                             "display": "Acute embolism and thrombosis of unspecified deep veins of right lower extremity"}]},
+        "onsetDateTime": today, "recordedDate": today})
+    html = unescape(t.page(order_id).text)
+    assert 'data-testid="new-finding"' in html
+    assert "right lower" in html.lower()
