@@ -533,3 +533,17 @@ def test_findings_the_physician_signed_with_are_not_new(sandbox, app):
     html = unescape(t.page(order_id).text)
     assert 'data-testid="new-finding"' in html
     assert "right lower" in html.lower()
+
+
+def test_save_draft_button_works_without_javascript(sandbox, app):
+    order_id, _ = post_order(sandbox, TOM)
+    t = Therapist(sandbox, app, TOM)
+    page = t.page(order_id)
+    r = t.submit(order_id, page.text, note_fields(assessment="Saved with the button"), action="save")
+    assert r.status_code == 200 and "Draft saved on this server. Nothing was written to the chart yet." in r.text
+    assert "Saved with the button" in r.text and 'data-testid="draft-status">Draft saved' in r.text
+    assert session_resources(ehr_client(sandbox, TOM), order_id)["Procedure"] == []
+    # discarding throws it away (nothing was written)
+    r = t.http.post(f"{t.base}/{order_id}/discard", data={"csrf_token": t.csrf(r.text), "draft_id": t.draft_id(r.text)},
+                    timeout=30)
+    assert "Saved with the button" not in r.text and "Not saved yet" in r.text
