@@ -559,6 +559,22 @@ class PageData:
     names: dict[str, str] = field(default_factory=dict)
 
 
+def with_missing_tasks(client: Any, pairs: list[tuple[dict, dict | None]], found: list[dict[str, Any]]
+                       ) -> list[tuple[dict, dict | None]]:
+    """Servers that ignore ``_revinclude`` (it is optional, search.html#revinclude) return the orders without their
+    Tasks: look those up in one more search (``Task?focus=a,b``), and only then."""
+    missing = [f"ServiceRequest/{sr.get('id')}" for sr, task in pairs if task is None]
+    if not missing:
+        return pairs
+    try:
+        extra = client.search_all("Task", [("focus", ",".join(missing))])
+    except FhirError as exc:
+        if exc.status in (401, 403):
+            return pairs  # no Task access: the page says so per order
+        raise
+    return pair_orders_and_tasks(list(found) + [t for t in extra if t.get("resourceType") == "Task"])
+
+
 def load_order_page(client: Any, patient_id: str, order_id: str, *, with_chart: bool = True) -> PageData:
     """ONE batch: the order (+ its Tasks), the patient's DetectedIssues and the order's messages, and (for the
     re-screen) the Patient and the chart searches. Failed entries become problems shown on the page."""
@@ -581,7 +597,7 @@ def load_order_page(client: Any, patient_id: str, order_id: str, *, with_chart: 
     if found is None:
         raise outcomes[0] if outcomes and isinstance(outcomes[0], FhirError) else \
             FhirError("The EHR did not answer the search for the order.")
-    pairs = pair_orders_and_tasks(found)
+    pairs = with_missing_tasks(client, pair_orders_and_tasks(found), found)
     if not pairs:
         return data
     data.sr, task = pairs[0]
@@ -670,7 +686,7 @@ def index() -> Any:
     drafts = _drafts()
     rows = []
     names = _names_for(ctx, practitioner_names(found))
-    for sr, task in pair_orders_and_tasks(found):
+    for sr, task in with_missing_tasks(fhir_client(), pair_orders_and_tasks(found), found):
         order = order_summary(sr, task, names)
         draft = None
         if ctx.user_ref:

@@ -218,3 +218,25 @@ def test_thread_nests_replies_under_what_they_answer():
     assert [(m.text, m.depth) for m in out] == [("First", 0), ("Reply", 1), ("Second", 0),
                                                 ("Reply to a missing one", 0)]
     assert out[1].sender_name == "Ada Grey" and out[0].mine and not out[1].mine
+
+
+class FakeClient:
+    def __init__(self, tasks):
+        self.tasks = tasks
+        self.searches = []
+
+    def search_all(self, rtype, params):
+        self.searches.append((rtype, params))
+        return self.tasks
+
+
+def test_tasks_missing_from_a_revinclude_are_searched_once():
+    from smart_app.sessions import with_missing_tasks
+
+    sr, task = make_order()
+    client = FakeClient([task])
+    pairs = with_missing_tasks(client, pair_orders_and_tasks([sr]), [sr])
+    assert pairs[0][1]["id"] == "t1" and client.searches == [("Task", [("focus", "ServiceRequest/o1")])]
+    client = FakeClient([])
+    assert with_missing_tasks(client, pair_orders_and_tasks([sr, task]), [sr, task])[0][1]["id"] == "t1"
+    assert client.searches == []  # nothing missing, no request
