@@ -40,6 +40,12 @@
     tzLabel.textContent = name ? name + " (" + utc + ")" : utc;
   }
 
+  // A new note: the server proposed today's date in UTC; the therapist's "today" is the browser's.
+  if (form.hasAttribute("data-fresh") && form.elements.date) {
+    var now = new Date();
+    form.elements.date.value = now.getFullYear() + "-" + two(now.getMonth() + 1) + "-" + two(now.getDate());
+  }
+
   // --- live minutes and CPT units (CMS 8-minute rule, same as builders.session.cpt_units) ------------------------
   var out = form.querySelector("[data-minutes]");
   var CPT = { "swedish": "97124", "deep-tissue": "97124", "myofascial-release": "97140", "trigger-point": "97140",
