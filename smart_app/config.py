@@ -54,6 +54,7 @@ Relative ``private_key_file`` paths are relative to the TOML file.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,15 +180,33 @@ class Registration:
             ancestors = [f"{p.scheme}://{p.netloc}"]
         if isinstance(ancestors, str):
             ancestors = [ancestors]
-        checked = []
-        for origin in ancestors:
-            p = urlsplit(str(origin))
-            if p.scheme not in ("http", "https") or not p.netloc or p.path not in ("", "/") or p.query:
-                raise InvalidInput(f"frame_ancestors entries are origins like https://ehr.example.org, not {origin!r}.")
-            checked.append(f"{p.scheme}://{p.netloc}")
+        checked = [frame_origin(origin) for origin in ancestors]
         return cls(iss=iss, client_id=client_id, client_auth=auth, name=str(data.get("name") or urlsplit(iss).netloc),
                    scope_dialect=dialect, scopes=scopes or None, frame_ancestors=tuple(checked),
                    next_public_jwk=next_jwk)
+
+
+# A host is DNS labels or a bracketed IPv6 literal; anything else (";", spaces, quotes, "*") would change the
+# meaning of the Content-Security-Policy the origin is pasted into (CSP3 §2.3.1 host-source; frame-ancestors).
+_HOST_LABELS = re.compile(r"^[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?)*$")
+
+
+def frame_origin(value: Any) -> str:
+    """A frame_ancestors entry as a plain serialized origin (scheme://host[:port]), or InvalidInput."""
+    text = str(value)
+    p = urlsplit(text)
+    try:
+        port = p.port
+    except ValueError:
+        port = -1
+    host = p.hostname or ""
+    ipv6 = ":" in host
+    if (text != text.strip() or p.scheme not in ("http", "https") or not host or p.username is not None
+            or p.password is not None or p.path not in ("", "/") or p.query or p.fragment or port == -1
+            or not (_HOST_LABELS.match(host) or (ipv6 and re.fullmatch(r"[0-9a-f:.]+", host)))):
+        raise InvalidInput(f"frame_ancestors entries are origins like https://ehr.example.org, not {text!r}.")
+    host = f"[{host}]" if ipv6 else host
+    return f"{p.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
 def load_registrations_toml(path: str | Path) -> list[dict[str, Any]]:
