@@ -47,7 +47,7 @@ from fhir_massage.fhir import FhirResult, batch_bundle, entry_outcomes, request_
 from fhir_massage.knowledge import load_kb
 from fhir_massage.orders_model import LATERALITIES, PRESSURES, is_lateralizable, parse_site
 
-from . import identity
+from . import errors, identity
 from .drafts import DraftAlreadyWritten, DraftError, DraftKey, DraftStore, is_draft_id, new_draft_id
 from .launch import LaunchContext, fhir_client, require_launch
 
@@ -653,6 +653,13 @@ def run_rescreen(data: PageData, today: date) -> Rescreen:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Views
+
+
+@bp.errorhandler(DraftError)
+def _draft_error(exc: DraftError) -> Any:
+    """A draft the app cannot keep (bad id, bad field, replaced by another tab) is the user's situation, not an app
+    fault: the one error mapping (errors.py) shows it as "That could not be used" (400) with the draft's words."""
+    return errors.handle_massage_error(InvalidInput(exc.message, code=exc.code))
 
 
 def _names_for(ctx: LaunchContext, names: Mapping[str, str]) -> dict[str, str]:
