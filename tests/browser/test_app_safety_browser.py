@@ -1,0 +1,149 @@
+"""App-wide safety in headless Chromium: every page a physician and a therapist reach in a real launch, with markup
+planted in the EHR's data (a Condition, the physician's name, a message).
+
+* no JavaScript dialog ever fires: the planted ``<script>`` / ``onerror`` would call alert(); the pages are loaded
+  with the CSP *bypassed*, so the check proves the escaping itself, not only the policy behind it;
+* with the CSP enforced, the app's own pages cause no CSP violation (inline script or style the policy blocks would
+  silently break the page);
+* the app opens inside the EHR's iframe (frame-ancestors allows the registered EHR) and nowhere else;
+* axe-core (tests/browser/package.json; ``npm ci`` there) finds no serious or critical violation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.fixtures.app import start_app_server
+from tests.fixtures.smart_sandbox import create_launch, register_client, start_smart_sandbox
+from tests.integration.test_app_safety import (FEIL, PHYSICIAN, THERAPIST, do_launch, plant_hostile_text,
+                                               plant_message, sign_with_overrides)
+
+pytestmark = pytest.mark.browser
+
+AXE = Path(__file__).parent / "node_modules" / "axe-core" / "axe.min.js"
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[dict[str, Any]]:
+    sb = start_smart_sandbox()
+    app = None
+    try:
+        app = start_app_server(lambda url: [{"iss": sb.fhir_base, "client_id": "safety-browser", "name": "Sandbox EHR",
+                                             "frame_ancestors": [sb.url]}])
+        register_client(sb, {"client_id": "safety-browser", "auth_method": "none", "name": "safety (browser)",
+                             "redirect_uris": [app.redirect_uri], "launch_url": app.launch_url})
+        plant_hostile_text(sb)
+        physician = do_launch(sb, app, "safety-browser", PHYSICIAN, FEIL)
+        draft_id, order_id, _pages = sign_with_overrides(physician)
+        plant_message(sb, order_id)
+        yield {"sandbox": sb, "app": app, "order_id": order_id, "draft_id": draft_id}
+    finally:
+        if app is not None:
+            app.stop()
+        sb.stop()
+
+
+def _pages(world: dict[str, Any], user: str) -> list[str]:
+    if user == PHYSICIAN:
+        return ["", "orders/", "plan/", "plan/panel"]
+    return ["", "sessions/", f"sessions/{world['order_id']}", "plan/"]
+
+
+def _open_launch(page: Any, world: dict[str, Any], user: str) -> str:
+    out = create_launch(world["sandbox"], "safety-browser", user, FEIL)
+    page.goto(out["launch_url"])
+    page.wait_for_load_state("load")
+    assert "/p/" in page.url, page.url
+    return page.url.split("/p/")[0] + "/p/" + page.url.split("/p/")[1].split("/")[0] + "/"
+
+
+@pytest.mark.parametrize("user", [PHYSICIAN, THERAPIST])
+def test_no_dialog_fires_and_axe_finds_nothing_serious(browser, world, user):
+    context = browser.new_context(bypass_csp=True)  # the escaping alone must hold; also lets axe be injected
+    dialogs: list[str] = []
+    problems: list[str] = []
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.on("dialog", lambda d: (dialogs.append(f"{page.url}: {d.message}"), d.dismiss()))
+        if AXE.exists():  # control: axe as injected here does report a page that is wrong
+            page.goto("data:text/html,<html><body><img src='data:,'><input></body></html>")
+            page.add_script_tag(path=str(AXE))
+            control = page.evaluate("async () => (await axe.run(document)).violations.map(v => v.id)")
+            assert "image-alt" in control, control
+        landing = _open_launch(page, world, user)
+        visited = []
+        for path in _pages(world, user):
+            page.goto(landing + path)
+            page.wait_for_load_state("load")
+            visited.append(page.url)  # "load" waits for images, so a planted onerror would have run by now
+            if "&lt;script&gt;" in page.inner_text("body"):
+                problems.append(f"{page.url}: double-escaped text (the user sees &lt;)")
+            if AXE.exists():
+                page.add_script_tag(path=str(AXE))
+                result = page.evaluate("""async () => {
+                    const r = await axe.run(document, {resultTypes: ['violations']});
+                    return r.violations.filter(v => v.impact === 'serious' || v.impact === 'critical')
+                        .map(v => v.impact + ' ' + v.id + ': ' + v.help + ' -> ' +
+                             v.nodes.slice(0, 3).map(n => n.target.join(' ')).join(' | '));
+                }""")
+                problems += [f"{page.url}: {v}" for v in result]
+        # the order form with its blocked sign (the finding's evidence shows the planted Condition)
+        page.goto(landing + "orders/")
+        page.wait_for_load_state("load")
+        body = page.content()
+        if user == PHYSICIAN:
+            assert "onerror=alert(2)" in page.inner_text("body"), "the planted Condition is not on the order page"
+        assert "<img src=\"x\" onerror" not in body
+    finally:
+        context.close()
+    assert not dialogs, dialogs
+    assert not problems, "\n".join(problems)
+    if not AXE.exists():
+        pytest.skip(f"axe-core not installed ({AXE}): run `npm ci` in tests/browser; the dialog check passed")
+
+
+@pytest.mark.parametrize("user", [PHYSICIAN, THERAPIST])
+def test_the_apps_own_pages_keep_to_their_csp(browser, world, user):
+    context = browser.new_context()
+    violations: list[str] = []
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.on("console", lambda m: violations.append(f"{page.url}: {m.text}")
+                if "Content Security Policy" in m.text else None)
+        page.add_init_script("document.addEventListener('securitypolicyviolation', e => console.error("
+                             "'Content Security Policy violation: ' + e.violatedDirective + ' ' + e.blockedURI));")
+        landing = _open_launch(page, world, user)
+        for path in _pages(world, user):
+            page.goto(landing + path)
+            page.wait_for_load_state("networkidle")
+    finally:
+        context.close()
+    assert not violations, "\n".join(dict.fromkeys(violations))
+
+
+def test_the_app_frames_in_its_ehr_and_nowhere_else(browser, world):
+    sb = world["sandbox"]
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(f"{sb.url}/ehr/launch?client_id=safety-browser&user={PHYSICIAN}&patient={FEIL}&embed=1")
+        frame = page.frame_locator("iframe")
+        frame.locator("h1").first.wait_for()
+        assert frame.locator("h1").count() == 1
+
+        # a data: document has an opaque origin, certainly not a registered EHR: Chromium must refuse the frame
+        app_url = world["app"].url
+        page.goto(f'data:text/html,<iframe src="{app_url}/"></iframe>')
+        page.wait_for_load_state("load")
+        child = page.frames[1]
+        # Chromium replaces a frame refused by frame-ancestors with its error page
+        assert not child.url.startswith(app_url), f"an unregistered origin framed the app: {child.url}"
+        assert child.url.startswith("chrome-error://"), child.url
+    finally:
+        context.close()
