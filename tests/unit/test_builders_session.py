@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
@@ -16,8 +17,14 @@ from fhir_massage.builders.order import fulfillment_task, sessions_done
 from fhir_massage.builders.session import (
     PAIN_NRS,
     SESSION_ID_SYSTEM,
+    VISIT_ID_SYSTEM,
     SessionNote,
+    VisitNote,
+    VisitOrder,
     cpt_units,
+    visit_cpt_minutes,
+    visit_problems,
+    visit_transaction,
     pain_observations,
     procedure,
     session_problems,
@@ -158,7 +165,9 @@ def test_session_problems(changes: dict[str, Any], field: str | None) -> None:
 def test_procedure_shape() -> None:
     proc = procedure(NOTE, NOW)
     valid(proc)
-    assert proc["identifier"] == [{"system": SESSION_ID_SYSTEM, "value": "note-1"}]
+    # per technique (the conditional-create key) + the visit's shared identifier (changed with visit notes)
+    assert proc["identifier"] == [{"system": SESSION_ID_SYSTEM, "value": "note-1:lymphatic-drainage"},
+                                  {"system": VISIT_ID_SYSTEM, "value": "note-1"}]
     assert proc["basedOn"] == [{"reference": "ServiceRequest/sr1"}] and proc["status"] == "completed"
     assert [c["system"] for c in proc["code"]["coding"]] == [CPT, TECHNIQUE_SYSTEM]
     assert proc["performedPeriod"] == {"start": "2026-12-01T09:00:00Z", "end": "2026-12-01T09:45:00Z"}
@@ -255,3 +264,157 @@ def test_task_version_and_identity_are_checked() -> None:
         session_transaction(NOTE, task(id="other"), NOW)
     with pytest.raises(InvalidInput):
         session_transaction(note(pain_before=12), task(), NOW)
+
+
+# --- one note per visit against the whole plan -------------------------------------------------------------------
+
+PLAN_DRAFT = OrderDraft(
+    draft_id="order-2", patient_ref="Patient/p1", requester_ref="PractitionerRole/dr1",
+    techniques=("swedish", "myofascial-release"), sites=("37822005",), frequency=1, duration_weeks=2,
+    session_minutes=45, authored=T0 - timedelta(days=2), reason_text="Chronic low back pain")
+ORDERS = (VisitOrder("swedish", "ServiceRequest/sw", "Task/tsw"),
+          VisitOrder("myofascial-release", "ServiceRequest/mfr", "Task/tmfr"))
+VISIT = VisitNote(draft_id="visit-1", orders=ORDERS, patient_ref="Patient/p1", performer_ref="PractitionerRole/lmt1",
+                  start=T0, end=T0 + timedelta(minutes=45), techniques=("swedish", "myofascial-release"),
+                  sites=("37822005",), pressure="moderate", pain_before=6, pain_after=3,
+                  subjective="Low back stiff.", response="Tolerated well.")
+
+
+def plan_task(technique: str, task_id: str, order_ref: str, **changes: Any) -> dict[str, Any]:
+    t = fulfillment_task(PLAN_DRAFT, order_ref=order_ref, now=T0, owner_ref="PractitionerRole/lmt1",
+                         technique=technique)
+    t.update({"id": task_id, "meta": {**t["meta"], "versionId": "1"}})
+    t.update(changes)
+    return t
+
+
+def plan_tasks(**changes: Any) -> dict[str, dict[str, Any]]:
+    return {o.task_ref: plan_task(o.technique, o.task_ref.split("/")[1], o.order_ref, **changes) for o in ORDERS}
+
+
+def visit(**changes: Any) -> VisitNote:
+    return dataclasses.replace(VISIT, **changes)
+
+
+def _by_type(bundle: dict[str, Any], rtype: str) -> list[dict[str, Any]]:
+    return [e for e in bundle["entry"] if e["resource"]["resourceType"] == rtype]
+
+
+def test_one_visit_two_techniques_is_one_transaction() -> None:
+    bundle = visit_transaction(VISIT, plan_tasks(), NOW)
+    problems = errors(validate_resource(bundle))
+    assert not problems, "\n".join(map(str, problems))
+    procs = _by_type(bundle, "Procedure")
+    assert [p["resource"]["basedOn"] for p in procs] == [[{"reference": "ServiceRequest/sw"}],
+                                                          [{"reference": "ServiceRequest/mfr"}]]
+    for p in procs:
+        valid(p["resource"])
+        assert p["resource"]["performedPeriod"] == {"start": "2026-12-01T09:00:00Z", "end": "2026-12-01T09:45:00Z"}
+        assert p["resource"]["identifier"][1] == {"system": VISIT_ID_SYSTEM, "value": "visit-1"}
+        assert unquote(p["request"]["ifNoneExist"]) == f"identifier={SESSION_ID_SYSTEM}|" + \
+            p["resource"]["identifier"][0]["value"]
+    assert len({p["resource"]["identifier"][0]["value"] for p in procs}) == 2
+    # pain once for the visit, part of both Procedures and based on both orders
+    obs = _by_type(bundle, "Observation")
+    assert [o["resource"]["valueInteger"] for o in obs] == [6, 3]
+    for o in obs:
+        valid(o["resource"])
+        assert o["resource"]["partOf"] == [{"reference": p["fullUrl"]} for p in procs]
+        assert o["resource"]["basedOn"] == [{"reference": "ServiceRequest/sw"}, {"reference": "ServiceRequest/mfr"}]
+    puts = [e for e in bundle["entry"] if e["request"]["method"] == "PUT" and e["request"]["url"].startswith("Task/")]
+    assert [(e["request"]["url"], e["request"]["ifMatch"]) for e in puts] == [("Task/tsw", 'W/"1"'),
+                                                                           ("Task/tmfr", 'W/"1"')]
+    for e, p in zip(puts, procs):
+        assert sessions_done(e["resource"]) == 1 and e["resource"]["businessStatus"]["text"] == "1 of 2 sessions done"
+        assert e["resource"]["output"][0]["valueReference"]["reference"] == p["fullUrl"]
+        assert session_recorded(e["resource"], "visit-1")
+    (prov,) = _by_type(bundle, "Provenance")
+    assert len(prov["resource"]["target"]) == 2 + 2 + 2  # Procedures, Observations, Tasks
+
+
+def test_only_the_techniques_used_are_written_and_counted() -> None:
+    bundle = visit_transaction(visit(techniques=("swedish",)), plan_tasks(), NOW)
+    assert [p["resource"]["basedOn"][0]["reference"] for p in _by_type(bundle, "Procedure")] == ["ServiceRequest/sw"]
+    assert [e["request"]["url"] for e in _by_type(bundle, "Task")] == ["Task/tsw"]
+    assert all(o["resource"]["basedOn"] == [{"reference": "ServiceRequest/sw"}]
+               for o in _by_type(bundle, "Observation"))
+
+
+VISIT_PROBLEMS = [
+    ("two-ordered-techniques-fine", {}, None),
+    ("no-technique-ticked", {"techniques": ()}, "techniques"),
+    ("technique-not-ordered-is-refused", {"techniques": ("swedish", "trigger-point")}, "techniques"),
+    ("unknown-technique", {"techniques": ("reiki",)}, "techniques"),
+    ("minutes-for-an-unticked-technique", {"techniques": ("swedish",),
+                                           "technique_minutes": (("myofascial-release", 10),)}, "minutes"),
+    ("minutes-add-up-to-more-than-the-visit", {"technique_minutes": (("swedish", 30),
+                                                                     ("myofascial-release", 20))}, "minutes"),
+    ("not-done-ignores-ticks-but-needs-a-reason", {"status": "not-done", "end": None, "techniques": ()},
+     "status_reason"),
+    ("no-orders", {"orders": ()}, "orders"),
+]
+
+
+@pytest.mark.parametrize("changes,field", [c[1:] for c in VISIT_PROBLEMS], ids=[c[0] for c in VISIT_PROBLEMS])
+def test_visit_problems(changes: dict[str, Any], field: str | None) -> None:
+    problems = visit_problems(visit(**changes))
+    if field is None:
+        assert problems == {}
+    else:
+        assert field in problems, problems
+    if field == "techniques" and "trigger-point" in changes.get("techniques", ()):
+        assert "was not ordered in this plan" in problems["techniques"]
+
+
+def test_visit_units_follow_the_total_minutes_across_codes() -> None:
+    # 45 min in all = 3 units (8-minute rule on the total); 30 min of 97140 and the rest (15) of 97124
+    split = visit(technique_minutes=(("myofascial-release", 30),))
+    assert visit_cpt_minutes(split) == {"97140": 30, "97124": 15}
+    assert visit_units(split) == {"97140": 2, "97124": 1}
+    # without minutes per technique two codes cannot be split: no guess
+    assert visit_cpt_minutes(VISIT) is None and visit_units(VISIT) == {}
+    # one code (two techniques billed alike) takes all the minutes
+    same_code = visit(orders=(VisitOrder("myofascial-release", "ServiceRequest/mfr", "Task/tmfr"),
+                              VisitOrder("trigger-point", "ServiceRequest/tp", "Task/ttp")),
+                      techniques=("myofascial-release", "trigger-point"))
+    assert visit_units(same_code) == {"97140": 3}
+    # the 33 + 7 CMS example through a visit
+    cms = visit(end=T0 + timedelta(minutes=40), technique_minutes=(("myofascial-release", 33), ("swedish", 7)))
+    assert visit_units(cms) == {"97140": 2, "97124": 1}
+
+
+def test_not_done_visit_covers_every_open_order_and_counts_nothing() -> None:
+    tasks = plan_tasks()
+    bundle = visit_transaction(visit(status="not-done", status_reason="Fever", end=None, techniques=(),
+                                     pain_before=None, pain_after=None), tasks, NOW)
+    procs = _by_type(bundle, "Procedure")
+    assert [p["resource"]["status"] for p in procs] == ["not-done", "not-done"]
+    assert _by_type(bundle, "Observation") == []
+    for e in _by_type(bundle, "Task"):
+        assert sessions_done(e["resource"]) == 0 and e["resource"]["output"][0]["type"]["coding"][0]["code"] == \
+            "session-not-done"
+    # an order whose Task is finished is skipped by a not-done visit
+    tasks["Task/tmfr"] = dict(tasks["Task/tmfr"], status="completed")
+    bundle = visit_transaction(visit(status="not-done", status_reason="Fever", end=None), tasks, NOW)
+    assert [e["request"]["url"] for e in _by_type(bundle, "Task")] == ["Task/tsw"]
+
+
+def test_visit_retry_leaves_tasks_that_already_list_it_alone() -> None:
+    tasks = plan_tasks()
+    first = visit_transaction(VISIT, tasks, NOW)
+    # the swedish Task took the visit (re-read after a 412), the myofascial one did not (someone else's change)
+    sw = next(e["resource"] for e in _by_type(first, "Task") if e["request"]["url"] == "Task/tsw")
+    again = visit_transaction(VISIT, {"Task/tsw": {**sw, "meta": {"versionId": "2"}},
+                                      "Task/tmfr": {**tasks["Task/tmfr"], "meta": {"versionId": "5"}}}, NOW)
+    assert [(e["request"]["url"], e["request"]["ifMatch"]) for e in _by_type(again, "Task")] == \
+        [("Task/tmfr", 'W/"5"')]
+    assert [e.get("fullUrl") for e in _by_type(again, "Procedure")] == [e.get("fullUrl")
+                                                                        for e in _by_type(first, "Procedure")]
+    assert sessions_done(sw) == 1 and session_recorded(sw, "visit-1") and not session_recorded(sw, "visit-10")
+
+
+def test_visit_tasks_must_match_the_orders() -> None:
+    with pytest.raises(InvalidInput, match="Task as read"):
+        visit_transaction(VISIT, {"Task/tsw": plan_tasks()["Task/tsw"]}, NOW)
+    with pytest.raises(InvalidInput, match="task is completed"):
+        visit_transaction(VISIT, plan_tasks(status="completed"), NOW)
