@@ -24,16 +24,19 @@ import re
 import secrets
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from html import unescape
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from joserfc import jwt
+from joserfc.jwk import ECKey
 
 from fhir_massage.sandbox.access import OPEN
 from fhir_massage.sandbox.fhir_api import EXT
@@ -41,6 +44,9 @@ from tests.fixtures.app import AppServer, start_app_server
 from tests.fixtures.smart_sandbox import SmartSandbox, create_launch, register_client, start_smart_sandbox
 
 pytestmark = pytest.mark.integration
+
+CDS_KEY = ECKey.generate_key("P-384", private=True)
+CDS_KEY.ensure_kid()
 
 PHYSICIAN = "dr-ada-grey"
 THERAPIST = "lmt-sam-reyes"
@@ -53,6 +59,7 @@ LOWER_BACK = "37822005"
 XSS = "<script>alert(1)</script><img src=x onerror=alert(2)>"
 RAW_MARKUP = ("<script>alert(", "<img src=x", "<img src=\"x\"")
 SECRET_A = "safety-a-" + secrets.token_urlsafe(18)
+CDS_ISS = "https://ehr-a.test/cds-client"
 CSRF_EXEMPT_PREFIXES = ("/cds-services",)  # server-to-server, authenticated by the EHR's signed JWT (cds.py)
 TRACEBACK_MARKERS = ("Traceback (most recent call last)", "File \"/", "werkzeug.exceptions", "jinja2.exceptions",
                      "KeyError", "TypeError", "AttributeError", "ValueError:")
@@ -353,7 +360,9 @@ def world(log_capture: Capture) -> Iterator[World]:
         def regs(url: str) -> list[dict[str, Any]]:
             return [
                 {"iss": a.fhir_base, "client_id": "safety-a", "name": "EHR A", "frame_ancestors": [a.url],
-                 "auth": "client_secret_basic", "client_secret": SECRET_A},
+                 "auth": "client_secret_basic", "client_secret": SECRET_A, "cds_iss": CDS_ISS,
+                 "cds_jwks": {"keys": [{**CDS_KEY.as_dict(private=False), "kid": CDS_KEY.kid, "alg": "ES384",
+                                        "use": "sig"}]}},
                 {"iss": b.fhir_base, "client_id": "safety-b", "name": "EHR B", "frame_ancestors": [b.url]},
             ]
 
@@ -495,6 +504,7 @@ PLAUSIBLE = {
     "duration_weeks": "2", "session_minutes": "45", "reason_text": "pain", "pressure": "light", "status": "completed",
     "text": "hello", "category": "progress", "action": "hold", "reason": "patient request", "plan": "x",
     "mitigation": "ok", "subjective": "s", "pain_before": "4", "pain_after": "2", "role": "physician",
+    "next": "//evil.example/p/x/",
 }
 
 
@@ -744,6 +754,8 @@ def test_the_browser_cookie_is_an_opaque_id(world):
 HUGE = "Ω" + "x" * 60_000
 GARBAGE_FORMS = {
     "empty form": {},
+    "one field beyond the form memory limit": "beyond",
+    "too many fields": "many",
     "huge strings": "huge",
     "wrong types": "types",
     "control characters": "controls",
@@ -751,6 +763,10 @@ GARBAGE_FORMS = {
 
 
 def garbage(form: dict[str, str], kind: str) -> list[tuple[str, str]]:
+    if kind == "beyond":
+        return [(k, "y" * 700_000 if k in ("text", "reason_text", "subjective") else v) for k, v in form.items()]
+    if kind == "many":
+        return list(form.items()) + [(f"f{i}", "z") for i in range(3000)]
     if kind == "huge":
         return [(k, HUGE) for k in form] + [("csrf_token", "")]
     if kind == "types":
@@ -771,6 +787,10 @@ def _post(launch: Launch, url: str, items: list[tuple[str, str]], token: str, *,
 
 
 def user_mistake_problems(what: str, r: requests.Response) -> list[str]:
+    if r.status_code in (301, 302, 303, 307, 308):
+        loc = r.headers.get("Location", "")
+        if loc.startswith(("//", "/\\")) or (urlsplit(loc).netloc and urlsplit(loc).netloc != urlsplit(r.url).netloc):
+            return [f"{what}: redirect off the app to {loc}"]
     if not 400 <= r.status_code < 500 and r.status_code not in (200, 303):
         return [f"{what}: {r.status_code} {r.text[:300]!r}"]
     for marker in TRACEBACK_MARKERS:
@@ -958,6 +978,106 @@ def test_fuzz_order_sign(fuzz_launch, items):
     assert not user_mistake_problems("POST /orders/sign", r), r.text[:800]
     if r.status_code == 422:
         assert 'role="alert"' in r.text or "problem" in r.text.lower()
+
+
+def cds_jwt(world: World, service_id: str) -> str:
+    now = int(time.time())
+    claims = {"iss": CDS_ISS, "aud": f"{world.app.url}/cds-services/{service_id}", "exp": now + 120, "iat": now,
+              "jti": secrets.token_urlsafe(16)}
+    return jwt.encode({"alg": "ES384", "kid": CDS_KEY.kid, "typ": "JWT"}, claims, CDS_KEY, algorithms=["ES384"])
+
+
+def _massage_draft() -> dict[str, Any]:
+    from fhir_massage.codes import TECHNIQUE_SYSTEM
+
+    return {"resourceType": "ServiceRequest", "id": "draft-1", "status": "draft", "intent": "order",
+            "subject": {"reference": f"Patient/{FEIL}"},
+            "code": {"coding": [{"system": TECHNIQUE_SYSTEM, "code": "swedish"}]},
+            "bodySite": [{"coding": [{"system": "http://snomed.info/sct", "code": LOWER_BACK}]}]}
+
+
+json_junk = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=15)
+
+
+def _or_junk(value: Any) -> Any:
+    # mostly the valid value, so the fuzz gets past the first check and into the deeper ones
+    return st.one_of(st.just(value), st.just(value), st.just(value), json_junk)
+
+
+@st.composite
+def hook_bodies(draw: Any, fhir_base: str, access_token: str, service: Mapping[str, Any]) -> dict[str, Any]:
+    entry = draw(st.fixed_dictionaries({"resource": _or_junk(_massage_draft())},
+                                       optional={"fullUrl": _or_junk("urn:uuid:1")}))
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": draw(_or_junk([entry]))}
+    context = draw(st.fixed_dictionaries({
+        "patientId": _or_junk(FEIL), "userId": _or_junk(f"Practitioner/{PHYSICIAN}"),
+        "draftOrders": _or_junk(bundle), "selections": _or_junk(["ServiceRequest/draft-1"]),
+    }, optional={"encounterId": json_junk}))
+    auth = {"access_token": access_token, "token_type": "Bearer", "expires_in": 300, "subject": "cds",
+            "scope": "patient/Condition.rs patient/Observation.rs patient/Patient.rs"}
+    return draw(st.fixed_dictionaries({
+        "hook": _or_junk(service["hook"]), "hookInstance": _or_junk(str(uuid.uuid4())),
+        "context": _or_junk(context),
+        "fhirServer": st.one_of(st.just(fhir_base), st.just(fhir_base), st.just("https://evil.example/fhir"),
+                                json_junk),
+        "fhirAuthorization": st.one_of(st.just(auth), st.just(auth), json_junk),
+    }, optional={"prefetch": st.dictionaries(st.sampled_from(["patient", "conditions", "meds", "x"]), json_junk,
+                                             max_size=3)}))
+
+
+@pytest.fixture(scope="module")
+def cds_access(world) -> str:
+    from tests.fixtures.smart_sandbox import get_token
+
+    return get_token(world.a, "test-public", PHYSICIAN, FEIL, scopes="launch openid fhirUser patient/*.rs")[
+        "access_token"]
+
+
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data(), which=st.integers(0, 9))
+def test_fuzz_cds_hook_bodies_from_an_authenticated_ehr(world, cds_access, data, which):
+    """The EHR is authenticated (a valid JWT of a registered CDS client), its JSON is anything: a 4xx with a
+    message or cards, never a 5xx; a fhirServer that is not the EHR's own never gets a request."""
+    services = requests.get(f"{world.app.url}/cds-services", timeout=30).json()["services"]
+    service = services[which % len(services)]
+    body = data.draw(hook_bodies(world.a.fhir_base, cds_access, service))
+    before_b = world.rec_b.mark()
+    r = requests.post(f"{world.app.url}/cds-services/{service['id']}", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {cds_jwt(world, service['id'])}"})
+    assert r.status_code < 500, (r.status_code, r.text[:500])
+    doc = r.json()
+    assert "cards" in doc if r.status_code == 200 else doc.get("message"), doc
+    assert r.status_code != 401, doc  # the JWT is valid: a refusal here would mean the fuzz tests nothing
+    assert not world.rec_b.seen[before_b:], "the CDS service contacted EHR B"
+    CDS_OUTCOMES.append(len(doc["cards"]) if r.status_code == 200 else -r.status_code)
+
+
+CDS_OUTCOMES: list[int] = []  # cards per answer (negative: the refusal's status)
+
+
+def test_the_cds_fuzz_reached_the_screen():
+    """Runs after the fuzz (file order): some bodies got cards, so the fuzz went past the request checks."""
+    if not CDS_OUTCOMES:
+        pytest.skip("the CDS fuzz did not run in this session (deselected)")
+    assert sum(n > 0 for n in CDS_OUTCOMES) >= 3, sorted(CDS_OUTCOMES)
+
+
+def test_cds_hooks_refuse_unauthenticated_garbage_in_words(world):
+    problems = []
+    for service in [s["id"] for s in requests.get(f"{world.app.url}/cds-services", timeout=30).json()["services"]]:
+        for headers, data in (({}, "{}"), ({"Authorization": "Bearer x.y.z"}, "not json"),
+                              ({"Authorization": "Basic Zm9vOmJhcg=="}, json.dumps({"hook": "order-sign"})),
+                              ({"Authorization": "Bearer " + "a" * 10_000}, "[]")):
+            r = requests.post(f"{world.app.url}/cds-services/{service}", data=data, timeout=30,
+                              headers={"Content-Type": "application/json", **headers})
+            if r.status_code != 401 or not r.json().get("message") or "Traceback" in r.text:
+                problems.append(f"{service} {headers.get('Authorization', '')[:20]}: {r.status_code} {r.text[:200]}")
+    assert not problems, "\n".join(problems)
 
 
 # ---------------------------------------------------------------------------------------------------------------
