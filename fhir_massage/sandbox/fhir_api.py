@@ -137,7 +137,7 @@ def system_bundle() -> Response:
 def search_get(rtype: str) -> Response:
     g = grant()
     pairs = list(request.args.items(multi=True))
-    return respond(state()["service"].search(g, fhir_base(), rtype, pairs, strict=strict()))
+    return respond(state()["service"].search(g, fhir_base(), rtype, pairs, strict=strict(), raw=True))
 
 
 @bp.post("/<rtype>/_search")
@@ -148,7 +148,7 @@ def search_post(rtype: str) -> Response:
             415, "POST _search takes an application/x-www-form-urlencoded body.", code="not-supported"
         )
     pairs = list(request.args.items(multi=True)) + list(request.form.items(multi=True))
-    return respond(state()["service"].search(g, fhir_base(), rtype, pairs, strict=strict()))
+    return respond(state()["service"].search(g, fhir_base(), rtype, pairs, strict=strict(), raw=True))
 
 
 @bp.post("/<rtype>")

@@ -17,6 +17,7 @@ Access rules (the contract in access.py):
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 from datetime import datetime
@@ -95,9 +96,16 @@ def check_id(rid: str) -> None:
         raise bad_request(f"'{rid[:80]}' is not a valid FHIR id (1-64 letters, digits, '-' or '.').", code="value")
 
 
+# Paging a search re-runs it for every page. The sorted ids of a search with further pages are kept (keyed by its
+# SQL and arguments, so by the grant's restriction too) until the next write, for its next pages and the total.
+ID_CACHE_SEARCHES = 32
+ID_CACHE_MAX_IDS = 10_000  # a bigger result is paged with LIMIT/OFFSET and counted, uncached
+
+
 class FhirService:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._ids: OrderedDict[tuple[Any, ...], tuple[int, list[str]]] = OrderedDict()  # guarded by the store lock
 
     # -- access --------------------------------------------------------------------------------------------------
 
@@ -389,8 +397,18 @@ class FhirService:
         return "resources r INDEXED BY ix_res_keys" if any(narrows(c) for c in q.where) else "resources r"
 
     def search(
-        self, grant: Grant, base: str, rtype: str, pairs: list[tuple[str, str]], *, strict: bool = False
+        self,
+        grant: Grant,
+        base: str,
+        rtype: str,
+        pairs: list[tuple[str, str]],
+        *,
+        strict: bool = False,
+        raw: bool = False,
     ) -> Result:
+        """A searchset Bundle. With ``raw`` the entries' resources are the stored JSON as ``orjson.Fragment``s,
+        for a caller that only serialises the Bundle (the HTTP API): a page of 100 resources is then never parsed
+        and re-serialised. The bytes sent are the same either way."""
         check_type(rtype)
         self.require(grant, rtype, "search")
         q = parse(rtype, pairs, base, strict=strict)
@@ -398,22 +416,25 @@ class FhirService:
         where, args = self._where(q)
         source = self._source(q)
         total: int | None = None
-        matches: list[dict[str, Any]] = []
+        page: list[str] = []
+        bodies: dict[str, bytes] = {}
         with self.store.snapshot():  # the page and the total from the same data
             if not q.summary_count:
                 order = ", ".join([*q.order, "r.lu ASC", "r.rid ASC"])
-                # Sort ids only (no bodies through the sorter), then read the page's bodies by key.
-                page = [
-                    rid
-                    for (rid,) in self.store.query(
-                        f"SELECT r.rid FROM {source} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
-                        [*args, *q.order_args, q.count, q.offset],
-                    )
-                ]
+                ids = self._sorted_ids(q, f"SELECT r.rid FROM {source} WHERE {where} ORDER BY {order}", args)
+                if ids is not None:
+                    total = len(ids)
+                    page = ids[q.offset : q.offset + q.count]
+                else:
+                    page = [
+                        rid
+                        for (rid,) in self.store.query(
+                            f"SELECT r.rid FROM {source} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+                            [*args, *q.order_args, q.count, q.offset],
+                        )
+                    ]
+                # Ids were sorted alone (no bodies through the sorter); the page's bodies are read by key.
                 bodies = dict(self.store.bodies(rtype, page))
-                matches = [orjson.loads(bodies[rid]) for rid in page]
-                if len(page) < q.count and (page or q.offset == 0):
-                    total = q.offset + len(page)  # the matches end on this page: no need to count them
             if total is None:
                 total = self.store.query(f"SELECT COUNT(*) FROM {source} WHERE {where}", args)[0][0]
         bundle: dict[str, Any] = {
@@ -425,17 +446,14 @@ class FhirService:
         }
         entries: list[dict[str, Any]] = []
         if not q.summary_count:
-            seen = {(rtype, m["id"]) for m in matches}
-            for m in matches:
-                entries.append({"fullUrl": f"{base}/{rtype}/{m['id']}", "resource": m, "search": {"mode": "match"}})
-            for res in self._included(grant, base, q, [m["id"] for m in matches], seen):
+            load = orjson.Fragment if raw else orjson.loads
+            seen = {(rtype, rid) for rid in page}
+            for rid in page:
                 entries.append(
-                    {
-                        "fullUrl": f"{base}/{res['resourceType']}/{res['id']}",
-                        "resource": res,
-                        "search": {"mode": "include"},
-                    }
+                    {"fullUrl": f"{base}/{rtype}/{rid}", "resource": load(bodies[rid]), "search": {"mode": "match"}}
                 )
+            for (itype, iid), res in self._included(grant, base, q, page, seen, raw):
+                entries.append({"fullUrl": f"{base}/{itype}/{iid}", "resource": res, "search": {"mode": "include"}})
         if q.ignored:
             entries.append({"resource": outcome(*q.ignored), "search": {"mode": "outcome"}})
         bundle["link"] = self._links(base, q, total)
@@ -443,9 +461,32 @@ class FhirService:
             bundle["entry"] = entries
         return Result(200, bundle)
 
+    def _sorted_ids(self, q: Search, sql: str, args: list[Any]) -> list[str] | None:
+        """All matching ids in order (``sql`` selects them sorted), from the cache while no write came between;
+        None when there are more than ID_CACHE_MAX_IDS. Call under store.snapshot()."""
+        key = (sql, tuple(args), tuple(q.order_args))
+        cacheable = not self.store.in_transaction  # uncommitted data must not outlive a rollback in the cache
+        if cacheable:
+            hit = self._ids.get(key)
+            if hit is not None and hit[0] == self.store.generation:
+                self._ids.move_to_end(key)
+                return hit[1]
+        rows = self.store.query(f"{sql} LIMIT ?", [*args, *q.order_args, ID_CACHE_MAX_IDS + 1])
+        if len(rows) > ID_CACHE_MAX_IDS:
+            return None
+        ids = [rid for (rid,) in rows]
+        if cacheable and len(ids) > q.offset + q.count:  # only searches with a next page are paged again
+            self._ids[key] = (self.store.generation, ids)
+            self._ids.move_to_end(key)
+            while len(self._ids) > ID_CACHE_SEARCHES:
+                self._ids.popitem(last=False)
+        return ids
+
     def _included(
-        self, grant: Grant, base: str, q: Search, ids: list[str], seen: set[tuple[str, str]]
-    ) -> list[dict[str, Any]]:
+        self, grant: Grant, base: str, q: Search, ids: list[str], seen: set[tuple[str, str]], raw: bool = False
+    ) -> list[tuple[tuple[str, str], Any]]:
+        """((type, id), resource) of the _include/_revinclude results the grant may read; resources as dicts, or
+        as orjson.Fragments with ``raw`` (parsed only where the compartment check needs the content)."""
         if not ids or not (q.includes or q.revincludes):
             return []
         marks = ",".join("?" * len(ids))
@@ -477,7 +518,16 @@ class FhirService:
             seen.add(key)
             wanted.append(key)
         # One read per type for all of them, not one per resource (a page of orders pulls in hundreds).
-        return [res for res in self.store.get_many(wanted) if self.may_see(grant, res)]
+        out: list[tuple[tuple[str, str], Any]] = []
+        for key, body in self.store.get_many_raw(wanted):
+            unchecked = grant.patient is None or key[0] not in PATIENT_COMPARTMENT  # may_see needs no content
+            if raw and unchecked:
+                out.append((key, orjson.Fragment(body)))
+                continue
+            res = orjson.loads(body)
+            if unchecked or self.may_see(grant, res):
+                out.append((key, orjson.Fragment(body) if raw else res))
+        return out
 
     @staticmethod
     def _links(base: str, q: Search, total: int) -> list[dict[str, str]]:

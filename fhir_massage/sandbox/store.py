@@ -85,6 +85,7 @@ class Store:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(SCHEMA)
         self._last_ts = 0.0
+        self._generation = 0
 
     def close(self) -> None:
         with self._lock:
@@ -103,12 +104,28 @@ class Store:
                 self._depth -= 1
                 if depth == 0:
                     self._conn.execute("ROLLBACK")
+                    self._generation += 1
                 else:
                     self._conn.execute(f"ROLLBACK TO {name}")
                     self._conn.execute(f"RELEASE {name}")
                 raise
             self._depth -= 1
-            self._conn.execute("COMMIT" if depth == 0 else f"RELEASE {name}")
+            if depth == 0:
+                self._conn.execute("COMMIT")
+                self._generation += 1
+            else:
+                self._conn.execute(f"RELEASE {name}")
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a unit of work ends (committed or rolled back): data read at one generation is still
+        the data while it stays the same. Read it under snapshot()."""
+        return self._generation
+
+    @property
+    def in_transaction(self) -> bool:
+        """True inside transaction() on this thread (the lock is re-entrant; other threads wait for it)."""
+        return self._depth > 0
 
     def query(self, sql: str, args: list[Any] | tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -134,6 +151,10 @@ class Store:
 
     def get_many(self, keys: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """The current, not deleted resources among ``keys``, in the order of ``keys`` (absent ones left out)."""
+        return [orjson.loads(body) for _, body in self.get_many_raw(keys)]
+
+    def get_many_raw(self, keys: list[tuple[str, str]]) -> list[tuple[tuple[str, str], bytes]]:
+        """Like get_many, as (key, stored JSON) pairs: one query per type, however many keys."""
         by_type: dict[str, list[str]] = {}
         for rtype, rid in keys:
             by_type.setdefault(rtype, []).append(rid)
@@ -142,7 +163,7 @@ class Store:
             for rtype, rids in by_type.items():
                 for rid, body in self.bodies(rtype, rids):
                     found[(rtype, rid)] = body
-        return [orjson.loads(found[key]) for key in keys if key in found]
+        return [(key, found[key]) for key in keys if key in found]
 
     def bodies(self, rtype: str, rids: list[str]) -> list[tuple[str, bytes]]:
         """(id, JSON body) of the current, not deleted resources of one type among ``rids``, in no set order."""

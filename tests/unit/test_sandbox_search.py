@@ -186,3 +186,75 @@ def test_index_follows_updates_and_deletes(svc: FhirService) -> None:
     assert ids(svc.search(OPEN, BASE, "Condition", [("code", "999")])) == ["c1"]
     svc.delete(OPEN, BASE, "Condition", "c1")
     assert ids(svc.search(OPEN, BASE, "Condition", [("code", "999")])) == []
+
+
+# -- paging while the data changes (service.FhirService keeps a search's sorted ids for its next pages) ---------
+
+
+def _page(svc: FhirService, offset: int, grant=OPEN, count: int = 3) -> tuple[list[str], int]:
+    body = svc.search(grant, BASE, "Condition", [("code", "128053003"), ("_count", str(count)),
+                                                 ("_offset", str(offset))]).body
+    return [e["resource"]["id"] for e in body.get("entry", [])], body["total"]
+
+
+def _everything(svc: FhirService, grant=OPEN) -> list[str]:
+    return _page(svc, 0, grant, count=1000)[0]
+
+
+@pytest.fixture
+def many(svc: FhirService) -> FhirService:
+    for n in range(8):
+        put(svc, cond(f"m{n}", "p1" if n % 2 else "p2", "128053003", "2020-01-01"))
+    return svc  # with c1 and c3: ten matches, in _lastUpdated order
+
+
+def test_pages_follow_writes_made_between_them(many: FhirService) -> None:
+    """Offset paging over live data (R4 §3.1.1.6 leaves consistency to the server): each page must show the data as
+    it is when that page is asked for, so a write between pages is seen, never a stale copy."""
+    first, total = _page(many, 0)
+    assert first == _everything(many)[:3] and total == 10
+    many.delete(OPEN, BASE, "Condition", "m3")
+    put(many, cond("late", "p1", "128053003", "2024-02-02"))
+    moved = {**many.read(OPEN, BASE, "Condition", "c1").resource, "code": {"text": "recoded"}}
+    many.update(OPEN, BASE, "Condition", "c1", moved)  # leaves the matches
+    now = _everything(many)
+    assert "m3" not in now and "c1" not in now and now[-1] == "late" and len(now) == 9
+    walked, offset = [], 0
+    while True:
+        page, total = _page(many, offset)
+        assert total == len(now)
+        if not page:
+            break
+        walked += page
+        offset += 3
+    assert walked == now
+
+
+def test_a_rolled_back_write_is_not_served_to_the_next_page(many: FhirService) -> None:
+    before = _everything(many)
+    assert _page(many, 0)[0] == before[:3]
+    with pytest.raises(RuntimeError):
+        with many.store.transaction():
+            put(many, cond("ghost", "p1", "128053003", "2020-01-01"))
+            # read inside the unit of work: it sees its own write, on every page
+            assert _page(many, 0) == (before[:3], 11)
+            assert _page(many, 9) == ([before[9], "ghost"], 11)
+            raise RuntimeError("roll back")
+    assert _page(many, 9) == ([before[9]], 10)
+    assert _page(many, 0) == (before[:3], 10) and _everything(many) == before
+
+
+@pytest.mark.parametrize("patient", ["p1", "p2"])
+def test_paging_for_a_patient_grant_never_reuses_another_grants_pages(many: FhirService, patient: str) -> None:
+    from fhir_massage.sandbox.access import INTERACTIONS, Grant
+
+    def grant(pid: str) -> Grant:
+        return Grant(permissions={"*": frozenset(INTERACTIONS)}, patient=pid)
+
+    for other in (OPEN, grant("p1"), grant("p2")):
+        assert len(_page(many, 0, other)[0]) == 3  # searches with further pages, walked before ours
+    mine = _everything(many, grant(patient))
+    assert mine and all(many.read(OPEN, BASE, "Condition", i).resource["subject"]["reference"] == f"Patient/{patient}"
+                        for i in mine)
+    assert _page(many, 0, grant(patient))[0] + _page(many, 3, grant(patient))[0] == mine[:6]
+    assert _page(many, 0, grant(patient))[1] == len(mine) < 10
