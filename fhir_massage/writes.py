@@ -138,6 +138,20 @@ class CapabilityCache:
             self._items[key] = (self._clock() + self.ttl, value)
         return value
 
+    def known(self, base_url: str) -> bool | None:
+        """What is known about ``base_url`` without asking (None: nothing yet, or expired)."""
+        with self._lock:
+            hit = self._items.get(base_url.rstrip("/"))
+            return hit[1] if hit and hit[0] > self._clock() else None
+
+    def learn(self, base_url: str, value: bool | None) -> None:
+        """Remember what a write showed: a transaction that went through (True) or was refused as not supported
+        (False). The app uses this so that no write waits for an extra ``GET /metadata`` round trip."""
+        if value is None:
+            return
+        with self._lock:
+            self._items[base_url.rstrip("/")] = (self._clock() + self.ttl, value)
+
     def forget(self, base_url: str) -> None:
         with self._lock:
             self._items.pop(base_url.rstrip("/"), None)
@@ -154,6 +168,7 @@ def write_bundle(client: FhirClient, bundle: Mapping[str, Any], *, transactions:
             answer = client.transaction(bundle)
         except FhirError as exc:
             if not _not_supported(exc):
+                exc.atomic = True  # type: ignore[attr-defined]  # a transaction server refused: nothing was saved
                 raise
         else:
             return _atomic_outcome(entries, answer)
@@ -330,6 +345,7 @@ def _one_by_one(client: FhirClient, entries: tuple[dict[str, Any], ...]) -> Writ
                     f"failed: {exc.message}", status=exc.status, outcome=exc.outcome, url=exc.url)
                 break
     if first_error is not None and not written:
+        first_error.atomic = False  # type: ignore[attr-defined]  # tells the caller the server is not atomic
         raise first_error
     skipped_note = ("Not sent: an earlier write failed" + (f" ({first_error.message})" if first_error else "") + ".")
     failed: list[tuple[dict[str, Any], FhirError]] = []

@@ -1,5 +1,6 @@
 """Ordering (issue 6): a physician screens the chart, orders medical massage, overrides or acknowledges what the
-screen found, and signs; the order is written back as ONE idempotent transaction.
+screen found, and signs; the order is written back as ONE idempotent transaction (entry by entry, order first, where the EHR takes no
+transactions: fhir_massage.writes).
 
 Routes (``/p/<lsid>/orders``):
 
@@ -38,13 +39,12 @@ from fhir_massage.chart import from_resources
 from fhir_massage.chart_fetch import fetch_chart_resources
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUES
 from fhir_massage.errors import FhirAuthError, FhirError, InvalidResource
-from fhir_massage.fhir import entry_outcomes
 from fhir_massage.knowledge import Site as KbSite
 from fhir_massage.knowledge import load_kb
 from fhir_massage.orders_model import LATERALITIES, _sites as known_sites
 from fhir_massage.screening import screen
 
-from . import forms, identity
+from . import forms, identity, writes
 from .launch import LaunchContext, fhir_client, require_launch
 
 log = logging.getLogger("smart_app.orders")
@@ -409,9 +409,11 @@ def sign() -> Any:
         if ev.problems:
             return render_template("orders/form.html", **_form_context(ev, draft_id, show_problems=True)), 422
         client = fhir_client()
-        if rec.get("attempts"):
+        if rec.get("attempts") and writes.atomic(client):
             # An earlier attempt may have been written although its answer was lost: look before writing again
-            # (the transaction is all-or-nothing, so finding the order means everything was written).
+            # (the transaction is all-or-nothing, so finding the order means everything was written). An EHR
+            # without transactions gets the Bundle again instead: its conditional creates match what landed and
+            # write only what is missing (fhir_massage.writes).
             found = _find_written(client, ev)
             if found is not None:
                 return _finish(draft_id, rec, ev, found)
@@ -425,10 +427,10 @@ def sign() -> Any:
         rec["attempts"] = int(rec.get("attempts") or 0) + 1
         _save_draft(draft_id, rec)
         try:
-            answer = client.transaction(bundle)
+            outcome = writes.write(client, bundle)
         except FhirError as exc:
             found = None
-            if not isinstance(exc, FhirAuthError) or exc.status == 403:
+            if writes.atomic(client) and (not isinstance(exc, FhirAuthError) or exc.status == 403):
                 found = _find_written(client, ev)
             if found is not None:
                 return _finish(draft_id, rec, ev, found)
@@ -438,7 +440,31 @@ def sign() -> Any:
             return render_template("orders/form.html", **_form_context(ev, draft_id, show_problems=True,
                                                                          error=_failure_text(exc))), \
                 (exc.status if exc.status in (409, 412, 422, 429, 503) else 502)
-        return _finish(draft_id, rec, ev, _written(answer, bundle))
+        if not outcome.complete:
+            # No transaction here and a write after the first failed: say what is in the chart and what is not,
+            # keep the draft (not signed) so "Sign" again finishes only what is missing.
+            rec["partial"] = {"saved": outcome.saved_refs(), "missing": outcome.missing_types()}
+            _save_draft(draft_id, rec)
+            log.info("order written in part (%d saved, %d not); draft kept", len(outcome.written),
+                     len(outcome.failed))
+            return render_template("orders/form.html", **_form_context(ev, draft_id, show_problems=True,
+                                                                         error=_partial_text(outcome))), 502
+        rec.pop("partial", None)
+        return _finish(draft_id, rec, ev, outcome.by_type(), atomic=outcome.atomic)
+
+
+def _partial_text(outcome: writes.WriteOutcome) -> str:
+    first = outcome.failed[0][1]
+    saved = ", ".join(outcome.saved_refs()) or "nothing"
+    missing = ", ".join(WHAT.get(t, t) for t in outcome.missing_types())
+    return (f"This EHR does not accept all-or-nothing writes, so the order was saved piece by piece, and not all of "
+            f"it was saved. Saved in the chart: {saved}. Not saved: {missing} (the EHR said: {first.message[:300]}) "
+            "Your order is kept here: sign again to save only what is missing; nothing is written twice.")
+
+
+WHAT = {"ServiceRequest": "the order (or its link to its findings)", "Task": "the therapists' task",
+        "DetectedIssue": "the screening findings", "Provenance": "the authorship record (Provenance)",
+        "BodyStructure": "the body sites"}
 
 
 def _failure_text(exc: FhirError) -> str:
@@ -462,17 +488,6 @@ def _app_version() -> str | None:
         return None
 
 
-def _written(answer: Mapping[str, Any], bundle: Mapping[str, Any]) -> dict[str, list[str]]:
-    """{resourceType: [ids]} from the transaction-response (entries answer the request entries in order)."""
-    out: dict[str, list[str]] = {}
-    for req, result in zip(bundle.get("entry") or [], entry_outcomes(answer)):
-        rtype = (req.get("resource") or {}).get("resourceType")
-        rid = getattr(result, "id", None)
-        if rtype and rid:
-            out.setdefault(rtype, []).append(rid)
-    return out
-
-
 def _find_written(client: Any, ev: _Evaluation) -> dict[str, list[str]] | None:
     """The order already in the EHR for this draft (all techniques' ServiceRequests), or None."""
     if not g.ctx.can("ServiceRequest", "search"):
@@ -492,11 +507,13 @@ def _find_written(client: Any, ev: _Evaluation) -> dict[str, list[str]] | None:
     return {"ServiceRequest": ids}
 
 
-def _finish(draft_id: str, rec: dict[str, Any], ev: _Evaluation, written: Mapping[str, list[str]]) -> Response:
+def _finish(draft_id: str, rec: dict[str, Any], ev: _Evaluation, written: Mapping[str, list[str]], *,
+            atomic: bool = True) -> Response:
     actions = {a.rule: a for a in ev.actions}
     rec["status"] = "signed"
     rec["result"] = {
         "written": dict(written),
+        "atomic": atomic,
         "signed": time.time(),
         "techniques": [TECHNIQUE_DISPLAY[t] for t in ev.draft.techniques],
         "sites": [s.text for s in ev.draft.parsed_sites()],

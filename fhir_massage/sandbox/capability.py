@@ -75,3 +75,11 @@ def capability_statement(base: str, security: dict[str, Any] | None, *, date: st
         "format": ["json", "application/fhir+json"],
         "rest": [rest],
     }
+
+
+def without_system_interaction(capability: dict[str, Any], code: str) -> dict[str, Any]:
+    """The CapabilityStatement minus one system interaction (SandboxConfig.transactions=False drops 'transaction'),
+    so the statement keeps saying exactly what the server does."""
+    for rest in capability.get("rest") or []:
+        rest["interaction"] = [i for i in rest.get("interaction") or [] if i.get("code") != code]
+    return capability

@@ -20,6 +20,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
@@ -49,6 +50,9 @@ class SandboxConfig:
     today: date | None = None  # the demo data's "today" (None = the real date)
     public_base: str | None = None  # FHIR base URL to advertise; None = derived from each request
     auth: dict[str, Any] = field(default_factory=dict)  # opaque options for the SMART authorization server
+    # False: play an EHR without transaction support (the CapabilityStatement omits 'transaction' and a transaction
+    # Bundle answers 501 not-supported); batch still works. Tests the app's one-by-one writes (fhir_massage.writes).
+    transactions: bool = True
 
 
 class SandboxSetupError(MassageError):
@@ -68,7 +72,8 @@ def _seed(app: Flask) -> int:
     bundles = demo.demo_bundles(today)
     for i, bundle in enumerate(bundles):
         try:
-            st["bundles"].process(OPEN, base, bundle, prefer_return="minimal")
+            # Seeding is the sandbox's own load, not an EHR client: it may use transactions whatever the config.
+            BundleProcessor(st["service"]).process(OPEN, base, bundle, prefer_return="minimal")
         except FhirProblem as exc:
             # Demo data is validated like any write; a bad bundle is a bug in the demo data, said plainly.
             raise SandboxSetupError(f"Demo bundle {i} was refused by the sandbox: {exc.message}") from None
@@ -145,7 +150,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
         "config": config,
         "store": store,
         "service": service,
-        "bundles": BundleProcessor(service),
+        "bundles": BundleProcessor(service, transactions=config.transactions),
         "faults": FaultInjector(config.faults),
         # Fail closed: without --open, nothing is allowed until auth.install() sets the real authorizer.
         "authorizer": OpenAuthorizer() if config.open else None,
@@ -173,6 +178,17 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
             msg = f"Injected fault: the sandbox answers {decision.fail_status} (fault injection is on)."
             return fhir_json(decision.fail_status, outcome(issue("transient", msg)), headers)
         return None
+
+    if not config.transactions:
+        from fhir_massage.sandbox.capability import without_system_interaction
+
+        @app.after_request
+        def _no_transaction_capability(response: Response) -> Response:
+            # The metadata view (fhir_api.py) builds the full statement; drop 'transaction' from it here.
+            if request.path.rstrip("/").endswith("/fhir/metadata") and response.status_code == 200:
+                cap = without_system_interaction(orjson.loads(response.get_data()), "transaction")
+                response.set_data(orjson.dumps(cap))
+            return response
 
     @app.errorhandler(FhirProblem)
     def _problem(exc: FhirProblem) -> Response:

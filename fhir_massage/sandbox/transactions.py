@@ -72,8 +72,11 @@ def _dangling_urns(value: Any, path: str = "") -> str | None:
 
 
 class BundleProcessor:
-    def __init__(self, service: FhirService) -> None:
+    def __init__(self, service: FhirService, *, transactions: bool = True) -> None:
         self.service = service
+        # False plays an EHR without transaction support (SandboxConfig.transactions): a transaction Bundle is
+        # refused before anything runs, as such servers do (R4 http.html#transaction is optional).
+        self.transactions = transactions
 
     def process(self, grant: Grant, base: str, bundle: Any, *, prefer_return: str = "representation") -> Result:
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
@@ -95,6 +98,12 @@ class BundleProcessor:
                     expression=f"Bundle.entry[{i}].request.method",
                 )
         if btype == "transaction":
+            if not self.transactions:
+                raise FhirProblem(
+                    501, "This server does not support transaction Bundles (its CapabilityStatement does not list "
+                    "'transaction'); send the entries one by one or as a batch.", code="not-supported",
+                    expression="Bundle.type",
+                )
             return self._transaction(grant, base, entries, prefer_return)
         return self._batch(grant, base, entries, prefer_return)
 

@@ -1,0 +1,49 @@
+"""Flask glue for fhir_massage.writes: every write of the app goes through ``write(bundle)``.
+
+Whether the launch's EHR takes transactions is kept per FHIR base for the app process (``CapabilityCache`` in
+``app.extensions``). It is learnt without an extra round trip: the first write tries the transaction, and a server
+that refuses it as not supported (501/405, OperationOutcome ``not-supported``) gets the entries one by one at once
+and every later write goes one by one straight away. ``prime(capability)`` records what a CapabilityStatement says
+when one was read anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flask import current_app
+
+from fhir_massage.errors import FhirError
+from fhir_massage.fhir import FhirClient
+from fhir_massage.writes import CapabilityCache, WriteOutcome, supports_transactions, write_bundle
+
+EXT = "fhir_massage.capabilities"
+
+
+def cache() -> CapabilityCache:
+    return current_app.extensions.setdefault(EXT, CapabilityCache())
+
+
+def prime(base_url: str, capability: Any) -> None:
+    cache().learn(base_url, supports_transactions(capability))
+
+
+def write(client: FhirClient, bundle: Mapping[str, Any]) -> WriteOutcome:
+    """``write_bundle`` with what is known of this EHR; raises FhirError when nothing was saved."""
+    c = cache()
+    try:
+        outcome = write_bundle(client, bundle, transactions=c.known(client.base_url))
+    except FhirError as exc:
+        c.learn(client.base_url, getattr(exc, "atomic", None))
+        raise
+    c.learn(client.base_url, outcome.atomic)
+    return outcome
+
+
+def atomic(client: FhirClient) -> bool:
+    """True only when this EHR is known to take transactions (so finding one written resource of a write means
+    the whole write landed)."""
+    return cache().known(client.base_url) is True
+
+
+__all__ = ["atomic", "cache", "prime", "write"]

@@ -1,0 +1,137 @@
+"""The app against a sandbox that plays an EHR without transactions (SandboxConfig.transactions=False): its
+CapabilityStatement omits 'transaction' and a transaction Bundle answers 501 not-supported. Signing an order then
+writes the order first, its findings after, links them, and says so; a failure half way says what was saved, keeps
+the draft, and signing again finishes only what is missing."""
+
+from __future__ import annotations
+
+from html import unescape
+
+import pytest
+import requests
+
+from fhir_massage.fhir import FhirClient, StaticToken, request_entry, transaction_bundle
+from fhir_massage.writes import supports_transactions, write_bundle
+from tests.fixtures.smart_sandbox import get_token, start_smart_sandbox
+from tests.integration.test_ordering import (DANA, LEFT_LOWER_LEG, LOWER_BACK, PHYSICIAN, TOM, form_fields,
+                                             hidden, launch, open_order_form, search, sign_url)
+
+pytestmark = pytest.mark.integration
+
+NOT_ATOMIC = "This EHR does not accept all-or-nothing writes: the order was saved first, then its findings."
+
+
+@pytest.fixture(scope="module")
+def smart_sandbox():
+    sb = start_smart_sandbox(transactions=False)
+    yield sb
+    sb.stop()
+
+
+@pytest.fixture(scope="module")
+def app(smart_sandbox):
+    from tests.fixtures.app import register_with_sandbox
+
+    server = register_with_sandbox(smart_sandbox, {}, AREAS=("orders",), ORDERS_VALIDATE=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def reader(smart_sandbox):
+    def read(patient: str, path: str, params: dict | None = None) -> dict:
+        tok = get_token(smart_sandbox, "test-public", PHYSICIAN, patient, scopes="launch openid fhirUser patient/*.rs")
+        r = requests.get(f"{smart_sandbox.fhir_base}/{path}", params=params or {}, timeout=10,
+                         headers={"Authorization": f"Bearer {tok['access_token']}", "Accept": "application/fhir+json"})
+        assert r.status_code == 200, r.text[:500]
+        return r.json()
+
+    return read
+
+
+def test_sandbox_switch_drops_transaction_from_metadata_and_refuses_one(smart_sandbox):
+    cap = requests.get(f"{smart_sandbox.fhir_base}/metadata", timeout=10).json()
+    assert supports_transactions(cap) is False
+    assert {"code": "batch"} in cap["rest"][0]["interaction"]
+    tok = get_token(smart_sandbox, "test-public", PHYSICIAN, TOM, scopes="launch openid fhirUser patient/*.cruds")
+    r = requests.post(smart_sandbox.fhir_base, timeout=10, json={"resourceType": "Bundle", "type": "transaction",
+                                                                  "entry": []},
+                      headers={"Authorization": f"Bearer {tok['access_token']}", "Content-Type": "application/fhir+json"})
+    assert r.status_code == 501
+    assert r.json()["issue"][0]["code"] == "not-supported"
+
+
+def test_write_bundle_one_by_one_against_the_sandbox(smart_sandbox):
+    tok = get_token(smart_sandbox, "test-public", PHYSICIAN, TOM, scopes="launch openid fhirUser patient/*.cruds")
+    sr_urn, di_urn = "urn:uuid:7a0b1f0e-0000-4000-8000-00000000a001", "urn:uuid:7a0b1f0e-0000-4000-8000-00000000a002"
+    ident = "https://fhir-massage.dev/test|no-tx-1"
+    bundle = transaction_bundle([
+        request_entry("POST", "ServiceRequest", {
+            "resourceType": "ServiceRequest", "identifier": [{"system": ident.split("|")[0], "value": "no-tx-1"}],
+            "status": "draft", "intent": "order", "subject": {"reference": f"Patient/{TOM}"},
+            "code": {"text": "Massage"}, "supportingInfo": [{"reference": di_urn}]},
+            full_url=sr_urn, if_none_exist=[("identifier", ident)]),
+        request_entry("POST", "DetectedIssue", {
+            "resourceType": "DetectedIssue", "identifier": [{"system": ident.split("|")[0], "value": "no-tx-1-di"}],
+            "status": "final", "patient": {"reference": f"Patient/{TOM}"}, "implicated": [{"reference": sr_urn}]},
+            full_url=di_urn, if_none_exist=[("identifier", ident + "-di")]),
+    ])
+    with FhirClient(smart_sandbox.fhir_base, token_source=StaticToken(tok["access_token"])) as client:
+        outcome = write_bundle(client, bundle, transactions=None)  # unknown: tries, gets 501, goes one by one
+        assert not outcome.atomic and outcome.complete
+        sr_id, di_id = outcome.by_type()["ServiceRequest"][0], outcome.by_type()["DetectedIssue"][0]
+        sr = client.read("ServiceRequest", sr_id)
+        assert sr["supportingInfo"] == [{"reference": f"DetectedIssue/{di_id}"}]
+        assert client.read("DetectedIssue", di_id)["implicated"] == [{"reference": f"ServiceRequest/{sr_id}"}]
+        again = write_bundle(client, bundle, transactions=False)
+        assert again.by_type() == outcome.by_type()  # conditional creates matched: nothing new
+
+
+def test_order_with_findings_is_written_in_steps_and_says_so(smart_sandbox, app, reader):
+    browser, landing = launch(smart_sandbox, app, patient=DANA)
+    page = open_order_form(browser, landing)
+    draft_id = hidden(page.text, "draft_id")
+    data = form_fields(page, technique=["swedish"], site=[LEFT_LOWER_LEG + ":left", LOWER_BACK], **{
+        "override-dvt-acute": "clearance-obtained",
+        "override-note-dvt-acute": "Vascular surgery cleared light work after 6 weeks of apixaban",
+        "ack-anticoagulant": "yes", "ack-dvt-acute-elsewhere": "yes"})
+    r = browser.post(sign_url(page), data=data, timeout=60)
+    assert r.status_code == 200 and "/orders/done/" in r.url, unescape(r.text)[:1500]
+    assert NOT_ATOMIC in unescape(r.text)
+    (sr,) = search(reader, DANA, "ServiceRequest", draft_id)
+    issues = [e["resource"] for e in reader(DANA, "DetectedIssue", {"patient": DANA})["entry"]
+              if any(i["value"].startswith(draft_id) for i in e["resource"]["identifier"])]
+    assert issues and {f"DetectedIssue/{i['id']}" for i in issues} == {s["reference"] for s in sr["supportingInfo"]}
+    assert all({"reference": f"ServiceRequest/{sr['id']}"} in i["implicated"] for i in issues)
+    provs = reader(DANA, "Provenance", {"target": f"ServiceRequest/{sr['id']}"})["entry"]
+    assert len(provs) == 1
+
+
+def test_failure_half_way_says_what_was_saved_and_signing_again_finishes(smart_sandbox, app, reader):
+    browser, landing = launch(smart_sandbox, app, patient=DANA)
+    page = open_order_form(browser, landing)
+    draft_id = hidden(page.text, "draft_id")
+    data = form_fields(page, technique=["swedish"], site=[LOWER_BACK], **{"ack-anticoagulant": "yes",
+                                                                            "ack-dvt-acute-elsewhere": "yes"})
+    fault = requests.post(f"{smart_sandbox.url}/_sandbox/faults", json={
+        "fail_every_n": 1, "fail_status": 500, "fail_methods": ["POST"], "fail_paths": ["/fhir/DetectedIssue"]},
+        timeout=10)
+    assert fault.status_code == 200, fault.text
+    try:
+        r = browser.post(sign_url(page), data=data, timeout=60)
+    finally:
+        requests.delete(f"{smart_sandbox.url}/_sandbox/faults", timeout=10)
+    text = unescape(r.text)
+    assert r.status_code == 502, text[:1500]
+    (sr,) = search(reader, DANA, "ServiceRequest", draft_id)
+    assert f"Saved in the chart: ServiceRequest/{sr['id']}, Task/" in text
+    assert "Not saved: the order (or its link to its findings), the screening findings, the authorship record" in text
+    assert "sign again to save only what is missing" in text
+    assert "supportingInfo" not in sr
+    r = browser.post(sign_url(page), data=data, timeout=60)
+    assert "/orders/done/" in r.url, unescape(r.text)[:1500]
+    (sr2,) = search(reader, DANA, "ServiceRequest", draft_id)  # the same order, not a second one
+    assert sr2["id"] == sr["id"] and sr2["supportingInfo"]
+    tasks = [t for t in reader(DANA, "Task", {"patient": DANA})["entry"]
+             if t["resource"].get("focus", {}).get("reference") == f"ServiceRequest/{sr['id']}"]
+    assert len(tasks) == 1
