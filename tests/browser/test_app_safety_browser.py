@@ -77,8 +77,10 @@ def test_no_dialog_fires_and_axe_finds_nothing_serious(browser, world, user):
         landing = _open_launch(page, world, user)
         visited = []
         for path in _pages(world, user):
-            page.goto(landing + path)
+            resp = page.goto(landing + path)
             page.wait_for_load_state("load")
+            if resp is None or resp.status != 200:
+                problems.append(f"{path or 'landing'}: answered {resp.status if resp else None}, not the page")
             visited.append(page.url)  # "load" waits for images, so a planted onerror would have run by now
             if "&lt;script&gt;" in page.inner_text("body"):
                 problems.append(f"{page.url}: double-escaped text (the user sees &lt;)")
@@ -119,8 +121,9 @@ def test_the_apps_own_pages_keep_to_their_csp(browser, world, user):
                              "'Content Security Policy violation: ' + e.violatedDirective + ' ' + e.blockedURI));")
         landing = _open_launch(page, world, user)
         for path in _pages(world, user):
-            page.goto(landing + path)
+            resp = page.goto(landing + path)
             page.wait_for_load_state("networkidle")
+            assert resp is not None and resp.status == 200, (path, resp.status if resp else None)
     finally:
         context.close()
     assert not violations, "\n".join(dict.fromkeys(violations))
@@ -147,3 +150,86 @@ def test_the_app_frames_in_its_ehr_and_nowhere_else(browser, world):
         assert child.url.startswith("chrome-error://"), child.url
     finally:
         context.close()
+
+
+TAG_FOCUSABLES = """() => {
+    const all = [...document.querySelectorAll('a[href], button, input, select, textarea, summary, [tabindex]')];
+    const visible = all.filter(el => {
+        if (el.disabled || el.type === 'hidden' || el.closest('[hidden], [inert]')) return false;
+        if (el.getAttribute('tabindex') === '-1') return false;
+        // inside a closed <details> only its own summary is a Tab stop (the rest opens with it)
+        const closed = el.closest('details:not([open])');
+        if (closed && !(el.tagName === 'SUMMARY' && el.parentElement === closed)) return false;
+        if (el.tagName === 'SUMMARY' && el.parentElement.closest('details:not([open])') !== el.parentElement
+            && el.parentElement.parentElement && el.parentElement.parentElement.closest('details:not([open])'))
+            return false;
+        const r = el.getBoundingClientRect();
+        const cs = getComputedStyle(el);
+        return r.width > 0 && r.height > 0 && cs.visibility !== 'hidden' && cs.display !== 'none';
+    });
+    // radio groups: one Tab stop per group (arrow keys move inside it)
+    const seenGroups = new Set();
+    const out = [];
+    visible.forEach((el, i) => {
+        el.dataset.kb = String(i);
+        if (el.type === 'radio') {
+            const g = (el.form ? el.form.id : '') + '|' + el.name;
+            if (seenGroups.has(g)) return;
+            seenGroups.add(g);
+            document.querySelectorAll('input[type=radio][name="' + CSS.escape(el.name) + '"]')
+                .forEach(r => r.dataset.kbGroup = g);
+        }
+        out.push(el.type === 'radio' ? 'group:' + (el.form ? el.form.id : '') + '|' + el.name : String(i));
+    });
+    return out;
+}"""
+
+ACTIVE = """() => { const el = document.activeElement; if (!el || el === document.body) return null;
+    return el.dataset.kbGroup ? 'group:' + el.dataset.kbGroup : (el.dataset.kb || 'untracked:' + el.tagName); }"""
+
+
+@pytest.mark.parametrize("user", [PHYSICIAN, THERAPIST])
+def test_every_page_is_usable_from_the_keyboard(browser, world, user):
+    """The first Tab lands on the skip link and Enter moves past the navigation; every visible control is reached
+    with Tab alone (no mouse-only control)."""
+    context = browser.new_context()
+    problems: list[str] = []
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        landing = _open_launch(page, world, user)
+        for path in _pages(world, user):
+            resp = page.goto(landing + path)
+            page.wait_for_load_state("load")
+            if resp is None or resp.status != 200:
+                problems.append(f"{path or 'landing'}: answered {resp.status if resp else None}, not the page")
+            page.keyboard.press("Tab")
+            first = page.evaluate("() => [document.activeElement.tagName, document.activeElement.textContent.trim(),"
+                                  " document.activeElement.getAttribute('href')]")
+            if first[0] != "A" or not (first[2] or "").startswith("#") or "skip" not in first[1].lower():
+                problems.append(f"{path or 'landing'}: the first Tab stop is {first}, not a skip link")
+            else:
+                page.keyboard.press("Enter")
+                target = page.evaluate("(id) => { const t = document.getElementById(id); return !!t; }", first[2][1:])
+                if not target:
+                    problems.append(f"{path or 'landing'}: the skip link points at #{first[2][1:]}, which is missing")
+            wanted = page.evaluate(TAG_FOCUSABLES)
+            page.evaluate("() => document.activeElement && document.activeElement.blur()")
+            reached: set[str] = set()
+            for _ in range(len(wanted) + 40):
+                page.keyboard.press("Tab")
+                now = page.evaluate(ACTIVE)
+                if now is not None:
+                    reached.add(now)
+                if set(wanted) <= reached:
+                    break
+            missing = [w for w in wanted if w not in reached]
+            if missing:
+                names = page.evaluate("""(ids) => ids.map(id => { const el = id.startsWith('group:') ?
+                    document.querySelector('[data-kb-group="' + id.slice(6) + '"]') :
+                    document.querySelector('[data-kb="' + id + '"]');
+                    return el ? el.outerHTML.slice(0, 120) : id; })""", missing[:5])
+                problems.append(f"{path or 'landing'}: {len(missing)} control(s) not reachable with Tab: {names}")
+    finally:
+        context.close()
+    assert not problems, "\n".join(problems)

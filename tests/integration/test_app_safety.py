@@ -77,6 +77,7 @@ class Seen:
     path: str
     query: str
     authorization: str | None
+    writes: bool = False  # could change FHIR data (a create/update/delete, or a Bundle carrying one)
 
 
 @dataclass
@@ -92,16 +93,10 @@ class Recorder:
         self.inner = self.sandbox.app.wsgi_app
         self.sandbox.app.wsgi_app = self  # Flask.__call__ reads wsgi_app on every request
 
-    def writes(self) -> list[Seen]:
-        with self.lock:
-            return [s for s in self.seen if s.path.startswith("/fhir") and (
-                s.method in ("PUT", "PATCH", "DELETE") or (s.method == "POST" and not s.path.endswith("/_search")))]
-
     def fhir_writes(self, since: int) -> list[Seen]:
-        """Requests since index ``since`` that can change FHIR data: a batch is a read unless it carries writes,
-        so count every POST/PUT/PATCH/DELETE under /fhir (stricter than needed; the tests compare counts)."""
+        """Requests since index ``since`` that could change FHIR data (a batch of GETs is a read)."""
         with self.lock:
-            return [s for s in self.seen[since:] if s.path.startswith("/fhir") and s.method != "GET"]
+            return [s for s in self.seen[since:] if s.writes]
 
     def mark(self) -> int:
         with self.lock:
@@ -110,8 +105,24 @@ class Recorder:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
         auth = environ.get("HTTP_AUTHORIZATION")
+        method = environ.get("REQUEST_METHOD", "")
+        writes = False
+        if path.startswith("/fhir") and method in ("PUT", "PATCH", "DELETE"):
+            writes = True
+        elif path.startswith("/fhir") and method == "POST" and not path.endswith("/_search"):
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            raw = environ["wsgi.input"].read(length) if length else b""
+            environ["wsgi.input"] = io.BytesIO(raw)
+            writes = True
+            if path.rstrip("/") == "/fhir":  # batch/transaction: a write only if an entry is not a GET
+                try:
+                    bundle = json.loads(raw)
+                    writes = any(((e or {}).get("request") or {}).get("method", "GET") != "GET"
+                                 for e in bundle.get("entry") or [])
+                except (ValueError, AttributeError):
+                    writes = True
         with self.lock:
-            self.seen.append(Seen(environ.get("REQUEST_METHOD", ""), path, environ.get("QUERY_STRING", ""), auth))
+            self.seen.append(Seen(method, path, environ.get("QUERY_STRING", ""), auth, writes))
         if path == "/auth/token":
             length = int(environ.get("CONTENT_LENGTH") or 0)
             body = environ["wsgi.input"].read(length) if length else b""
@@ -737,6 +748,35 @@ def test_every_get_route_sends_the_security_headers(world):
     assert not problems, "\n".join(problems)
 
 
+def test_no_get_route_writes_to_the_ehr(world):
+    """A GET can be triggered cross-site (links, images, SameSite=Lax top-level navigations) and carries no CSRF
+    token, so no GET may change the chart."""
+    problems = []
+    for rule, url, launch in all_get_urls(world):
+        before = world.rec_a.mark()
+        launch.browser.get(url, timeout=60)
+        written = world.rec_a.fhir_writes(before)
+        if written:
+            problems.append(f"GET {rule} as {launch.user}: {[(s.method, s.path) for s in written]}")
+    assert not problems, "\n".join(problems)
+    # the recorder does see writes (else this proves nothing): the flow signed an order through a transaction
+    assert any(s.writes for s in world.rec_a.seen)
+
+
+def test_no_token_or_secret_is_ever_sent_to_the_browser(world):
+    secrets_seen = {s for s in world.rec_a.secrets | world.rec_b.secrets if s and len(s) >= 8}
+    assert secrets_seen
+    problems = []
+    for name, r in world.pages.items():
+        for hop in [*r.history, r]:
+            blob = hop.text + " ".join(f"{k}: {v}" for k, v in hop.headers.items())
+            for s in secrets_seen:
+                if s in blob and not (hop.status_code in (302, 303) and "code=" in hop.headers.get("Location", "")
+                                      and "/callback?" in hop.headers.get("Location", "")):
+                    problems.append(f"{name} ({hop.url}): carries a token or secret …{s[-6:]}")
+    assert not problems, "\n".join(problems)
+
+
 def test_the_browser_cookie_is_an_opaque_id(world):
     jar = world.physician.browser.cookies
     names = [c.name for c in jar]
@@ -1198,7 +1238,8 @@ def test_no_secret_or_patient_data_in_any_log_record(world, log_capture):
     secrets_seen = {s for s in world.rec_a.secrets | world.rec_b.secrets if s and len(s) >= 8}
     # the secrets the app keeps (in case a recorder missed one): tokens in the store, the PKCE verifier is gone
     assert len(secrets_seen) >= 5, "the recorder caught too few secrets for this check to mean anything"
-    patient = [*FEIL_NAME, " ".join(FEIL_NAME[:2]), FEIL_BIRTH, FEIL_MRN, "999-85-3615"]
+    patient = [*FEIL_NAME, " ".join(FEIL_NAME[:2]), FEIL_BIRTH, FEIL_MRN, "999-85-3615",
+               "alert(1)", "onerror=alert", "Feels better", "Session went well", "Checked with the vascular team"]
     leaks = []
     lines = log_capture.rendered()
     assert len(lines) > 50, "almost nothing was logged: is the capture working?"
