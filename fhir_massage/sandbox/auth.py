@@ -536,12 +536,15 @@ class SandboxAuth:
             out["fhirContext"] = ctx["fhirContext"]
         if ctx.get("intent"):
             out["intent"] = ctx["intent"]
+        if ctx.get("appContext"):  # CDS Hooks 2.0 Link.appContext: passed to the app in the token response
+            out["appContext"] = ctx["appContext"]
         return out
 
     # launches -------------------------------------------------------------------------------------------------
     def create_launch(self, client_id: str, user: str, patient: str | None, *, encounter: str | None = None,
                       intent: str | None = None, need_patient_banner: bool = True, smart_style_url: str | None = None,
-                      fhir_context: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                      fhir_context: list[dict[str, Any]] | None = None,
+                      app_context: str | None = None) -> dict[str, Any]:
         client = self.query_client(client_id)
         if client is None:
             raise InvalidInput(f"unknown client_id {client_id!r}")
@@ -565,6 +568,7 @@ class SandboxAuth:
             "need_patient_banner": bool(need_patient_banner),
             "smart_style_url": smart_style_url,
             "fhirContext": fhir_context,
+            "appContext": app_context if isinstance(app_context, str) and app_context else None,
         }
         self.store.add_launch(Launch(id=launch_id, client_id=client_id, user=u, patient=patient, context=context,
                                      expires_at=self.store.clock() + self.launch_lifetime))
