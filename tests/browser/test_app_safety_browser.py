@@ -99,6 +99,12 @@ def test_no_dialog_fires_and_axe_finds_nothing_serious(browser, world, user):
         body = page.content()
         if user == PHYSICIAN:
             assert "onerror=alert(2)" in page.inner_text("body"), "the planted Condition is not on the order page"
+            # the live re-screen swaps the summary in with innerHTML: a change of technique makes it run
+            with page.expect_response(lambda r: r.url.endswith("/orders/screen")) as screened:
+                page.locator('input[name="technique"][value="swedish"]').check()
+            assert screened.value.status == 200
+            page.wait_for_function("() => !document.querySelector('[aria-busy=\"true\"]')")
+            assert "onerror=alert(2)" in page.inner_text("body"), "the re-screened summary lost the Condition"
         assert "<img src=\"x\" onerror" not in body
     finally:
         context.close()

@@ -1137,6 +1137,21 @@ def test_markup_from_the_ehr_is_shown_as_text(world):
     assert not problems, "\n".join(problems)
 
 
+def test_the_live_rescreen_html_escapes_the_ehr_text(world):
+    """orders.js puts the /screen answer's html into the page with innerHTML: it must arrive escaped."""
+    launch = world.launch(PHYSICIAN)
+    page = launch.browser.get(launch.landing + "orders/", timeout=60)
+    assert page.status_code == 200, page.text[:500]
+    token = hidden(page.text, "csrf_token")
+    r = launch.browser.post(launch.landing + "orders/screen", timeout=60, headers={"X-CSRF-Token": token}, data={
+        "csrf_token": token, "draft_id": hidden(page.text, "draft_id"), "technique": "swedish", "site": LOWER_BACK})
+    assert r.status_code == 200, r.text[:500]
+    html = r.json()["html"]
+    assert "&lt;script&gt;alert(1)" in html, "the planted Condition is not in the re-screen summary"
+    for bad in RAW_MARKUP:
+        assert bad not in html
+
+
 def test_the_message_thread_escapes_the_ehr_text(world):
     for name in ("sessions", "plan (physician)", "session note"):
         r = world.pages[name]

@@ -110,3 +110,27 @@ def test_every_state_changing_route_checks_csrf_before_its_view(app_factory):
                 assert "<code>csrf</code>" in body or r.is_json and r.get_json()["error"] == "csrf", body[:300]
                 checked.append(rule.endpoint)
     assert {"orders.sign", "launch.role"} <= set(checked)
+
+
+@pytest.mark.parametrize("public, secure", [("https://massage.example.org", True), ("http://127.0.0.1:5000", False)])
+def test_the_browser_cookie_attributes(app_factory, public, secure):
+    """SMART AL "App protection": the cookie is an opaque id, HttpOnly, SameSite; behind TLS also Secure with the
+    __Host- prefix (RFC 6265bis §4.1.3.2: no Domain, Path=/) and Partitioned (CHIPS) for the EHR iframe."""
+    app = app_factory(PUBLIC_URL=public, REGISTRATIONS=[{"iss": ISS_A, "client_id": "a"}])
+    client = app.test_client()
+    r = client.get("/", base_url=public)
+    cookies = r.headers.getlist("Set-Cookie")
+    assert len(cookies) == 1, cookies
+    raw = cookies[0]
+    attrs = [a.strip().lower() for a in raw.split(";")]
+    name, value = raw.split(";", 1)[0].split("=", 1)
+    assert re.fullmatch(r"[A-Za-z0-9_\-]{32,64}", value)
+    assert "httponly" in attrs and "path=/" in attrs and not any(a.startswith("domain=") for a in attrs)
+    if secure:
+        assert name == "__Host-fm_browser"
+        assert {"secure", "samesite=none", "partitioned"} <= set(attrs), attrs
+        assert r.headers.get("Strict-Transport-Security", "").startswith("max-age=")
+    else:
+        assert "samesite=lax" in attrs and "secure" not in attrs, attrs
+    assert r.headers.get("Cache-Control") == "no-store"
+    assert r.headers.get("Referrer-Policy") == "no-referrer"
