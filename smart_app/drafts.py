@@ -1,11 +1,17 @@
 """Server-side drafts of session notes (and later other forms): nothing a therapist types is lost.
 
 A draft lives in the app's own store (smart_app/store.py: SQLite by default, PostgreSQL for several instances), NOT
-in the launch session and not in the browser. Its key is (EHR iss, author fhirUser, patient, order), so it
+in the launch session and not in the browser. Its key is (EHR iss, author fhirUser, patient, plan), so it
 survives everything that ends a launch: the EHR answering 500 or timing out on submit, the access token expiring
 mid-note, the tab closing, the app restarting (with a file-backed store). The therapist opens the patient again
 (a new launch), the same key finds the same draft, and submitting it writes it once: every identifier of the
-session transaction derives from the draft's ``draft_id`` (builders.session), which the draft keeps.
+visit transaction derives from the draft's ``draft_id`` (builders.session), which the draft keeps.
+
+A session note is written per VISIT against the whole plan (the per-technique orders of one
+``ServiceRequest.requisition``), so its draft is keyed by the plan (``DraftKey.for_plan``: subject
+``plan:<requisition key>``, or ``plan:ServiceRequest/<id>`` for an order without a requisition): opening the plan
+from any of its orders finds the same draft. Drafts keyed by an order (before visit notes) are not migrated;
+they expire with ``DRAFT_TTL``.
 
 Rules:
 * only the author reads or overwrites a draft: the author is part of the key AND is stored in the record and
@@ -65,18 +71,24 @@ def is_draft_id(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class DraftKey:
-    """Who wrote the draft, for which patient and order, on which EHR."""
+    """Who wrote the draft, for which patient and plan (or other subject), on which EHR."""
 
     iss: str
     author: str  # the fhirUser reference, e.g. "Practitioner/lmt-sam-reyes"
     patient: str  # patient id
-    subject: str  # what the draft is for, e.g. "ServiceRequest/123"
+    subject: str  # what the draft is for, e.g. "plan:<requisition>" (see for_plan)
+
+    @classmethod
+    def for_plan(cls, iss: str, author: str, patient: str, plan_key: str) -> "DraftKey":
+        """The visit note's draft for the plan ``plan_key`` (plan_view.requisition_of, or the order reference of
+        an order without a requisition)."""
+        return cls(iss, author, patient, f"plan:{plan_key}" if plan_key else "")
 
     def __post_init__(self) -> None:
         for name in ("iss", "author", "patient", "subject"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
-                raise DraftError("A draft needs a known user, patient and order; the EHR did not say who is signed "
+                raise DraftError("A draft needs a known user, patient and plan; the EHR did not say who is signed "
                                  "in, so drafts cannot be kept for this launch.", code="draft-no-author")
 
     @property
@@ -140,9 +152,9 @@ class DraftStore:
             current = self.load(key)
             now = self._clock()
             if current is not None and draft_id is not None and current["draft_id"] != draft_id:
-                # Another draft for the same order (a second tab started after this one's note was written):
+                # Another draft for the same plan (a second tab started after this one's note was written):
                 # keep the newer one, never merge two notes into one.
-                raise DraftError("Another draft for this order was saved in the meantime (another tab?). Reload "
+                raise DraftError("Another draft for this plan was saved in the meantime (another tab?). Reload "
                                  "the page to continue with it.", code="draft-replaced")
             rec = {
                 "draft_id": (current or {}).get("draft_id") or draft_id or new_draft_id(),

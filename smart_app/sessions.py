@@ -3,21 +3,31 @@ note (drafted on the server while it is typed, written once), and messages to th
 
 Pages (all under the launch, ``/p/<lsid>/sessions``; therapists only):
 
-* ``GET  /``                     the patient's active massage orders with their fulfilment Tasks and message
+* ``GET  /``                     the patient's active massage plans (the per-technique orders of one requisition,
+                                 grouped as plan_view.group_plans does) with their fulfilment Tasks and message
                                  threads: ONE batch request (ServiceRequest search with ``_revinclude=Task:focus``,
                                  Communications of the patient).
-* ``GET  /<order_id>``           the order, the re-screen ("new since the order" first) and the note form, prefilled
-                                 from the server-side draft. ONE batch request: the order with its Task, the
-                                 patient's DetectedIssues and Communications, and the chart searches screening needs.
+* ``GET  /<order_id>``           the plan of that order (any of its orders leads to the same page), the re-screen
+                                 for the union of the plan's techniques and sites ("new since the order" first) and
+                                 ONE note for the visit, prefilled from the server-side draft. ONE batch request: the
+                                 patient's orders with their Tasks, DetectedIssues and Communications, and the chart
+                                 searches screening needs.
 * ``POST /<order_id>``           ``action=save`` keeps the draft (the no-JavaScript path); ``action=submit`` keeps
-                                 the draft first, then writes the session in one transaction; the draft is deleted
-                                 only after the EHR confirmed it.
+                                 the draft first, then writes the visit in one transaction (one Procedure per
+                                 technique used, the pain scores once, every involved Task +1); the draft is
+                                 deleted only after the EHR confirmed it.
 * ``POST /<order_id>/draft``     autosave (sessions.js, JSON answer), same draft rules.
 * ``POST /<order_id>/discard``   throw the draft away.
 * ``POST /<order_id>/message``   a Communication to the ordering physician (progress, change in condition,
                                  request), optionally ``inResponseTo`` a message of the thread.
 
-The pure helpers (order summary, new-since-order, form -> SessionNote, threads) take plain data and no Flask
+Drafts are keyed by (EHR, author, patient, plan): the plan is its requisition (or the order when it has none);
+the page sends the plan key back with every autosave, so an autosave needs no EHR round trip.
+
+Techniques: the note offers the plan's ordered techniques only (builders.session: a technique without an order
+has nothing to be ``basedOn`` and was not re-screened); the therapist asks the physician to add another.
+
+The pure helpers (order summary, plan grouping, new-since-order, form -> VisitNote, threads) take plain data and no Flask
 globals, so tests/unit/test_sessions_*.py exercise them directly.
 """
 
@@ -38,16 +48,19 @@ from fhir_massage.builders.detected_issue import RULE_IDENTIFIER_SYSTEM
 from fhir_massage.builders.messages import CATEGORIES as MESSAGE_CATEGORIES
 from fhir_massage.builders.messages import MESSAGE_ID_SYSTEM, communication
 from fhir_massage.builders.order import ORDER_DETAIL_SYSTEM, sessions_done
-from fhir_massage.builders.session import (SESSION_ID_SYSTEM, SessionNote, cpt_units, session_cpt,
-                                           session_problems, session_recorded, session_transaction)
+from fhir_massage.builders.session import (VISIT_ID_SYSTEM, SessionNote, VisitNote, VisitOrder, cpt_units,
+                                           session_recorded, technique_cpt, visit_cpt_minutes, visit_problems,
+                                           visit_transaction, visit_units)
 from fhir_massage.chart_fetch import chart_searches
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES
 from fhir_massage.errors import FhirAuthError, FhirConflict, FhirError, InvalidInput, LaunchError
 from fhir_massage.fhir import FhirResult, batch_bundle, entry_outcomes, request_entry, resources
 from fhir_massage.knowledge import load_kb
 from fhir_massage.orders_model import LATERALITIES, PRESSURES, is_lateralizable, parse_site
+from fhir_massage.plan_view import requisition_of
+from fhir_massage.writes import PartialWrite, raise_conflict
 
-from . import errors, identity
+from . import errors, identity, writes
 from .drafts import DraftAlreadyWritten, DraftError, DraftKey, DraftStore, is_draft_id, new_draft_id
 from .launch import LaunchContext, fhir_client, require_launch
 
@@ -61,10 +74,16 @@ _PAIN = re.compile(r"^\d{1,2}$")
 ABSOLUTE_STOP = ("absolute", "local")  # an applicable finding of these classes stops the ordered session
 
 # The note form's fields (what a draft keeps). Lists are multi-value fields.
-TEXT_FIELDS = ("status", "status_reason", "technique", "date", "start", "end", "tz", "pressure", "position",
+def minutes_field(technique: str) -> str:
+    """The form field for a technique's minutes (draft field names allow no hyphen)."""
+    return "minutes_" + technique.replace("-", "_")
+
+
+TEXT_FIELDS = ("status", "status_reason", "date", "start", "end", "tz", "pressure", "position",
                "response", "adverse_events", "pain_before", "pain_after", "subjective", "objective", "assessment",
-               "plan", "follow_up")
-LIST_FIELDS = ("sites",)
+               "plan", "follow_up") + tuple(minutes_field(t) for t in TECHNIQUES)
+LIST_FIELDS = ("sites", "techniques")
+_PLAN_KEY = re.compile(r"^[\x21-\x7e]{1,300}$")  # a requisition key or an order reference, printable ASCII
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,6 +243,169 @@ def pair_orders_and_tasks(found: Iterable[Mapping[str, Any]]) -> list[tuple[dict
     return out
 
 
+def _visits_on(task: Mapping[str, Any] | None) -> set[str]:
+    """The visits a fulfilment Task counts (its ``session`` outputs), by the note's draft id when the output's
+    identifier carries it (``<draft id>:<technique>``), else by the Procedure reference."""
+    out: set[str] = set()
+    for o in (task or {}).get("output") or []:
+        if not isinstance(o, Mapping):
+            continue
+        if not any(isinstance(c, Mapping) and c.get("code") == "session"
+                   for c in (o.get("type") or {}).get("coding") or []):
+            continue
+        vref = o.get("valueReference") or {}
+        value = (vref.get("identifier") or {}).get("value")
+        if isinstance(value, str) and value:
+            out.add("visit:" + value.split(":", 1)[0])
+        elif vref.get("reference"):
+            out.add(str(vref["reference"]))
+    return out
+
+
+_OPEN_TASK = ("draft", "requested", "received", "accepted", "ready", "in-progress", "on-hold")
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """The orders of one plan (one ``requisition``; an order without one is a plan of its own), one per technique,
+    as the therapist documents them: one visit at a time. Attribute names follow OrderSummary where they mean the
+    same, so the pages and the re-screen read either."""
+
+    key: str  # requisition key (plan_view.requisition_of) or the order reference
+    orders: tuple[OrderSummary, ...]  # the plan's orders, in TECHNIQUES order
+
+    @property
+    def lead(self) -> OrderSummary:
+        return self.orders[0]
+
+    @property
+    def id(self) -> str:
+        return self.lead.id
+
+    @property
+    def ref(self) -> str:
+        return self.lead.ref
+
+    @property
+    def refs(self) -> tuple[str, ...]:
+        return tuple(o.ref for o in self.orders)
+
+    @property
+    def techniques(self) -> tuple[str, ...]:
+        return tuple(o.technique for o in self.orders if o.technique)
+
+    @property
+    def technique(self) -> str | None:
+        return self.lead.technique
+
+    @property
+    def technique_label(self) -> str:
+        return " + ".join(o.technique_label for o in self.orders)
+
+    @property
+    def title(self) -> str:
+        return self.lead.title if len(self.orders) == 1 else self.technique_label
+
+    def _union(self, name: str) -> tuple[Any, ...]:
+        return tuple(dict.fromkeys(v for o in self.orders for v in getattr(o, name)))
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return self._union("sites")
+
+    @property
+    def site_texts(self) -> tuple[str, ...]:
+        return self._union("site_texts")
+
+    @property
+    def details(self) -> tuple[str, ...]:
+        return self._union("details")
+
+    @property
+    def precautions(self) -> tuple[str, ...]:
+        return self._union("precautions")
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self._union("notes")
+
+    @property
+    def finding_refs(self) -> tuple[str, ...]:
+        return self._union("finding_refs")
+
+    @property
+    def patient_instruction(self) -> str:
+        return next((o.patient_instruction for o in self.orders if o.patient_instruction), "")
+
+    @property
+    def authored(self) -> str | None:
+        dates = [o.authored for o in self.orders if o.authored]
+        return min(dates) if dates else None
+
+    @property
+    def requester_name(self) -> str | None:
+        return next((o.requester_name for o in self.orders if o.requester_name), None)
+
+    @property
+    def pressure(self) -> str | None:
+        return next((o.pressure for o in self.orders if o.pressure), None)
+
+    @property
+    def done(self) -> int:
+        """Visits documented: one visit counts once however many of the plan's techniques it gave."""
+        visits: set[str] = set()
+        for o in self.orders:
+            visits |= _visits_on(o.task)
+        return len(visits)
+
+    @property
+    def total(self) -> int | None:
+        totals = [o.total for o in self.orders if o.total]
+        return max(totals) if totals else None
+
+    @property
+    def progress(self) -> str:
+        if self.total:
+            return f"{self.done} of {self.total} sessions done"
+        return f"{self.done} sessions done"
+
+    @property
+    def all_done(self) -> bool:
+        return all(o.all_done for o in self.orders)
+
+    @property
+    def task_status(self) -> str | None:
+        statuses = [o.task_status for o in self.orders if o.task_status]
+        if not statuses:
+            return None
+        return statuses[0] if len(set(statuses)) == 1 else "mixed"
+
+    @property
+    def open_techniques(self) -> tuple[str, ...]:
+        """Techniques a completed visit can still be counted against (an open Task with sessions left)."""
+        return tuple(o.technique for o in self.orders if o.technique and o.task is not None and not o.all_done
+                     and (o.task_status or "") in _OPEN_TASK)
+
+    def technique_rows(self) -> list[tuple[OrderSummary, str]]:
+        """(order, "3 of 8 sessions") per technique, for the per-technique details."""
+        return [(o, f"{o.done} of {o.total}" if o.total else str(o.done)) for o in self.orders]
+
+
+def _technique_rank(o: OrderSummary) -> tuple[int, str]:
+    return (TECHNIQUES.index(o.technique) if o.technique in TECHNIQUES else len(TECHNIQUES), o.id)
+
+
+def group_orders(pairs: Iterable[tuple[Mapping[str, Any], Mapping[str, Any] | None]],
+                 names: Mapping[str, str] | None = None) -> list[PlanSummary]:
+    """Plans from (order, Task) pairs: the orders of one ``requisition`` together (plan_view.requisition_of), an
+    order without one on its own; newest plan first (the pairs' order)."""
+    groups: dict[str, list[OrderSummary]] = {}
+    for sr, task in pairs:
+        key = requisition_of(sr) or f"ServiceRequest/{sr.get('id')}"
+        groups.setdefault(key, []).append(order_summary(sr, task, names))
+    return [PlanSummary(key, tuple(sorted(orders, key=_technique_rank))) for key, orders in groups.items()]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pure helpers: the re-screen
 
@@ -268,7 +450,7 @@ def known_findings(issues: Iterable[Mapping[str, Any]], refs: Iterable[str]) -> 
     return out
 
 
-def rescreen(screening: screening_mod.Screening, order: OrderSummary,
+def rescreen(screening: screening_mod.Screening, order: OrderSummary | PlanSummary,
              issues: Iterable[Mapping[str, Any]]) -> Rescreen:
     """A finding is *new since the order* when its evidence is dated after the order's authoredOn, or when it is
     not among the DetectedIssues the order was signed with (another rule, or the same rule on other evidence:
@@ -304,7 +486,8 @@ def rescreen(screening: screening_mod.Screening, order: OrderSummary,
                     warnings=tuple(screening.warnings))
 
 
-def finding_message_text(findings: Sequence[screening_mod.Finding], order: OrderSummary, today: date) -> str:
+def finding_message_text(findings: Sequence[screening_mod.Finding], order: OrderSummary | PlanSummary,
+                         today: date) -> str:
     """The pre-filled message to the physician about findings of the re-screen."""
     lines = [f"Re-screen before the {order.technique_label.lower()} session on {today.isoformat()} "
              f"(order of {str(order.authored or '')[:10]}):"]
@@ -359,9 +542,10 @@ def form_fields(form: Any) -> dict[str, Any]:
     return out
 
 
-def default_fields(order: OrderSummary, now: datetime) -> dict[str, Any]:
-    return {"status": "completed", "technique": order.technique or "", "sites": list(order.sites),
-            "pressure": order.pressure or "", "date": now.date().isoformat(), "tz": "0"}
+def default_fields(plan: PlanSummary, now: datetime) -> dict[str, Any]:
+    """A new visit note: every technique that can still be counted ticked, the plan's sites, its pressure."""
+    return {"status": "completed", "techniques": list(plan.open_techniques or plan.techniques),
+            "sites": list(plan.sites), "pressure": plan.pressure or "", "date": now.date().isoformat(), "tz": "0"}
 
 
 def _tz(value: str | None) -> tuple[timezone | None, str | None]:
@@ -384,10 +568,16 @@ def _at(day: date, hhmm: str, tz: timezone) -> datetime | None:
     return datetime.combine(day, dtime(int(m.group(1)), int(m.group(2))), tzinfo=tz)
 
 
-def note_from_fields(fields: Mapping[str, Any], *, draft_id: str, order: OrderSummary, patient_ref: str,
-                     performer_ref: str, now: datetime) -> tuple[SessionNote | None, dict[str, str]]:
-    """(SessionNote, problems by form field). Problems are in plain words; the note is None when the form cannot
-    even be read into one (no date, bad times)."""
+_ORDER_PROBLEM = {"orders": "order", "order_ref": "order", "task_ref": "order", "performer_ref": "order",
+                  "patient_ref": "order", "draft_id": "order"}
+
+
+def note_from_fields(fields: Mapping[str, Any], *, draft_id: str, plan: PlanSummary | OrderSummary,
+                     patient_ref: str, performer_ref: str, now: datetime) -> tuple[VisitNote | None, dict[str, str]]:
+    """(VisitNote, problems by form field). Problems are in plain words; the note is None when the form cannot
+    even be read into one (no date, bad times). ``plan``: the visit's plan (an OrderSummary is a plan of one)."""
+    if isinstance(plan, OrderSummary):
+        plan = PlanSummary(plan.ref, (plan,))
     problems: dict[str, str] = {}
     get = lambda k: str(fields.get(k) or "").strip()  # noqa: E731
     status = get("status") or "completed"
@@ -425,33 +615,91 @@ def note_from_fields(fields: Mapping[str, Any], *, draft_id: str, order: OrderSu
         else:
             problems[name] = "Pain is a whole number from 0 (no pain) to 10 (worst imaginable)."
             pains[name] = None
+    raw_techniques = fields.get("techniques")
+    if raw_techniques is None and get("technique"):  # a draft from before visit notes (one technique)
+        raw_techniques = [get("technique")]
+    techniques = tuple(dict.fromkeys(t for t in (raw_techniques or []) if isinstance(t, str) and t))
+    minutes: list[tuple[str, int]] = []
+    for t in techniques:
+        raw = get(minutes_field(t)) if t in TECHNIQUES else ""
+        if not raw:
+            continue
+        if raw.isdigit() and int(raw) <= 24 * 60:
+            minutes.append((t, int(raw)))
+        else:
+            problems.setdefault("minutes", "Minutes per technique are whole numbers.")
     pressure = get("pressure") or None
     sites = tuple(s for s in (fields.get("sites") or []) if isinstance(s, str) and s)
-    note = SessionNote(
-        draft_id=draft_id, order_ref=order.ref, task_ref=order.task_ref or "", patient_ref=patient_ref,
-        performer_ref=performer_ref, start=start, end=end if status == "completed" else None, status=status,
-        status_reason=get("status_reason"), technique=get("technique") or (order.technique or ""), sites=sites,
+    orders = tuple(VisitOrder(o.technique, o.ref, o.task_ref or "") for o in plan.orders if o.technique)
+    note = VisitNote(
+        draft_id=draft_id, orders=orders, patient_ref=patient_ref, performer_ref=performer_ref, start=start,
+        end=end if status == "completed" else None, status=status, status_reason=get("status_reason"),
+        techniques=techniques if status == "completed" else (), technique_minutes=tuple(minutes), sites=sites,
         pressure=pressure, position=get("position"), response=get("response"),
         adverse_events=tuple(line.strip() for line in get("adverse_events").splitlines() if line.strip()),
         pain_before=pains["pain_before"], pain_after=pains["pain_after"], subjective=get("subjective"),
         objective=get("objective"), assessment=get("assessment"), plan=get("plan"), follow_up=get("follow_up"),
     )
-    for name, message in session_problems(note).items():
-        key = {"task_ref": "order", "order_ref": "order", "performer_ref": "order", "patient_ref": "order",
-               "draft_id": "order"}.get(name, name)
-        if key == "order" and name == "task_ref":
-            message = "This order has no fulfilment task in the EHR, so sessions cannot be counted against it."
+    for name, message in visit_problems(note).items():
+        key = _ORDER_PROBLEM.get(name, name)
+        if name == "task_ref":
+            message = "An order of this plan has no fulfilment task in the EHR, so sessions cannot be counted " \
+                      "against it."
         problems.setdefault(key, message)
-    if status == "completed" and order.all_done:
-        problems.setdefault("order", f"All {order.total} ordered sessions are documented; ask the physician to "
-                                     "renew the order.")
+    if status == "completed":
+        if plan.all_done:
+            problems.setdefault("order", f"All {plan.total} ordered sessions are documented; ask the physician "
+                                         "to renew the order.")
+        else:
+            full = [o for o in plan.orders if o.technique in techniques and o.technique not in plan.open_techniques]
+            if full:
+                o = full[0]
+                why = f"all {o.total} ordered sessions are documented" if o.all_done else \
+                    f"its task is {o.task_status or 'missing'}"
+                problems.setdefault("techniques", f"{o.technique_label}: {why}; untick it, or ask the physician "
+                                                  "to renew the order.")
     return note, problems
 
 
-def minutes_and_units(note: SessionNote | None) -> tuple[int, int, str | None]:
-    if note is None or note.status != "completed" or note.end is None:
-        return 0, 0, None
-    return note.minutes, cpt_units(note.minutes), session_cpt(note)
+@dataclass(frozen=True)
+class Units:
+    """What the note shows about time and billing: the visit's minutes, the timed CPT units of the 8-minute rule
+    on the TOTAL minutes (CMS), and the units per code when the minutes per code are known."""
+
+    minutes: int = 0
+    units: int = 0
+    codes: tuple[str, ...] = ()  # CPT codes of the techniques used
+    per_code: tuple[tuple[str, int], ...] | None = ()  # None: several codes and no minutes to split them
+
+    @property
+    def text(self) -> str:
+        if not self.minutes:
+            return "— min"
+        head = f"{self.minutes} min · {self.units} CPT unit{'s' if self.units != 1 else ''}"
+        if len(self.codes) == 1:
+            return head + f" ({self.codes[0]})"
+        if self.per_code is None:
+            return head + f" ({' + '.join(self.codes)}: give the minutes per technique to split them)"
+        if self.per_code:
+            return head + ": " + ", ".join(f"{c} × {u}" for c, u in self.per_code)
+        return head
+
+
+def visit_minutes_and_units(note: VisitNote | None) -> Units:
+    if note is None or note.status != "completed" or note.end is None or note.end <= note.start:
+        return Units()
+    codes = tuple(dict.fromkeys(c for c in (technique_cpt(t) for t in note.techniques) if c))
+    per = visit_cpt_minutes(note)
+    per_code = None if per is None else tuple(sorted(visit_units(note).items()))
+    return Units(note.minutes, cpt_units(note.minutes), codes, per_code)
+
+
+def minutes_and_units(note: VisitNote | SessionNote | None) -> tuple[int, int, str | None]:
+    """(minutes, CPT units, the code when there is one) of a note."""
+    if isinstance(note, SessionNote):
+        note = note.as_visit()
+    u = visit_minutes_and_units(note)
+    return u.minutes, u.units, u.codes[0] if len(u.codes) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -472,15 +720,17 @@ class Message:
     mine: bool = False
 
 
-def thread(comms: Iterable[Mapping[str, Any]], *, order_ref: str, me: str | None,
+def thread(comms: Iterable[Mapping[str, Any]], *, order_ref: str | Iterable[str], me: str | None,
            names: Mapping[str, str] | None = None) -> list[Message]:
-    """The messages about one order, each reply under what it answers (depth-first, oldest first)."""
+    """The messages about one order (or any order of a plan: ``order_ref`` may be several), each reply under what
+    it answers (depth-first, oldest first)."""
     names = names or {}
+    wanted = {order_ref} if isinstance(order_ref, str) else set(order_ref)
     msgs: dict[str, Message] = {}
     for c in comms:
         if c.get("resourceType") != "Communication" or not c.get("id"):
             continue
-        if order_ref not in {(b or {}).get("reference") for b in c.get("basedOn") or [] if isinstance(b, Mapping)}:
+        if not wanted & {(b or {}).get("reference") for b in c.get("basedOn") or [] if isinstance(b, Mapping)}:
             continue
         sender = str((c.get("sender") or {}).get("reference") or "")
         text = " ".join(str(p.get("contentString") or "") for p in c.get("payload") or []
@@ -519,8 +769,18 @@ def _drafts() -> DraftStore:
     return DraftStore(current_app.extensions["store"], float(current_app.config["DRAFT_TTL"]))
 
 
-def _draft_key(ctx: LaunchContext, order_id: str) -> DraftKey:
-    return DraftKey(ctx.iss, ctx.user_ref or "", ctx.patient_id or "", f"ServiceRequest/{order_id}")
+def _draft_key(ctx: LaunchContext, plan_key: str) -> DraftKey:
+    """The visit note's draft: one per (EHR, author, patient, plan)."""
+    return DraftKey.for_plan(ctx.iss, ctx.user_ref or "", ctx.patient_id or "", plan_key)
+
+
+def _posted_plan_key() -> str:
+    """The plan key the page sent back (autosave, discard): only the author's own drafts are reachable with it
+    (the author and patient come from the launch), so a wrong key can only miss a draft, never show another's."""
+    key = request.form.get("plan_key") or ""
+    if not _PLAN_KEY.match(key):
+        raise DraftError("The note form has expired; reload the page.", code="draft-bad-plan")
+    return key
 
 
 def _now() -> datetime:
@@ -550,8 +810,8 @@ def _searchset(result: Any) -> list[dict[str, Any]] | None:
 
 @dataclass
 class PageData:
-    order: OrderSummary | None = None
-    sr: dict[str, Any] | None = None
+    order: PlanSummary | None = None  # the plan of the requested order
+    sr: dict[str, Any] | None = None  # the requested order
     issues: list[dict[str, Any]] = field(default_factory=list)
     comms: list[dict[str, Any]] = field(default_factory=list)
     chart_resources: list[dict[str, Any]] = field(default_factory=list)
@@ -576,15 +836,17 @@ def with_missing_tasks(client: Any, pairs: list[tuple[dict, dict | None]], found
 
 
 def load_order_page(client: Any, patient_id: str, order_id: str, *, with_chart: bool = True) -> PageData:
-    """ONE batch: the order (+ its Tasks), the patient's DetectedIssues and the order's messages, and (for the
-    re-screen) the Patient and the chart searches. Failed entries become problems shown on the page."""
+    """ONE batch: the patient's orders (+ their Tasks, requesters), DetectedIssues and messages, and (for the
+    re-screen) the Patient and the chart searches. The plan is the requested order with the other active orders
+    of its requisition (a search by requisition would need the order first: a second round trip). Failed entries
+    become problems shown on the page."""
     p = ("patient", patient_id)
     entries = [
-        request_entry("GET", "ServiceRequest?" + urlencode([("_id", order_id), p, ("_revinclude", "Task:focus"),
-                                                            ("_include", "ServiceRequest:requester")])),
+        request_entry("GET", "ServiceRequest?" + urlencode([p, ("_revinclude", "Task:focus"),
+                                                            ("_include", "ServiceRequest:requester"),
+                                                            ("_count", "200")])),
         request_entry("GET", "DetectedIssue?" + urlencode([p, ("_count", "200")])),
-        request_entry("GET", "Communication?" + urlencode([("based-on", f"ServiceRequest/{order_id}"),
-                                                           ("_count", "200")])),
+        request_entry("GET", "Communication?" + urlencode([p, ("_count", "200")])),
     ]
     searches = chart_searches(patient_id) if with_chart else []
     if with_chart:
@@ -597,12 +859,17 @@ def load_order_page(client: Any, patient_id: str, order_id: str, *, with_chart: 
     if found is None:
         raise outcomes[0] if outcomes and isinstance(outcomes[0], FhirError) else \
             FhirError("The EHR did not answer the search for the order.")
+    found = list(found) + _more_pages(client, outcomes[0])
     pairs = with_missing_tasks(client, pair_orders_and_tasks(found), found)
-    if not pairs:
+    wanted = next(((sr, task) for sr, task in pairs if sr.get("id") == order_id), None)
+    if wanted is None:
         return data
-    data.sr, task = pairs[0]
+    data.sr = wanted[0]
+    key = requisition_of(wanted[0])
+    members = [(sr, task) for sr, task in pairs
+               if sr is wanted[0] or (key is not None and requisition_of(sr) == key and sr.get("status") == "active")]
     data.names = practitioner_names(found)
-    data.order = order_summary(data.sr, task, data.names)
+    data.order = group_orders(members, data.names)[0]
     issues = _searchset(outcomes[1])
     if issues is None:
         data.problems.append("The findings the order was signed with could not be read; every finding counts as "
@@ -623,14 +890,21 @@ def load_order_page(client: Any, patient_id: str, order_id: str, *, with_chart: 
                                      "incomplete.")
                 continue
             data.chart_resources.extend(page)
-            nxt = result.resource if isinstance(result, FhirResult) else None
-            pages = 1
-            while nxt is not None and pages < 20:
-                nxt = client.next_page(nxt)
-                if nxt is not None:
-                    data.chart_resources.extend(resources(nxt))
-                    pages += 1
+            data.chart_resources.extend(_more_pages(client, result))
     return data
+
+
+def _more_pages(client: Any, result: Any, limit: int = 20) -> list[dict[str, Any]]:
+    """The further pages of a search answered in a batch (only when the server paged it)."""
+    out: list[dict[str, Any]] = []
+    nxt = result.resource if isinstance(result, FhirResult) else None
+    pages = 1
+    while nxt is not None and pages < limit:
+        nxt = client.next_page(nxt)
+        if nxt is not None:
+            out.extend(resources(nxt))
+            pages += 1
+    return out
 
 
 def run_rescreen(data: PageData, today: date) -> Rescreen:
@@ -641,8 +915,9 @@ def run_rescreen(data: PageData, today: date) -> Rescreen:
                                               "run. Check the chart yourself before the session.")
     try:
         chart = chart_mod.from_resources(data.chart_resources)
-        screening = screening_mod.screen(chart, techniques=[order.technique] if order.technique else None,
-                                         sites=[s for s in order.sites] or None, today=today)
+        # the union of the plan's techniques and sites: the visit may give any of them
+        screening = screening_mod.screen(chart, techniques=list(order.techniques) or None,
+                                         sites=list(order.sites) or None, today=today)
     except InvalidInput as exc:
         return Rescreen(screening=None, error=f"The re-screen could not run: {exc.message}")
     result = rescreen(screening, order, data.issues)
@@ -693,15 +968,14 @@ def index() -> Any:
     drafts = _drafts()
     rows = []
     names = _names_for(ctx, practitioner_names(found))
-    for sr, task in with_missing_tasks(fhir_client(), pair_orders_and_tasks(found), found):
-        order = order_summary(sr, task, names)
+    for plan in group_orders(with_missing_tasks(fhir_client(), pair_orders_and_tasks(found), found), names):
         draft = None
         if ctx.user_ref:
             try:
-                draft = drafts.load(_draft_key(ctx, order.id))
+                draft = drafts.load(_draft_key(ctx, plan.key))
             except DraftError:
                 draft = None
-        rows.append((order, thread(comms, order_ref=order.ref, me=ctx.user_ref, names=names), draft))
+        rows.append((plan, thread(comms, order_ref=plan.refs, me=ctx.user_ref, names=names), draft))
     recorded = request.args.get("recorded")
     return render_template("sessions/index.html", rows=rows, recorded=recorded,
                            sent=request.args.get("sent"), messages_ok=_searchset(outcomes[1]) is not None)
@@ -711,28 +985,33 @@ def _render_document(order_id: str, data: PageData, *, fields: Mapping[str, Any]
                      draft_id: str, problems: Mapping[str, str] | None = None, status: int = 200,
                      notice: str | None = None, rescreen_result: Rescreen | None = None) -> Any:
     ctx: LaunchContext = g.ctx
-    order = data.order
-    assert order is not None
+    plan = data.order
+    assert plan is not None
     now = _now()
     result = rescreen_result or run_rescreen(data, now.date())
-    note, _ = note_from_fields(fields, draft_id=draft_id, order=order, patient_ref=f"Patient/{ctx.patient_id}",
+    note, _ = note_from_fields(fields, draft_id=draft_id, plan=plan, patient_ref=f"Patient/{ctx.patient_id}",
                                performer_ref=ctx.user_ref or "Practitioner/unknown", now=now)
-    minutes, units, cpt = minutes_and_units(note)
-    stop_message = finding_message_text(result.stop or tuple(f for f, _ in result.new), order, now.date()) \
+    units = visit_minutes_and_units(note)
+    stop_message = finding_message_text(result.stop or tuple(f for f, _ in result.new), plan, now.date()) \
         if (result.stop or result.new) else ""
-    # sites to hatch on the diagram: where an applicable absolute or local finding forbids this technique
+    # sites to hatch on the diagram: where an applicable absolute or local finding forbids a technique of the plan
     marked = sorted({str(site) for f in result.stop for site in f.sites})
     about = []
     for f in (result.stop or tuple(f for f, _ in result.new)):
         about += [e for e in f.evidence if e not in about]
+    chosen = fields.get("techniques")
+    if chosen is None and fields.get("technique"):
+        chosen = [fields["technique"]]
+    techniques = [(o, o.technique in (chosen or []), o.technique in plan.open_techniques,
+                   minutes_field(o.technique or ""), technique_cpt(o.technique or "")) for o in plan.orders]
     return render_template(
-        "sessions/document.html", order=order, rescreen=result, fields=fields, draft=draft, draft_id=draft_id,
-        problems=problems or {}, notice=notice, minutes=minutes, units=units, cpt=cpt,
-        site_choices=site_choices(order.sites), techniques=[(t, TECHNIQUE_DISPLAY[t]) for t in TECHNIQUES],
-        pressures=PRESSURES, messages=thread(data.comms, order_ref=order.ref, me=ctx.user_ref,
-                                             names=_names_for(ctx, data.names)),
+        "sessions/document.html", order=plan, rescreen=result, fields=fields, draft=draft, draft_id=draft_id,
+        problems=problems or {}, notice=notice, units=units, technique_choices=techniques,
+        site_choices=site_choices(plan.sites), pressures=PRESSURES,
+        messages=thread(data.comms, order_ref=plan.refs, me=ctx.user_ref, names=_names_for(ctx, data.names)),
         message_categories=[(k, v[0]) for k, v in MESSAGE_CATEGORIES.items()], stop_message=stop_message,
         stop_about=about, message_id=new_draft_id(), today=now.date().isoformat(), marked_sites=marked,
+        technique_cpt_map={t: technique_cpt(t) for t in TECHNIQUES},
     ), status
 
 
@@ -751,27 +1030,27 @@ def document(order_id: str) -> Any:
     ctx: LaunchContext = g.ctx
     order_id = _order_id(order_id)
     data = _load_or_404(order_id)
+    assert data.order is not None
     draft = None
     notice = None
     if ctx.user_ref:
         try:
-            draft = _drafts().load(_draft_key(ctx, order_id))
+            draft = _drafts().load(_draft_key(ctx, data.order.key))
         except DraftError as exc:
             notice = exc.message
     else:
         notice = "The EHR did not say who you are, so the app cannot keep drafts of your note for this launch."
-    assert data.order is not None
     fields = dict(draft["fields"]) if draft else default_fields(data.order, _now())
     draft_id = draft["draft_id"] if draft else new_draft_id()
     return _render_document(order_id, data, fields=fields, draft=draft, draft_id=draft_id, notice=notice)
 
 
-def _save_posted(ctx: LaunchContext, order_id: str) -> dict[str, Any]:
+def _save_posted(ctx: LaunchContext, plan_key: str) -> dict[str, Any]:
     """Keep what the browser sent as the draft (before anything talks to the EHR)."""
     posted_id = request.form.get("draft_id") or None
     if posted_id is not None and not is_draft_id(posted_id):
         raise DraftError("The draft id sent with the note is not valid; reload the page.", code="draft-bad-id")
-    return _drafts().save(_draft_key(ctx, order_id), form_fields(request.form), draft_id=posted_id)
+    return _drafts().save(_draft_key(ctx, plan_key), form_fields(request.form), draft_id=posted_id)
 
 
 def _saved_label(rec: Mapping[str, Any]) -> str:
@@ -791,11 +1070,12 @@ def _new_id_global() -> str:
 @bp.post("/<order_id>/draft")
 @_therapist
 def autosave(order_id: str) -> Any:
-    """sessions.js posts the whole form here ~1 s after typing stops and when the page is hidden."""
+    """sessions.js posts the whole form here ~1 s after typing stops and when the page is hidden. No EHR round
+    trip: the draft's plan is the ``plan_key`` the page was rendered with."""
     ctx: LaunchContext = g.ctx
     order_id = _order_id(order_id)
     try:
-        rec = _save_posted(ctx, order_id)
+        rec = _save_posted(ctx, _posted_plan_key())
     except DraftAlreadyWritten as exc:
         return {"error": exc.code, "message": exc.message}, 409
     except DraftError as exc:
@@ -812,7 +1092,7 @@ def discard(order_id: str) -> Any:
     order_id = _order_id(order_id)
     draft_id = request.form.get("draft_id") or ""
     if ctx.user_ref and is_draft_id(draft_id):
-        _drafts().discard(_draft_key(ctx, order_id), draft_id)
+        _drafts().discard(_draft_key(ctx, _posted_plan_key()), draft_id)
     return redirect(url_for("sessions.document", order_id=order_id), code=303)
 
 
@@ -827,6 +1107,8 @@ def _failure_words(exc: Exception) -> tuple[str, int, bool]:
         return ("Your session with the EHR has ended (the sign-in could not be renewed).", 401, True)
     if isinstance(exc, FhirAuthError):
         return ("The EHR refused the write (permission denied).", 403, False)
+    if isinstance(exc, PartialWrite):
+        return (exc.message + " Your note is kept as a draft: try again to save only what is missing.", 502, False)
     if isinstance(exc, FhirError):
         if exc.status is None:
             what = "timeout" if "timed out" in exc.message else "no connection"
@@ -837,36 +1119,47 @@ def _failure_words(exc: Exception) -> tuple[str, int, bool]:
     return ("The app could not finish the write.", 500, False)
 
 
-def write_session(client: Any, note: SessionNote, task: Mapping[str, Any], now: datetime) -> dict[str, Any]:
-    """The session transaction, written once. A Task version conflict (412/409: someone else, or our own first
-    attempt whose answer was lost, changed the Task) -> re-read the Task: if it already lists this note, the
-    first attempt landed; otherwise rebuild on the fresh Task and send again (the creates are conditional on
-    identifiers derived from the draft id, so nothing is written twice). Returns {"procedure": ref|None,
-    "already": bool}."""
+def write_visit(client: Any, note: VisitNote, tasks: Mapping[str, Mapping[str, Any]], now: datetime
+                ) -> dict[str, Any]:
+    """The visit transaction, written once. A Task version conflict (412/409: someone else, or our own first
+    attempt whose answer was lost, changed a Task) -> re-read the visit's Tasks: if every one already lists this
+    note, the first attempt landed; otherwise rebuild on the fresh Tasks (a Task that lists the note is left
+    alone, the creates are conditional on identifiers derived from the draft id, so nothing is written or counted
+    twice) and send again. Returns {"procedure": first ref|None, "procedures": [refs], "already": bool}."""
     attempts = 0
+    tasks = dict(tasks)
     while True:
         attempts += 1
-        bundle = session_transaction(note, task, now)
+        bundle = visit_transaction(note, tasks, now)
         try:
-            answer = client.transaction(bundle)
+            # An EHR without transactions gets the entries one by one, the Procedure first (fhir_massage.writes);
+            # a Task 412 half way is handled like a refused transaction's: re-read, send again.
+            outcome = writes.write(client, bundle)
+            raise_conflict(outcome)
         except FhirConflict:
             if attempts >= 3:
                 raise
-            task = client.read("Task", note.task_ref.split("/", 1)[1])
-            if session_recorded(task, note.draft_id):
-                found = client.search("Procedure", [("identifier", f"{SESSION_ID_SYSTEM}|{note.draft_id}")])
-                procs = resources(found, "Procedure")
-                return {"procedure": f"Procedure/{procs[0]['id']}" if procs else None, "already": True}
+            used = [o.task_ref for o in note.used_orders()]
+            tasks.update({ref: client.read("Task", ref.split("/", 1)[1]) for ref in used})
+            if all(session_recorded(tasks[ref], note.draft_id) for ref in used):
+                found = client.search("Procedure", [("identifier", f"{VISIT_ID_SYSTEM}|{note.draft_id}")])
+                procs = [f"Procedure/{p['id']}" for p in resources(found, "Procedure")]
+                return {"procedure": procs[0] if procs else None, "procedures": procs, "already": True}
             continue
-        proc = None
-        for result in entry_outcomes(answer):
-            if isinstance(result, FhirError):
-                raise result
-            rtype = (result.resource or {}).get("resourceType")
-            if proc is None and result.id and (rtype == "Procedure" or re.search(
-                    r"(^|/)Procedure/[^/]+", result.location or "")):
-                proc = f"Procedure/{result.id}"
-        return {"procedure": proc, "already": False}
+        if not outcome.complete:
+            raise PartialWrite(outcome)  # the draft is kept; "Try again" writes only what is missing
+        procs = [f"Procedure/{i}" for i in outcome.by_type().get("Procedure", [])]
+        return {"procedure": procs[0] if procs else None, "procedures": procs, "already": False}
+
+
+def write_session(client: Any, note: SessionNote, task: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """``write_visit`` for a one-technique note against its order's Task. Returns {"procedure", "already"}."""
+    out = write_visit(client, note.as_visit(), {note.task_ref: task}, now)
+    return {"procedure": out["procedure"], "already": out["already"]}
+
+
+def _tasks_of(plan: PlanSummary) -> dict[str, Mapping[str, Any]]:
+    return {o.task_ref: o.task for o in plan.orders if o.task_ref and o.task is not None}
 
 
 @bp.post("/<order_id>")
@@ -877,52 +1170,67 @@ def submit(order_id: str) -> Any:
     if not ctx.user_ref:
         raise InvalidInput("The EHR did not say who you are, so the note cannot be signed by you. Open the app "
                            "again from the EHR.")
-    key = _draft_key(ctx, order_id)
     drafts = _drafts()
     action = request.form.get("action") or "save"
-    try:
-        if request.form.get("status") is not None:  # the note form (not a bare "try again")
-            draft = _save_posted(ctx, order_id)
-        else:
-            draft = drafts.load(key)
-            if draft is None:
-                return redirect(url_for("sessions.document", order_id=order_id), code=303)
-    except DraftAlreadyWritten:
-        return redirect(url_for("sessions.index", recorded="1"), code=303)
-    if action != "submit":
-        return redirect(url_for("sessions.document", order_id=order_id, saved="1") + "#note", code=303)
     now = _now()
     client = fhir_client()
     # One retry at most while the therapist waits: the draft is safe on the server and "Try again" is one click,
     # so a dead EHR is reported in seconds, not after the client's full back-off.
     client.max_retries = min(client.max_retries, 1)
+    posted_key = request.form.get("plan_key") or ""
+    plan_key = posted_key if _PLAN_KEY.match(posted_key) else None
+    data: PageData | None = None
+
+    def keep() -> dict[str, Any] | None:
+        """Keep what was posted as the draft (before anything talks to the EHR), or find the stored one."""
+        assert plan_key is not None
+        if request.form.get("status") is not None:  # the note form (not a bare "try again")
+            return _save_posted(ctx, plan_key)
+        return drafts.load(_draft_key(ctx, plan_key))
+
+    draft = None
     try:
-        data = load_order_page(client, _patient(ctx), order_id)
-    except (FhirError, LaunchError) as exc:
-        reason, status, relaunch = _failure_words(exc)
-        return _not_sent(order_id, reason, draft, status=status, relaunch=relaunch)
-    if data.order is None:
-        return _not_sent(order_id, "The order is no longer in the EHR (or no longer this patient's).", draft,
-                         status=404)
-    note, problems = note_from_fields(draft["fields"], draft_id=draft["draft_id"], order=data.order,
+        if plan_key is not None:
+            draft = keep()
+        if action == "submit" or plan_key is None:
+            try:
+                data = load_order_page(client, _patient(ctx), order_id)
+            except (FhirError, LaunchError) as exc:
+                reason, status, relaunch = _failure_words(exc)
+                return _not_sent(order_id, reason, draft, status=status, relaunch=relaunch)
+            if data.order is None:
+                return _not_sent(order_id, "The order is no longer in the EHR (or no longer this patient's).",
+                                 draft, status=404)
+            if data.order.key != plan_key:  # no key posted, or the plan was regrouped since the page was shown
+                plan_key = data.order.key
+                draft = keep()
+    except DraftAlreadyWritten:
+        return redirect(url_for("sessions.index", recorded="1"), code=303)
+    if draft is None:
+        return redirect(url_for("sessions.document", order_id=order_id), code=303)
+    assert plan_key is not None
+    key = _draft_key(ctx, plan_key)
+    if action != "submit":
+        return redirect(url_for("sessions.document", order_id=order_id, saved="1") + "#note", code=303)
+    assert data is not None and data.order is not None
+    plan = data.order
+    note, problems = note_from_fields(draft["fields"], draft_id=draft["draft_id"], plan=plan,
                                       patient_ref=f"Patient/{ctx.patient_id}", performer_ref=ctx.user_ref, now=now)
-    if problems or note is None or data.order.task is None:
-        if data.order.task is None:
-            problems = dict(problems, order="This order has no fulfilment task in the EHR, so sessions cannot be "
-                                            "counted against it. Ask the physician to re-sign it.")
+    if problems or note is None:
         return _render_document(order_id, data, fields=draft["fields"], draft=draft, draft_id=draft["draft_id"],
                                 problems=problems, status=400,
                                 notice="The note is saved as a draft, but not sent: see the fields marked below.")
     try:
-        result = write_session(client, note, data.order.task, now)
-    except InvalidInput as exc:  # e.g. the Task was closed meanwhile
+        result = write_visit(client, note, _tasks_of(plan), now)
+    except InvalidInput as exc:  # e.g. a Task was closed meanwhile
         return _not_sent(order_id, exc.message, draft, status=409)
     except (FhirError, LaunchError) as exc:
         reason, status, relaunch = _failure_words(exc)
         log.info("session note not written (%s); the draft is kept", type(exc).__name__)
         return _not_sent(order_id, reason, draft, status=status, relaunch=relaunch)
-    drafts.mark_written(key, draft["draft_id"], result={"procedure": result["procedure"]})
-    target = url_for("sessions.index", recorded=(result["procedure"] or "1").split("/")[-1])
+    drafts.mark_written(key, draft["draft_id"], result={"procedures": result["procedures"]})
+    target = url_for("sessions.index", recorded=(result["procedure"] or "1").split("/")[-1],
+                     n=str(len(result["procedures"])) if len(result["procedures"]) > 1 else None)
     return redirect(target, code=303)
 
 
@@ -970,6 +1278,7 @@ def message(order_id: str) -> Any:
     return redirect(back + "?sent=1#thread", code=303)
 
 
-__all__ = ["bp", "order_summary", "order_technique", "site_key", "pair_orders_and_tasks", "rescreen", "Rescreen",
-           "known_findings", "note_from_fields", "form_fields", "thread", "write_session", "load_order_page",
-           "site_choices", "finding_message_text"]
+__all__ = ["bp", "order_summary", "order_technique", "site_key", "pair_orders_and_tasks", "group_orders",
+           "PlanSummary", "rescreen", "Rescreen", "known_findings", "note_from_fields", "form_fields", "thread",
+           "write_visit", "write_session", "load_order_page", "site_choices", "finding_message_text",
+           "visit_minutes_and_units", "minutes_field"]

@@ -46,25 +46,66 @@
     form.elements.date.value = now.getFullYear() + "-" + two(now.getMonth() + 1) + "-" + two(now.getDate());
   }
 
-  // --- live minutes and CPT units (CMS 8-minute rule, same as builders.session.cpt_units) ------------------------
+  // --- live minutes and CPT units (CMS 8-minute rule on the visit's TOTAL minutes, shared between the codes by
+  // their minutes: the same as builders.session.cpt_units / visit_cpt_minutes / units_by_code) ------------------
   var out = form.querySelector("[data-minutes]");
-  var CPT = { "swedish": "97124", "deep-tissue": "97124", "myofascial-release": "97140", "trigger-point": "97140",
-              "lymphatic-drainage": "97140", "neuromuscular": "97140", "stretching": "97110" };
   function minutesOf(value) {
     var m = /^(\d{2}):(\d{2})/.exec(value || "");
     return m ? parseInt(m[1], 10) * 60 + parseInt(m[2], 10) : null;
   }
   function units(minutes) { return minutes < 8 ? 0 : Math.floor((minutes + 7) / 15); }
+  function perCode(total) {
+    // {code: minutes} of the ticked techniques, or null when several codes cannot be told apart
+    var codes = {}, order = [];
+    form.querySelectorAll('input[name="techniques"]:checked').forEach(function (box) {
+      var code = box.getAttribute("data-cpt");
+      if (!code) { return; }
+      if (!codes[code]) { codes[code] = { given: false, minutes: 0 }; order.push(code); }
+      var field = form.querySelector('[data-minutes-for="' + box.value + '"]');
+      var v = field && /^\d+$/.test(field.value) ? parseInt(field.value, 10) : null;
+      if (v !== null) { codes[code].given = true; codes[code].minutes += v; }
+    });
+    if (order.length === 1) { var one = {}; one[order[0]] = total; return { codes: order, minutes: one }; }
+    var unknown = order.filter(function (c) { return !codes[c].given; });
+    if (unknown.length > 1) { return { codes: order, minutes: null }; }
+    var known = 0, out = {};
+    order.forEach(function (c) { if (codes[c].given) { out[c] = codes[c].minutes; known += codes[c].minutes; } });
+    if (unknown.length) { out[unknown[0]] = Math.max(0, total - known); }
+    return { codes: order, minutes: out };
+  }
+  function split(minutes) {
+    var codes = Object.keys(minutes).filter(function (c) { return minutes[c] > 0; });
+    var total = 0;
+    codes.forEach(function (c) { total += minutes[c]; });
+    var u = {}, used = 0;
+    codes.forEach(function (c) { u[c] = Math.floor(minutes[c] / 15); used += u[c]; });
+    codes.sort(function (a, b) {
+      return (minutes[b] % 15) - (minutes[a] % 15) || minutes[b] - minutes[a] || (a < b ? -1 : a > b ? 1 : 0);
+    });
+    codes.slice(0, Math.max(0, units(total) - used)).forEach(function (c) { u[c] += 1; });
+    return Object.keys(u).sort().filter(function (c) { return u[c] > 0; }).map(function (c) {
+      return c + " \u00d7 " + u[c];
+    });
+  }
   function updateMinutes() {
     if (!out) { return; }
     var s = minutesOf(form.elements.start.value);
     var e = minutesOf(form.elements.end.value);
-    if (s === null || e === null) { out.textContent = "— min"; return; }
+    if (s === null || e === null) { out.textContent = "\u2014 min"; return; }
     var m = e - s;
     if (m <= 0) { out.textContent = "The end is not after the start"; return; }
     var u = units(m);
-    var code = CPT[form.elements.technique.value] || "";
-    out.textContent = m + " min · " + u + " CPT unit" + (u === 1 ? "" : "s") + (code ? " (" + code + ")" : "");
+    var text = m + " min \u00b7 " + u + " CPT unit" + (u === 1 ? "" : "s");
+    var pc = perCode(m);
+    if (pc.minutes === null) {
+      text += " (" + pc.codes.join(" + ") + ": give the minutes per technique to split them)";
+    } else if (pc.codes.length > 1) {
+      var parts = split(pc.minutes);
+      if (parts.length) { text += ": " + parts.join(", "); }
+    } else if (pc.codes.length === 1) {
+      text += " (" + pc.codes[0] + ")";
+    }
+    out.textContent = text;
   }
 
   // --- not done: show the reason field only then -------------------------------------------------------------
@@ -193,7 +234,9 @@
   }
 
   form.addEventListener("input", function (ev) {
-    if (ev.target.name === "start" || ev.target.name === "end") { updateMinutes(); }
+    if (ev.target.name === "start" || ev.target.name === "end" || ev.target.hasAttribute("data-minutes-for")) {
+      updateMinutes();
+    }
     schedule(1000);
   });
   form.addEventListener("change", function (ev) {

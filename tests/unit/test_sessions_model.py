@@ -12,8 +12,9 @@ from fhir_massage.builders.order import fulfillment_task, service_request
 from fhir_massage.orders_model import OrderDraft
 from fhir_massage.screening import Evidence, Finding, Screening, screen
 from fhir_massage.chart import from_resources
-from smart_app.sessions import (finding_message_text, known_findings, note_from_fields, order_summary,
-                                pair_orders_and_tasks, rescreen, site_choices, site_key, thread)
+from smart_app.sessions import (PlanSummary, default_fields, finding_message_text, group_orders, known_findings,
+                                note_from_fields, order_summary, pair_orders_and_tasks, rescreen, site_choices,
+                                site_key, thread, visit_minutes_and_units)
 
 AUTHORED = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
 NOW = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
@@ -136,20 +137,22 @@ def test_rescreen_with_the_real_engine_flags_a_fever_after_the_order():
     assert "38.9" in text and "I have not given the session as ordered" in text
 
 
-BASE_FIELDS = {"status": "completed", "technique": "swedish", "sites": ["37822005"], "date": "2026-11-28",
+BASE_FIELDS = {"status": "completed", "techniques": ["swedish"], "sites": ["37822005"], "date": "2026-11-28",
                "start": "09:00", "end": "09:38", "tz": "0", "pain_before": "6", "pain_after": "2"}
 
 
 def note(fields, **kw):
     sr, task = make_order(**kw)
-    return note_from_fields(fields, draft_id="3f1d8c7e-1111-4222-8333-444455556666", order=order_summary(sr, task),
+    return note_from_fields(fields, draft_id="3f1d8c7e-1111-4222-8333-444455556666", plan=order_summary(sr, task),
                             patient_ref="Patient/p1", performer_ref="Practitioner/lmt", now=NOW)
 
 
 def test_note_from_a_complete_form():
     n, problems = note(BASE_FIELDS)
     assert problems == {}
-    assert n.minutes == 38 and n.pain_before == 6 and n.pain_after == 2 and n.task_ref == "Task/t1"
+    assert n.minutes == 38 and n.pain_before == 6 and n.pain_after == 2
+    assert [(o.technique, o.order_ref, o.task_ref) for o in n.orders] == [("swedish", "ServiceRequest/o1", "Task/t1")]
+    assert n.techniques == ("swedish",)
     assert n.start == datetime(2026, 11, 28, 9, 0, tzinfo=timezone.utc)
 
 
@@ -168,7 +171,11 @@ def test_browser_time_zone_is_used():
     ({"sites": ["30021000"]}, "sites", "Say which side"),
     ({"date": "28/11/2026"}, "date", "YYYY-MM-DD"),
     ({"tz": "abc"}, "tz", "time zone"),
-    ({"technique": "reiki"}, "technique", "Unknown technique"),
+    ({"techniques": ["reiki"]}, "techniques", "Unknown technique"),
+    ({"techniques": ["swedish", "trigger-point"]}, "techniques", "was not ordered in this plan"),
+    ({"techniques": []}, "techniques", "Tick the techniques you used"),
+    ({"minutes_swedish": "ten"}, "minutes", "whole numbers"),
+    ({"minutes_swedish": "50"}, "minutes", "more than the 38-minute visit"),
     ({"pressure": "crushing"}, "pressure", "Pressure is one of"),
     ({"status": "not-done"}, "status_reason", "Say why the session was not done."),
 ])
@@ -178,7 +185,7 @@ def test_form_problems_by_field(change, field, words):
 
 
 def test_not_done_needs_no_times_and_keeps_no_end():
-    n, problems = note({"status": "not-done", "status_reason": "Fever", "date": "2026-11-28", "technique": "swedish"})
+    n, problems = note({"status": "not-done", "status_reason": "Fever", "date": "2026-11-28", "techniques": []})
     assert problems == {} and n.end is None and n.start.date() == date(2026, 11, 28)
 
 
@@ -186,7 +193,7 @@ def test_all_sessions_done_is_a_problem():
     sr, task = make_order(total_weeks=1)
     task["output"] = [{"type": {"coding": [{"system": "https://fhir-massage.dev/fhir/CodeSystem/massage-task-io",
                                             "code": "session"}]}, "valueReference": {"reference": "Procedure/1"}}]
-    _, problems = note_from_fields(BASE_FIELDS, draft_id="d", order=order_summary(sr, task), patient_ref="Patient/p1",
+    _, problems = note_from_fields(BASE_FIELDS, draft_id="d", plan=order_summary(sr, task), patient_ref="Patient/p1",
                                    performer_ref="Practitioner/lmt", now=NOW)
     assert "All 1 ordered sessions are documented" in problems["order"]
 
@@ -240,3 +247,90 @@ def test_tasks_missing_from_a_revinclude_are_searched_once():
     client = FakeClient([])
     assert with_missing_tasks(client, pair_orders_and_tasks([sr, task]), [sr, task])[0][1]["id"] == "t1"
     assert client.searches == []  # nothing missing, no request
+
+
+# --- one note per visit against the plan -------------------------------------------------------------------------
+
+
+def make_plan(techniques=("swedish", "myofascial-release"), draft_id="plan-1", weeks=2):
+    """The orders of one requisition as order_transaction writes them (one ServiceRequest + Task per technique)."""
+    draft = OrderDraft(draft_id=draft_id, patient_ref="Patient/p1", requester_ref="Practitioner/dr",
+                       techniques=tuple(techniques), sites=("37822005",), frequency=1, duration_weeks=weeks,
+                       session_minutes=45, authored=AUTHORED, pressure="moderate", reason_text="Low back pain")
+    out = []
+    for t in techniques:
+        sr = dict(service_request(draft, findings_refs=[], now=AUTHORED, technique=t), id=f"{draft_id}-{t}")
+        task = dict(fulfillment_task(draft, order_ref=f"ServiceRequest/{sr['id']}", now=AUTHORED, technique=t),
+                    id=f"task-{draft_id}-{t}", meta={"versionId": "1"})
+        out += [sr, task]
+    return out
+
+
+def session_output(visit_id, technique, kind="session"):
+    return {"type": {"coding": [{"system": "https://fhir-massage.dev/fhir/CodeSystem/massage-task-io", "code": kind}]},
+            "valueReference": {"reference": f"Procedure/{visit_id}-{technique}",
+                               "identifier": {"system": "https://fhir-massage.dev/fhir/identifier/session-draft",
+                                              "value": f"{visit_id}:{technique}"}}}
+
+
+def test_orders_of_one_requisition_are_one_plan():
+    found = make_plan() + make_plan(("lymphatic-drainage",), draft_id="plan-2")
+    plans = group_orders(pair_orders_and_tasks(found))
+    assert sorted(len(p.orders) for p in plans) == [1, 2]
+    plan = next(p for p in plans if len(p.orders) == 2)
+    assert plan.techniques == ("swedish", "myofascial-release") and plan.key == "plan-1"
+    assert plan.technique_label == "Swedish massage + Myofascial release" and plan.sites == ("37822005",)
+    assert plan.refs == ("ServiceRequest/plan-1-swedish", "ServiceRequest/plan-1-myofascial-release")
+    assert default_fields(plan, NOW)["techniques"] == ["swedish", "myofascial-release"]
+
+
+def test_a_visit_counts_once_for_the_plan_and_per_technique_details_stay():
+    found = make_plan()
+    sw = next(r for r in found if r.get("id") == "task-plan-1-swedish")
+    mfr = next(r for r in found if r.get("id") == "task-plan-1-myofascial-release")
+    sw["output"] = [session_output("v1", "swedish"), session_output("v2", "swedish")]
+    mfr["output"] = [session_output("v1", "myofascial-release"), session_output("v3", "swedish", "session-not-done")]
+    (plan,) = group_orders(pair_orders_and_tasks(found))
+    assert plan.done == 2 and plan.total == 2 and plan.progress == "2 of 2 sessions done"  # v1 (both) + v2
+    assert [(o.technique, words) for o, words in plan.technique_rows()] == [("swedish", "2 of 2"),
+                                                                             ("myofascial-release", "1 of 2")]
+    # swedish is used up; myofascial release can still be given (and is the only one ticked for a new note)
+    assert plan.open_techniques == ("myofascial-release",) and not plan.all_done
+    assert default_fields(plan, NOW)["techniques"] == ["myofascial-release"]
+    _, problems = note_from_fields(dict(BASE_FIELDS, techniques=["swedish", "myofascial-release"]), draft_id="d",
+                                   plan=plan, patient_ref="Patient/p1", performer_ref="Practitioner/lmt", now=NOW)
+    assert "Swedish massage: all 2 ordered sessions are documented" in problems["techniques"]
+
+
+def test_visit_note_from_the_plan_form_and_its_units():
+    (plan,) = group_orders(pair_orders_and_tasks(make_plan()))
+    fields = dict(BASE_FIELDS, techniques=["swedish", "myofascial-release"], end="09:45")
+    n, problems = note_from_fields(fields, draft_id="d", plan=plan, patient_ref="Patient/p1",
+                                   performer_ref="Practitioner/lmt", now=NOW)
+    assert problems == {} and n.techniques == ("swedish", "myofascial-release") and n.minutes == 45
+    assert [o.task_ref for o in n.used_orders()] == ["Task/task-plan-1-swedish", "Task/task-plan-1-myofascial-release"]
+    units = visit_minutes_and_units(n)
+    assert (units.minutes, units.units, units.per_code) == (45, 3, None)  # two codes, no minutes to split them
+    assert "97124 + 97140: give the minutes per technique" in units.text
+    n, problems = note_from_fields(dict(fields, minutes_myofascial_release="30"), draft_id="d", plan=plan,
+                                   patient_ref="Patient/p1", performer_ref="Practitioner/lmt", now=NOW)
+    assert problems == {} and visit_minutes_and_units(n).text == "45 min · 3 CPT units: 97124 × 1, 97140 × 2"
+    # not done: the whole visit, every order of the plan
+    n, problems = note_from_fields({"status": "not-done", "status_reason": "Fever", "date": "2026-11-28"},
+                                   draft_id="d", plan=plan, patient_ref="Patient/p1",
+                                   performer_ref="Practitioner/lmt", now=NOW)
+    assert problems == {} and len(n.used_orders()) == 2
+
+
+def test_rescreen_and_thread_cover_the_whole_plan():
+    (plan,) = group_orders(pair_orders_and_tasks(make_plan()))
+    assert isinstance(plan, PlanSummary)
+    comms = [msg("a", "Practitioner/lmt", "2026-11-27T09:00:00Z", "About swedish",
+                 order="ServiceRequest/plan-1-swedish"),
+             msg("b", "Practitioner/dr", "2026-11-27T10:00:00Z", "About MFR", reply_to="a",
+                 order="ServiceRequest/plan-1-myofascial-release"),
+             msg("c", "Practitioner/lmt", "2026-11-27T11:00:00Z", "Other plan", order="ServiceRequest/zz")]
+    assert [m.text for m in thread(comms, order_ref=plan.refs, me="Practitioner/lmt")] == ["About swedish",
+                                                                                          "About MFR"]
+    text = finding_message_text([], plan, date(2026, 11, 28))
+    assert "swedish massage + myofascial release session" in text
