@@ -462,11 +462,12 @@ class FhirService:
         return Result(200, bundle)
 
     def _sorted_ids(self, q: Search, sql: str, args: list[Any]) -> list[str] | None:
-        """All matching ids in order (``sql`` selects them sorted), from the cache while no write came between;
-        None when there are more than ID_CACHE_MAX_IDS. Call under store.snapshot()."""
+        """All matching ids in order (``sql`` selects them sorted); for a later page, from the cache while no write
+        came between (a first page is always run afresh). None when there are more than ID_CACHE_MAX_IDS. Call under
+        store.snapshot()."""
         key = (sql, tuple(args), tuple(q.order_args))
         cacheable = not self.store.in_transaction  # uncommitted data must not outlive a rollback in the cache
-        if cacheable:
+        if cacheable and q.offset > 0:
             hit = self._ids.get(key)
             if hit is not None and hit[0] == self.store.generation:
                 self._ids.move_to_end(key)
