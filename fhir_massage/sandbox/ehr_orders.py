@@ -122,11 +122,14 @@ select { font-size: 1rem; }
 .notice-blocked { border-color: #b00020; background: #fdecee; }
 .notice-done { border-color: #1b7f3b; background: #e8f5ec; }
 .notice p { margin: 0.25rem 0; }
-.decision { font-weight: bold; margin: 0.5rem 0; padding: 0.25rem 0.5rem; background: #eef2f5; border-radius: 3px; }
+.decision { margin: 0.5rem 0; padding: 0.25rem 0.75rem; background: #eef2f5; border-radius: 3px; }
+.decision p { margin: 0.25rem 0; }
+.decision p:first-child { font-weight: bold; }
 .suggestion { margin: 0.25rem 0 0.75rem; }
 .suggestion form { display: inline; }
 .suggestion ul { margin: 0.25rem 0 0; }
 button.secondary { background: #fff; color: #005f73; }
+.override summary { cursor: pointer; color: #005f73; font-weight: bold; margin: 0.5rem 0; }
 .override textarea { width: 100%; max-width: 40rem; font: inherit; }
 .override fieldset { margin: 0.5rem 0; }
 .activity li { margin: 0.2rem 0; }
@@ -806,10 +809,12 @@ def _sign(sess: OrderSession) -> None:
     assert res is not None
     critical = [c for k, c in res.keyed() if c.get("indicator") == "critical" and k not in sess.decisions]
     if critical:
-        sess.say("blocked", f"Not signed: {len(critical)} critical card(s) neither accepted nor overridden.",
+        n = len(critical)
+        sess.say("blocked", f"Not signed: {n} critical card{' is' if n == 1 else 's are'} neither accepted nor "
+                 "overridden.",
                  *[f"“{c.get('summary')}”" for c in critical],
                  "Accept one of a critical card's suggestions or override it with a reason, then sign again.")
-        sess.log(f"Signing blocked by {len(critical)} critical card(s)")
+        sess.log(f"Signing blocked by {n} critical card{'' if n == 1 else 's'}")
         return
     if fresh and res.cards:
         # EHRs stop on order-sign cards so the clinician sees them; the next Sign goes through.

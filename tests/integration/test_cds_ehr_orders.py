@@ -197,7 +197,7 @@ def test_order_sign_on_the_dvt_leg_shows_the_critical_card_and_holds_the_signatu
     assert DVT_CRITICAL in page
     assert "<code>dvt-acute</code>" in page
     assert "Accept: Request physician clearance" in page
-    assert "Not signed: 1 critical card(s) neither accepted nor overridden." in notice(page)
+    assert "Not signed: 1 critical card is neither accepted nor overridden." in notice(page)
     assert "the service was given FHIR access" in page
     assert r.headers["Content-Security-Policy"].startswith("default-src 'none'")
     assert "<script" not in page
@@ -353,9 +353,9 @@ def test_sign_is_blocked_until_the_critical_card_is_overridden(pair):
     r = order(pair, action="select")
     assert DVT_CRITICAL in r.text  # order-select shows it too
     r1 = submit(pair, r, "Sign order")  # order-sign fires now: new cards, critical one undecided
-    assert "Not signed: 1 critical card(s)" in notice(r1.text)
+    assert "Not signed: 1 critical card is" in notice(r1.text)
     r2 = submit(pair, r1, "Sign order")  # pressing again without acting is still blocked
-    assert "Not signed: 1 critical card(s)" in notice(r2.text)
+    assert "Not signed: 1 critical card is" in notice(r2.text)
     draft_id = re.search(r"<code>ServiceRequest/([0-9a-f-]{36})</code>", r2.text).group(1)
     assert pair.fhir("ServiceRequest", _id=draft_id) == []
     r3 = press(pair, r2, DVT_CRITICAL, "Override this card", reason="1")
