@@ -2,7 +2,8 @@
 documents sessions for orders the tests post straight to the sandbox (order_transaction bundles).
 
 What is checked: the written Procedure + 2 pain Observations + Provenance + Task progress (each validated against
-our profiles); a fever recorded after the order is flagged on re-screen; not-done with a reason; an injected EHR
+our profiles); a plan of two techniques (one ServiceRequest + Task each, one requisition) is ONE card and ONE
+visit note: a Procedure per technique used, the pain scores once (partOf both), each Task +1; a fever recorded after the order is flagged on re-screen; not-done with a reason; an injected EHR
 failure on submit keeps the draft and the retry writes once; a Task version conflict on retry does not double
 count; token expiry mid-note; an app restart on the same SQLite file keeps the draft; another user cannot read it;
 the last session completes the Task; messages thread with inResponseTo.
@@ -18,6 +19,7 @@ from html import unescape
 from typing import Any
 from urllib.parse import urlsplit
 
+import flask
 import pytest
 import requests
 
@@ -27,14 +29,14 @@ from fhir_massage.chart import from_resources
 from fhir_massage.chart_fetch import fetch_chart_resources
 from fhir_massage.screening import screen
 from fhir_massage.builders.order import order_transaction
-from fhir_massage.builders.session import SESSION_ID_SYSTEM, SessionNote
+from fhir_massage.builders.session import SESSION_ID_SYSTEM, VISIT_ID_SYSTEM, SessionNote, VisitNote, VisitOrder
 from fhir_massage.errors import FhirConflict
 from fhir_massage.fhir import FhirClient, StaticToken
 from fhir_massage.orders_model import OrderDraft
 from fhir_massage.validation import errors, validate_resource
 from smart_app.drafts import DraftKey, DraftStore
 from smart_app.launch import NS_TOKENS
-from smart_app.sessions import write_session
+from smart_app.sessions import write_session, write_visit
 from tests.fixtures.smart_sandbox import create_launch, get_token, start_smart_sandbox
 
 pytestmark = pytest.mark.integration
@@ -77,9 +79,19 @@ def post_order(sandbox, patient: str, *, technique: str = "swedish", sites=(LOWE
                weeks: int = 2, notes: str = "Gentle; report any numbness.", screened: bool = False
                ) -> tuple[str, str]:
     """A signed order + its fulfilment Task owned by the therapist, as the ordering UI would write it."""
+    ((order_id, task_id),) = post_plan(sandbox, patient, techniques=(technique,), sites=sites, frequency=frequency,
+                                       weeks=weeks, notes=notes, screened=screened).values()
+    return order_id, task_id
+
+
+def post_plan(sandbox, patient: str, *, techniques=("swedish", "myofascial-release"), sites=(LOWER_BACK,),
+              frequency: int = 1, weeks: int = 2, notes: str = "Gentle; report any numbness.",
+              screened: bool = False) -> dict[str, tuple[str, str]]:
+    """A signed plan: one order + fulfilment Task per technique (one requisition), as the ordering UI writes it.
+    technique -> (ServiceRequest id, Task id)."""
     now = datetime.now(timezone.utc)
     draft = OrderDraft(draft_id=str(uuid.uuid4()), patient_ref=f"Patient/{patient}",
-                       requester_ref="Practitioner/dr-ada-grey", techniques=(technique,), sites=tuple(sites),
+                       requester_ref="Practitioner/dr-ada-grey", techniques=tuple(techniques), sites=tuple(sites),
                        frequency=frequency, duration_weeks=weeks, session_minutes=45,
                        authored=now - timedelta(minutes=1), reason_text="Chronic low back pain", pressure="moderate",
                        notes=notes)
@@ -87,19 +99,26 @@ def post_order(sandbox, patient: str, *, technique: str = "swedish", sites=(LOWE
     issues = []
     if screened:  # what the ordering UI does: screen the chart, sign with the findings as DetectedIssues
         chart = from_resources(fetch_chart_resources(client, patient))
-        result = screen(chart, techniques=[technique], sites=list(sites), today=now.date())
+        result = screen(chart, techniques=list(techniques), sites=list(sites), today=now.date())
         issues = [detected_issue(f, patient_ref=f"Patient/{patient}", now=now) for f in result.findings
                   if not f.informational]
         assert issues, "the chart was expected to have findings"
-    answer = client.transaction(order_transaction(draft, issues, now,
-                                                  owner_ref="PractitionerRole/lmt-sam-reyes-role"))
-    by_type = {}
-    for e in answer["entry"]:
-        loc = e["response"]["location"]
-        m = re.search(r"(ServiceRequest|Task)/([^/]+)", loc)
-        if m:
-            by_type[m.group(1)] = m.group(2)
-    return by_type["ServiceRequest"], by_type["Task"]
+    bundle = order_transaction(draft, issues, now, owner_ref="PractitionerRole/lmt-sam-reyes-role")
+    answer = client.transaction(bundle)
+    orders: dict[str, str] = {}
+    tasks: dict[str, str] = {}
+    for sent, e in zip(bundle["entry"], answer["entry"]):
+        m = re.search(r"(ServiceRequest|Task)/([^/]+)", e["response"]["location"])
+        if not m:
+            continue
+        res = sent["resource"]
+        if m.group(1) == "ServiceRequest":
+            technique = next(c["code"] for c in res["code"]["coding"] if c["system"].endswith("massage-technique"))
+            orders[sent["fullUrl"]] = technique
+            orders[technique] = m.group(2)
+        else:
+            tasks[orders[res["focus"]["reference"]]] = m.group(2)
+    return {t: (orders[t], tasks[t]) for t in techniques}
 
 
 class Therapist:
@@ -125,20 +144,25 @@ class Therapist:
     def draft_id(html: str) -> str:
         return re.search(r'name="draft_id" value="([^"]+)"', html).group(1)
 
+    @staticmethod
+    def plan_key(html: str) -> str:
+        return unescape(re.search(r'name="plan_key" value="([^"]+)"', html).group(1))
+
     def autosave(self, order_id: str, html: str, fields: dict[str, Any]) -> requests.Response:
-        data = {"draft_id": self.draft_id(html), **fields}
+        data = {"draft_id": self.draft_id(html), "plan_key": self.plan_key(html), **fields}
         return self.http.post(f"{self.base}/{order_id}/draft", data=data, timeout=30,
                               headers={"X-CSRF-Token": self.csrf(html), "Accept": "application/json"})
 
     def submit(self, order_id: str, html: str, fields: dict[str, Any] | None, action: str = "submit"
                ) -> requests.Response:
-        data = {"csrf_token": self.csrf(html), "draft_id": self.draft_id(html), "action": action, **(fields or {})}
+        data = {"csrf_token": self.csrf(html), "draft_id": self.draft_id(html), "plan_key": self.plan_key(html),
+                "action": action, **(fields or {})}
         return self.http.post(f"{self.base}/{order_id}", data=data, timeout=60)
 
 
 def note_fields(**over: Any) -> dict[str, Any]:
     today = datetime.now(timezone.utc).date().isoformat()
-    fields = {"status": "completed", "technique": "swedish", "sites": [LOWER_BACK], "date": today, "start": "09:00",
+    fields = {"status": "completed", "techniques": ["swedish"], "sites": [LOWER_BACK], "date": today, "start": "09:00",
               "end": "09:40", "tz": "0", "pressure": "moderate", "position": "prone", "response": "Tolerated well",
               "adverse_events": "", "pain_before": "6", "pain_after": "3", "subjective": "Low back stiff after work",
               "objective": "Hypertonic lumbar paraspinals", "assessment": "Improving", "plan": "Continue weekly",
@@ -312,7 +336,8 @@ def test_failed_submit_keeps_the_draft_and_the_retry_writes_once(sandbox, app):
     assert "Session recorded" in r.text, r.text[:1000]
     found = session_resources(client, order_id)
     assert len(found["Procedure"]) == 1 and len(found["Observation"]) == 2
-    assert found["Procedure"][0]["identifier"][0] == {"system": SESSION_ID_SYSTEM, "value": t.draft_id(page.text)}
+    assert found["Procedure"][0]["identifier"] == [{"system": SESSION_ID_SYSTEM, "value": f"{t.draft_id(page.text)}:swedish"},
+                                                   {"system": VISIT_ID_SYSTEM, "value": t.draft_id(page.text)}]
     # a late autosave from the closed tab cannot bring the written note back
     late = t.autosave(order_id, page.text, note_fields())
     assert late.status_code == 409
@@ -344,7 +369,14 @@ def test_timeout_on_submit_keeps_the_draft_and_a_retry_writes_once(sandbox, make
     assert client.read("Task", task_id)["businessStatus"]["text"] == "1 of 4 sessions done"
 
 
-def test_task_conflict_on_retry_does_not_double_count(sandbox):
+@pytest.fixture
+def flask_context():
+    """write_visit goes through smart_app.writes, which keeps what it learnt of the EHR on the current app."""
+    with flask.Flask("test-writes").app_context():
+        yield
+
+
+def test_task_conflict_on_retry_does_not_double_count(sandbox, flask_context):
     order_id, task_id = post_order(sandbox, SUZI)
     client = ehr_client(sandbox, SUZI)
     task = client.read("Task", task_id)
@@ -369,6 +401,8 @@ def test_task_conflict_on_retry_does_not_double_count(sandbox):
     assert client.read("Task", task_id)["businessStatus"]["text"] == "2 of 2 sessions done"
     with pytest.raises(FhirConflict):  # a conflict that never resolves is not hidden
         class Always:
+            base_url = "http://127.0.0.1:9/fhir"  # smart_app.writes keys what it learns by the FHIR base
+
             def transaction(self, bundle):
                 raise FhirConflict("conflict", status=412)
 
@@ -442,8 +476,9 @@ def test_another_user_cannot_read_the_draft(sandbox, app):
     assert r.status_code == 403 and "Private words" not in r.text
     # at the store: the same patient and order under the physician's name finds nothing
     drafts = DraftStore(app.store, 3600)
-    assert drafts.load(DraftKey(sandbox.fhir_base, "Practitioner/dr-ada-grey", TOM, f"ServiceRequest/{order_id}")) is None
-    assert drafts.load(DraftKey(sandbox.fhir_base, THERAPIST_REF, TOM, f"ServiceRequest/{order_id}"))["fields"][
+    plan = t.plan_key(page.text)  # the plan's requisition
+    assert drafts.load(DraftKey.for_plan(sandbox.fhir_base, "Practitioner/dr-ada-grey", TOM, plan)) is None
+    assert drafts.load(DraftKey.for_plan(sandbox.fhir_base, THERAPIST_REF, TOM, plan))["fields"][
         "subjective"] == "Private words"
 
 
@@ -544,6 +579,111 @@ def test_save_draft_button_works_without_javascript(sandbox, app):
     assert "Saved with the button" in r.text and 'data-testid="draft-status">Draft saved' in r.text
     assert session_resources(ehr_client(sandbox, TOM), order_id)["Procedure"] == []
     # discarding throws it away (nothing was written)
-    r = t.http.post(f"{t.base}/{order_id}/discard", data={"csrf_token": t.csrf(r.text), "draft_id": t.draft_id(r.text)},
-                    timeout=30)
+    r = t.http.post(f"{t.base}/{order_id}/discard", data={"csrf_token": t.csrf(r.text), "draft_id": t.draft_id(r.text),
+                                                         "plan_key": t.plan_key(r.text)}, timeout=30)
     assert "Saved with the button" not in r.text and "Not saved yet" in r.text
+
+
+# --- one note per visit for a plan of several techniques -----------------------------------------------------------
+
+
+def test_plan_of_two_techniques_is_one_card_and_one_visit_note(sandbox, app):
+    plan = post_plan(sandbox, TOM, techniques=("swedish", "myofascial-release"), weeks=3)
+    (sw_order, sw_task), (mfr_order, mfr_task) = plan["swedish"], plan["myofascial-release"]
+    t = Therapist(sandbox, app, TOM)
+    listing = unescape(t.http.get(f"{t.base}/", timeout=30).text)
+    assert listing.count(f'data-orders="{sw_order} {mfr_order}"') == 1  # one card for the plan
+    assert f'data-order="{mfr_order}"' not in listing
+    # either order of the plan opens the same note (same draft, same plan key)
+    page = t.page(mfr_order)
+    assert page.status_code == 200
+    same = t.page(sw_order)
+    assert t.plan_key(same.text) == t.plan_key(page.text)
+    html = unescape(page.text)
+    assert re.findall(r'name="techniques" value="([^"]+)"[^>]*checked', page.text) == ["swedish",
+                                                                                        "myofascial-release"]
+    assert "Only the plan's ordered techniques can be documented" in html
+    r = t.submit(sw_order, page.text, note_fields(techniques=["swedish", "myofascial-release"], start="09:00",
+                                                  end="09:45", minutes_myofascial_release="30"))
+    assert r.status_code == 200 and "Session recorded in the chart" in r.text, r.text[:800]
+    assert "and 1 more, one per technique" in unescape(r.text)
+    assert "1 of 3 sessions done" in r.text  # the plan counts the visit once
+
+    client = ehr_client(sandbox, TOM)
+    (sw,) = session_resources(client, sw_order)["Procedure"]
+    (mfr,) = session_resources(client, mfr_order)["Procedure"]
+    for proc, order_id in ((sw, sw_order), (mfr, mfr_order)):
+        assert proc["basedOn"] == [{"reference": f"ServiceRequest/{order_id}"}] and proc["status"] == "completed"
+        assert proc["performedPeriod"] == sw["performedPeriod"]
+        assert {"system": VISIT_ID_SYSTEM, "value": t.draft_id(page.text)} in proc["identifier"]
+        assert_valid(proc)
+    assert any(n["text"] == "Time: 30 of the visit's 45 minutes." for n in mfr["note"])
+    pain = sorted(session_resources(client, sw_order)["Observation"], key=lambda o: o["effectiveDateTime"])
+    assert [o["valueInteger"] for o in pain] == [6, 3]  # once for the visit
+    assert session_resources(client, mfr_order)["Observation"] == pain
+    for o in pain:
+        assert o["partOf"] == [{"reference": f"Procedure/{sw['id']}"}, {"reference": f"Procedure/{mfr['id']}"}]
+        assert o["basedOn"] == [{"reference": f"ServiceRequest/{sw_order}"},
+                                {"reference": f"ServiceRequest/{mfr_order}"}]
+        assert_valid(o)
+    for task_id, proc in ((sw_task, sw), (mfr_task, mfr)):
+        task = client.read("Task", task_id)
+        assert task["businessStatus"]["text"] == "1 of 3 sessions done" and task["status"] == "in-progress"
+        assert task["output"][0]["valueReference"]["reference"] == f"Procedure/{proc['id']}"
+        assert_valid(task)
+    provs = [p for p in client.search_all("Provenance", [("target", f"Procedure/{mfr['id']}")])
+             if p["resourceType"] == "Provenance"]
+    assert len(provs) == 1 and {f"Procedure/{sw['id']}", f"Task/{sw_task}", f"Task/{mfr_task}"} <= {
+        x["reference"] for x in provs[0]["target"]}
+
+    # the next visit gives swedish only: the plan counts 2 visits, myofascial release stays at 1
+    page = t.page(sw_order)
+    r = t.submit(sw_order, page.text, note_fields(techniques=["swedish"], start="10:00", end="10:30"))
+    assert "2 of 3 sessions done" in r.text
+    assert "Swedish massage: 2 of 3; Myofascial release: 1 of 3" in unescape(r.text)
+    assert client.read("Task", mfr_task)["businessStatus"]["text"] == "1 of 3 sessions done"
+    # a technique the plan did not order is refused in plain words, nothing written
+    page = t.page(sw_order)
+    r = t.submit(sw_order, page.text, note_fields(techniques=["swedish", "trigger-point"]))
+    assert r.status_code == 400 and "Trigger point therapy was not ordered in this plan" in unescape(r.text)
+    assert len(session_resources(client, sw_order)["Procedure"]) == 2
+
+
+def test_not_done_visit_of_a_plan_is_recorded_for_every_technique(sandbox, app):
+    plan = post_plan(sandbox, SUZI, techniques=("swedish", "myofascial-release"))
+    t = Therapist(sandbox, app, SUZI)
+    order_id = plan["swedish"][0]
+    page = t.page(order_id)
+    r = t.submit(order_id, page.text, note_fields(status="not-done", status_reason="Patient cancelled: flu",
+                                                  start="", end="", pain_before="", pain_after=""))
+    assert "Session recorded" in r.text, r.text[:800]
+    client = ehr_client(sandbox, SUZI)
+    for technique, (sr_id, task_id) in plan.items():
+        (proc,) = session_resources(client, sr_id)["Procedure"]
+        assert proc["status"] == "not-done" and proc["statusReason"]["text"] == "Patient cancelled: flu"
+        task = client.read("Task", task_id)
+        assert task["output"][0]["type"]["coding"][0]["code"] == "session-not-done"
+        assert task["businessStatus"]["text"] == "0 of 2 sessions done"
+    assert session_resources(client, order_id)["Observation"] == []
+
+
+def test_visit_retry_after_a_lost_answer_counts_each_task_once(sandbox, flask_context):
+    plan = post_plan(sandbox, FEIL, techniques=("swedish", "myofascial-release"))
+    client = ehr_client(sandbox, FEIL)
+    tasks = {f"Task/{task_id}": client.read("Task", task_id) for _, task_id in plan.values()}
+    now = datetime.now(timezone.utc)
+    orders = tuple(VisitOrder(t, f"ServiceRequest/{sr}", f"Task/{task}") for t, (sr, task) in plan.items())
+    note = VisitNote(draft_id=str(uuid.uuid4()), orders=orders, patient_ref=f"Patient/{FEIL}",
+                     performer_ref=THERAPIST_REF, start=now - timedelta(minutes=40), end=now,
+                     techniques=("swedish", "myofascial-release"), sites=(LOWER_BACK,), pain_before=5, pain_after=3)
+    first = write_visit(client, note, tasks, now)
+    assert first["already"] is False and len(first["procedures"]) == 2
+    # the answer was lost: the retry holds the old Task versions -> 412 -> re-read -> both already list it
+    again = write_visit(client, note, tasks, now)
+    assert again["already"] is True and sorted(again["procedures"]) == sorted(first["procedures"])
+    for _, task_id in plan.values():
+        after = client.read("Task", task_id)
+        assert after["businessStatus"]["text"] == "1 of 2 sessions done" and len(after["output"]) == 1
+    for sr, _ in plan.values():
+        assert len(session_resources(client, sr)["Procedure"]) == 1
+    assert len([o for o in session_resources(client, plan["swedish"][0])["Observation"]]) == 2
