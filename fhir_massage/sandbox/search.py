@@ -174,7 +174,7 @@ class Search:
 # The column every index row of a kind fills. store.py's partial indexes hold only the rows where it is set, and
 # SQLite uses a partial index only when the query's own top-level terms imply "col IS NOT NULL" (a term inside an
 # OR does not count), so each parameter condition is prefixed with a term on its column (_prefilter).
-GUARD = {"token": "s.code", "reference": "s.rref", "date": "s.lo", "string": "s.sval"}
+GUARD = {"token": "s.code", "reference": "s.rref", "date": "s.lo", "string": "s.sval", "quantity": "s.num"}
 
 
 def _prefilter(col: str, pins: list[Any] | None) -> tuple[str, list[Any]]:
@@ -460,7 +460,8 @@ def _param_cond(
                 qargs.append(code)
             conds.append(f"({cond})")
             args += qargs
-        return _exists(rtype, name, " OR ".join(conds), guard=GUARD["quantity"]), args
+        pre, pre_args = _prefilter(GUARD["quantity"], None)
+        return _exists(rtype, name, " OR ".join(conds), pre=pre), pre_args + args
     raise bad_request(f"Parameter {name} cannot be searched.", expression=raw_name)  # pragma: no cover
 
 

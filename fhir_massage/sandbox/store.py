@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS search_index (
   lo REAL, hi REAL, rref TEXT, rtarget TEXT, rtid TEXT, num REAL);
 -- Indexes shaped like the searches (search.py, service.py) and covering them, so the search part reads index pages
 -- only. The search_index ones are partial: each holds only the rows of the kinds that fill its columns (token,
--- reference, date, string), which keeps a write's index upkeep at what the older, narrower indexes cost; search.py
+-- reference, date, string, quantity), which keeps a write's index upkeep at what the older, narrower indexes cost; search.py
 -- adds the matching "col IS NOT NULL" term so SQLite may use them. Older sandboxes had other indexes (among them
 -- ix_res_type_lu on (rtype, deleted, lu), which made SQLite scan every resource of the type even when a parameter
 -- named a few): they are dropped, so a data directory written by an older sandbox gets the new plans too.
@@ -52,6 +52,7 @@ CREATE INDEX IF NOT EXISTS ix_si_ref2 ON search_index (rtype, param, rref, rid) 
 CREATE INDEX IF NOT EXISTS ix_si_rtid2 ON search_index (rtype, param, rtid, rtarget, rid) WHERE rtid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS ix_si_sval2 ON search_index (rtype, param, sval, rid) WHERE sval IS NOT NULL;
 CREATE INDEX IF NOT EXISTS ix_si_lo2 ON search_index (rtype, param, lo, hi, rid) WHERE lo IS NOT NULL;
+CREATE INDEX IF NOT EXISTS ix_si_num ON search_index (rtype, param, num, rid) WHERE num IS NOT NULL;
 """
 
 

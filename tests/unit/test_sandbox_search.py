@@ -259,3 +259,25 @@ def test_paging_for_a_patient_grant_never_reuses_another_grants_pages(many: Fhir
     assert _page(many, 3, g1) == (all1[3:], 5)
     assert _page(many, 3, g2) == (all2[3:], 5)
     assert _page(many, 3) == (everyone[3:6], 10)
+
+
+def test_quantity_search_with_prefixes_units_and_missing(svc: FhirService) -> None:
+    """R4 §3.1.1.4.7 (quantity): number[|system|code], eq meaning the value's precision range, prefixes."""
+    ucum = "http://unitsofmeasure.org"
+    for oid, value, code in (("o1", 120, "mm[Hg]"), ("o2", 145.5, "mm[Hg]"), ("o3", 80, "kg")):
+        put(svc, {"resourceType": "Observation", "id": oid, "status": "final", "code": {"text": "measure"},
+                  "subject": {"reference": "Patient/p1"},
+                  "valueQuantity": {"value": value, "system": ucum, "code": code}})
+    put(svc, {"resourceType": "Observation", "id": "o4", "status": "final", "code": {"text": "note"},
+              "subject": {"reference": "Patient/p1"}, "valueString": "no number"})
+
+    def found(*pairs: tuple[str, str]) -> list[str]:
+        return sorted(ids(svc.search(OPEN, BASE, "Observation", list(pairs))))
+
+    assert found(("value-quantity", "120")) == ["o1"]
+    assert found(("value-quantity", "145")) == []  # 145 means [144.5, 145.5): 145.5 is outside
+    assert found(("value-quantity", "gt100")) == ["o1", "o2"]
+    assert found(("value-quantity", f"lt100|{ucum}|kg")) == ["o3"]
+    assert found(("value-quantity", "120,80")) == ["o1", "o3"]
+    assert found(("value-quantity:missing", "true")) == ["o4"]
+    assert found(("value-quantity:missing", "false")) == ["o1", "o2", "o3"]
