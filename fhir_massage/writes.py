@@ -38,7 +38,8 @@ from typing import Any, Callable, Mapping
 from .errors import FhirError, InvalidInput
 from .fhir import FhirClient, FhirResult, entry_outcomes
 
-__all__ = ["CapabilityCache", "EntryNotWritten", "WriteOutcome", "supports_transactions", "write_bundle"]
+__all__ = ["CapabilityCache", "EntryNotWritten", "PartialWrite", "WriteOutcome", "raise_conflict", "saved_words",
+           "supports_transactions", "write_bundle"]
 
 # What a server says when it does not do transactions at all (R4 http.html#transaction: a server that does not
 # support them answers the POST with an error; 501 Not Implemented and 405 are the usual ones).
@@ -99,6 +100,46 @@ class WriteOutcome:
             if rtype and rtype not in out:
                 out.append(rtype)
         return out
+
+
+# Plain words for what an entry is, for "saved / not saved" messages.
+WHAT = {"ServiceRequest": "the order", "Task": "the task", "DetectedIssue": "the screening findings",
+        "Provenance": "the authorship record (Provenance)", "BodyStructure": "the body sites",
+        "Procedure": "the session note (Procedure)", "Observation": "the pain scores",
+        "Communication": "the message"}
+
+
+def saved_words(outcome: WriteOutcome, *, what: Mapping[str, str] | None = None) -> str:
+    """'Saved in the chart: X. Not saved: Y (the EHR said: ...).' for a partial write."""
+    names = {**WHAT, **(what or {})}
+    saved = ", ".join(outcome.saved_refs()) or "nothing"
+    missing = ", ".join(names.get(t, t) for t in outcome.missing_types()) or "nothing"
+    first = outcome.failed[0][1].message[:300] if outcome.failed else ""
+    return f"Saved in the chart: {saved}. Not saved: {missing}" + (f" (the EHR said: {first})" if first else ".")
+
+
+class PartialWrite(FhirError):
+    """A one-by-one write that saved some entries but not all (``outcome`` says which). Retrying the same Bundle
+    is safe: its conditional creates match what landed."""
+
+    code = "fhir-partial-write"
+
+    def __init__(self, outcome: WriteOutcome, what: Mapping[str, str] | None = None) -> None:
+        first = outcome.failed[0][1] if outcome.failed else None
+        super().__init__("This EHR does not accept all-or-nothing writes, so it was saved piece by piece, and not "
+                         f"all of it was saved. {saved_words(outcome, what=what)}",
+                         status=502, outcome=first.outcome if first else None)
+        self.outcome_ = outcome
+
+
+def raise_conflict(outcome: WriteOutcome) -> None:
+    """Raise the first 409/412 of a partial write (an If-Match that lost), so a caller handles it like the 412 of a
+    refused transaction: re-read and send again (what landed is matched, not written twice)."""
+    from .errors import FhirConflict
+
+    for _, error in outcome.failed:
+        if isinstance(error, FhirConflict):
+            raise error
 
 
 def supports_transactions(capability: Any) -> bool | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from flask import current_app
+from flask import current_app, has_app_context
 
 from fhir_massage.errors import FhirError
 from fhir_massage.fhir import FhirClient
@@ -21,6 +21,8 @@ EXT = "fhir_massage.capabilities"
 
 
 def cache() -> CapabilityCache:
+    if not has_app_context():  # a helper called outside a request (scripts, tests): learn for this call only
+        return CapabilityCache()
     return current_app.extensions.setdefault(EXT, CapabilityCache())
 
 

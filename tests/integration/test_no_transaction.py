@@ -135,3 +135,90 @@ def test_failure_half_way_says_what_was_saved_and_signing_again_finishes(smart_s
     tasks = [t for t in reader(DANA, "Task", {"patient": DANA})["entry"]
              if t["resource"].get("focus", {}).get("reference") == f"ServiceRequest/{sr['id']}"]
     assert len(tasks) == 1
+
+
+# -- sessions ----------------------------------------------------------------------------------------------------
+
+SUZI = "95efed54-0648-4faf-a179-9a2b3c45e92d"  # Suzi Bechtelar, fibromyalgia, clear
+THERAPIST_REF = "Practitioner/lmt-sam-reyes"
+SESSION_SCOPES = ("launch openid fhirUser patient/Patient.rs patient/ServiceRequest.crus patient/Task.crus "
+                  "patient/Observation.crus patient/Procedure.crus patient/Provenance.crs patient/DetectedIssue.crs "
+                  "user/Practitioner.rs")
+
+
+def _client(sandbox, patient: str) -> FhirClient:
+    tok = get_token(sandbox, "test-public", PHYSICIAN, patient, scopes=SESSION_SCOPES)
+    return FhirClient(sandbox.fhir_base, token_source=StaticToken(tok["access_token"]), max_retries=0)
+
+
+def _order_with_task(client: FhirClient, patient: str) -> tuple[str, dict]:
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from fhir_massage.builders.order import order_transaction
+    from fhir_massage.orders_model import OrderDraft
+
+    now = datetime.now(timezone.utc)
+    draft = OrderDraft(draft_id=str(uuid.uuid4()), patient_ref=f"Patient/{patient}",
+                       requester_ref=f"Practitioner/{PHYSICIAN}", techniques=("swedish",), sites=(LOWER_BACK,),
+                       frequency=1, duration_weeks=2, session_minutes=45, authored=now - timedelta(minutes=1),
+                       reason_text="Chronic pain", pressure="moderate")
+    outcome = write_bundle(client, order_transaction(draft, [], now, owner_ref="PractitionerRole/lmt-sam-reyes-role"),
+                           transactions=False)
+    assert outcome.complete
+    return outcome.by_type()["ServiceRequest"][0], client.read("Task", outcome.by_type()["Task"][0])
+
+
+def _note(order_id: str, task: dict, patient: str):
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from fhir_massage.builders.session import SessionNote
+
+    now = datetime.now(timezone.utc)
+    return SessionNote(draft_id=str(uuid.uuid4()), order_ref=f"ServiceRequest/{order_id}",
+                       task_ref=f"Task/{task['id']}", patient_ref=f"Patient/{patient}", performer_ref=THERAPIST_REF,
+                       start=now - timedelta(minutes=30), end=now, technique="swedish", sites=(LOWER_BACK,),
+                       pain_before=5, pain_after=2), now
+
+
+def test_session_written_one_by_one_procedure_first(smart_sandbox):
+    from smart_app.sessions import write_session
+
+    client = _client(smart_sandbox, SUZI)
+    order_id, task = _order_with_task(client, SUZI)
+    note, now = _note(order_id, task, SUZI)
+    result = write_session(client, note, task, now)
+    assert result["already"] is False and result["procedure"].startswith("Procedure/")
+    proc = client.read("Procedure", result["procedure"].split("/")[1])
+    assert proc["basedOn"] == [{"reference": f"ServiceRequest/{order_id}"}]
+    after = client.read("Task", task["id"])
+    assert result["procedure"] in [(o.get("valueReference") or {}).get("reference") for o in after.get("output") or []]
+
+
+def test_session_failing_half_way_says_what_was_saved_and_a_retry_finishes(smart_sandbox):
+    from fhir_massage.writes import PartialWrite
+    from smart_app.sessions import write_session
+
+    client = _client(smart_sandbox, SUZI)
+    order_id, task = _order_with_task(client, SUZI)
+    note, now = _note(order_id, task, SUZI)
+    requests.post(f"{smart_sandbox.url}/_sandbox/faults", json={
+        "fail_every_n": 1, "fail_status": 500, "fail_methods": ["PUT"], "fail_paths": ["/fhir/Task"]}, timeout=10)
+    try:
+        with pytest.raises(PartialWrite) as caught:
+            write_session(client, note, task, now)
+    finally:
+        requests.delete(f"{smart_sandbox.url}/_sandbox/faults", timeout=10)
+    words = caught.value.message
+    procs = client.search_all("Procedure", [("based-on", f"ServiceRequest/{order_id}")])
+    assert len(procs) == 1
+    assert f"Saved in the chart: Procedure/{procs[0]['id']}, Observation/" in words
+    assert "Not saved: the task, the authorship record (Provenance)" in words
+    assert not client.read("Task", task["id"]).get("output")  # the session is not counted yet
+
+    again = write_session(client, note, client.read("Task", task["id"]), now)
+    assert again["procedure"] == f"Procedure/{procs[0]['id']}"  # the same Procedure, matched, not a second one
+    assert len(client.search_all("Procedure", [("based-on", f"ServiceRequest/{order_id}")])) == 1
+    outputs = client.read("Task", task["id"]).get("output") or []
+    assert len(outputs) == 1
