@@ -547,15 +547,18 @@ def _fhir_access(sess: OrderSession, *, write_detected_issue: bool = False) -> t
     user = auth.find_user(sess.user.get("id"))
     if client is None or user is None:
         return None
+    # Least privilege: a hook call reads the chart; a feedback call only writes (conditionally) a DetectedIssue.
     if client.scope_dialect == "v1":
-        requested = _READ_V1 + (["patient/DetectedIssue.write"] if write_detected_issue else [])
+        requested = ["patient/DetectedIssue.read", "patient/DetectedIssue.write"] if write_detected_issue \
+            else _READ_V1
     else:
-        requested = _READ_V2 + (["patient/DetectedIssue.crs"] if write_detected_issue else [])
+        requested = ["patient/DetectedIssue.crs"] if write_detected_issue else _READ_V2
     granted = auth.final_scopes(requested, client, {"patient": sess.patient["id"]})
     if not granted:
         return None
-    # The EHR's authorization server issues the token itself (no OAuth round trip: CDS Hooks "the CDS Client
-    # ... SHALL NOT send a token the CDS Service did not get through its registration"); short-lived, one patient.
+    # The EHR's authorization server issues the token itself, to the client the service is registered as (CDS
+    # Hooks "FHIR Resource Access": tokens for the service are short-lived and scoped to the service, the user and
+    # the patient; subject = the service's client id). No OAuth round trip: the EHR is the authorization server.
     tok = Token(client_id=client.client_id, scope=" ".join(granted), user=user,
                 context={"launch": False, "patient": sess.patient["id"]}, family=new_secret(16),
                 issued_at=auth.store.clock(), expires_in=TOKEN_LIFETIME, access_token=new_secret(32),

@@ -142,3 +142,21 @@ def _serious(page) -> list[str]:
         return r.violations.filter(v => ['serious', 'critical'].includes(v.impact))
             .map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).join(', '));
     }""")
+
+
+def test_the_cards_smart_link_opens_the_app_in_the_ehr_frame(pair, browser):
+    page = browser.new_page(viewport={"width": 1100, "height": 1000})
+    page.set_default_timeout(20_000)
+    try:
+        _start_order(page, pair, sites=("30021000:left",))
+        _card(page, DVT_CRITICAL).get_by_role("link", name="Open the massage screen (fhir-massage)").click()
+        page.get_by_role("link", name="Back to the order").wait_for()
+        # the app ran the whole SMART EHR launch inside the frame (launch id -> authorize -> token) and shows the
+        # patient from the launch context
+        frame = page.frame_locator("iframe.app-frame")
+        frame.get_by_text("Dana Whitfield").first.wait_for()
+        page.screenshot(path="/tmp/cds-app-launch.png")
+        page.get_by_role("link", name="Back to the order").click()
+        assert "Opened fhir-massage (test)" in page.locator(".activity").inner_text()
+    finally:
+        page.close()
