@@ -952,6 +952,44 @@ def test_a_launch_page_of_another_browser_or_an_ended_session_opens_nothing(worl
     assert not problems, "\n".join(problems)
 
 
+@pytest.fixture(scope="module")
+def revoked(world) -> dict[str, Launch]:
+    """Launches whose EHR access ended: the token is due and its refresh token is refused (revoked at the EHR), or
+    the app's token record is gone. One per role, as the sessions area is the therapist's."""
+    from smart_app.launch import NS_TOKENS
+
+    out = {}
+    for user in (PHYSICIAN, THERAPIST):
+        launch = world.launch(user)
+        rec = world.app.store.get(NS_TOKENS, launch.lsid)
+        world.app.store.put(NS_TOKENS, launch.lsid, {**rec, "expires_at": time.time() - 10,
+                                                     "refresh_token": "revoked-" + secrets.token_hex(8)}, 3600)
+        out[user] = launch
+        gone = world.launch(user)
+        world.app.store.delete(NS_TOKENS, gone.lsid)
+        out[user + "-gone"] = gone
+    return out
+
+
+@pytest.mark.parametrize("endpoint, rule_text", route_params("ehr-access-ended", lambda rule, methods: "<lsid>" in rule))
+def test_a_launch_whose_ehr_access_ended_asks_for_a_relaunch(world, revoked, endpoint, rule_text):
+    rule = world_rule(world, endpoint, rule_text)
+    problems = []
+    user = THERAPIST if blueprint_of(rule) == "sessions" else PHYSICIAN
+    for key in (user, user + "-gone"):
+        launch = revoked[key]
+        token = _token_for(world, launch.browser)
+        for method in ["GET"] * ("GET" in (rule.methods or ())) + unsafe_methods(rule)[:1]:
+            data = {**plausible_form(world, rule), "csrf_token": token} if method != "GET" else None
+            r = launch.browser.request(method, build(world, rule, launch), data=data, timeout=60,
+                                       allow_redirects=False)
+            problems += user_mistake_problems(f"{method} {rule.rule} [{key}]", r)
+            relaunch = re.search(r"(?i)again from (the|your) EHR|from the EHR again|open fhir-massage again", r.text)
+            if r.status_code == 401 and not relaunch and "json" not in r.headers.get("Content-Type", ""):
+                problems.append(f"{method} {rule.rule} [{key}]: a 401 page that does not say how to go on")
+    assert not problems, "\n".join(problems)
+
+
 def _token_for(world: World, session: requests.Session) -> str:
     """The CSRF token the app would give this browser (its cookie is all it has left)."""
     from flask import g
