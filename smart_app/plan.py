@@ -12,7 +12,9 @@ Writes: each change is ONE transaction - the orders of the plan (PUT with If-Mat
 saw, http.html#concurrency), their fulfilment Tasks following (PUT with If-Match), and a Provenance (UPDATE).
 A 412 means someone changed the order meanwhile: nothing was written, and the conflict page shows the version
 seen, what was wanted and what is in the chart now, field by field; the physician applies the change again on top
-of the new version or keeps theirs. Nothing is ever overwritten blindly.
+of the new version or keeps theirs. Nothing is ever overwritten blindly. An EHR without transactions gets the
+same entries one by one, orders first (fhir_massage.writes): a 412 on the first order still writes nothing; a
+failure after an order landed is a page that says which changes were saved and which were not.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from fhir_massage.builders.plan import ACTIONS, modify_order, order_status_updat
 from fhir_massage.chart_fetch import chart_searches
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
 from fhir_massage.errors import FhirConflict, FhirError, InvalidInput
+from fhir_massage.writes import PartialWrite
 from fhir_massage.fhir import FhirClient, FhirResult, batch_bundle, entry_outcomes, request_entry, resources, \
     transaction_bundle
 from fhir_massage.orders_model import LATERALITIES, Schedule, _sites, site_problem
 from fhir_massage.screening import screen
 
-from . import identity
+from . import identity, writes
 from .charts import pain_chart_svg
 from .launch import fhir_client, require_launch
 
@@ -572,8 +575,7 @@ def action() -> Any:
     for attempt in (1, 2):
         bundle = change_transaction(change, orders, tasks, seen, author_ref=ctx.user_ref, now=now)
         try:
-            client.transaction(bundle)
-            break
+            outcome = writes.write(client, bundle)
         except FhirConflict as exc:
             if exc.status != 412:
                 raise
@@ -584,7 +586,17 @@ def action() -> Any:
                 return conflict_page(client, change, key, orders, seen, now)
             # The orders are as the physician saw them; only a Task moved (a session was documented meanwhile).
             # The Task follows from its fresh version, so one more try overwrites nothing.
+            continue
+        if not outcome.complete:
+            # An EHR without transactions (fhir_massage.writes): the orders went first, one PUT each, and a later
+            # write failed. What landed stays (there is no rollback); say exactly what, and nothing more is tried.
+            raise PartialWrite(outcome, what=_PLAN_WHAT)
+        break
     return redirect(url_for("plan.index", done=change.action), code=303)
+
+
+_PLAN_WHAT = {"ServiceRequest": "an order change", "Task": "the therapists' task following the order",
+              "Provenance": "the record of who changed it (Provenance)", "DetectedIssue": "the finding"}
 
 
 def conflict_page(client: FhirClient, change: Change, key: str, current: Sequence[Mapping[str, Any]],
@@ -658,10 +670,12 @@ def record_finding() -> Any:
         issue["mitigation"] = [_mitigation(text, author_ref=ctx.user_ref, now=now)]
     full_url = f"urn:uuid:{uuid.uuid4()}"
     prov = provenance([{"reference": full_url, "identifier": ident}], author_ref=ctx.user_ref, now=now)
-    client.transaction(transaction_bundle([
+    outcome = writes.write(client, transaction_bundle([
         request_entry("POST", "DetectedIssue", issue, full_url=full_url,
                       if_none_exist=[("identifier", f"{ident['system']}|{ident['value']}")]),
         provenance_entry(prov, f"plan-finding/{ident['value']}", mode="put")]))
+    if not outcome.complete:  # no transactions here: the finding landed, its Provenance did not
+        raise PartialWrite(outcome, what=_PLAN_WHAT)
     return redirect(url_for("plan.index", done="finding"), code=303)
 
 

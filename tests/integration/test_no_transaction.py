@@ -222,3 +222,59 @@ def test_session_failing_half_way_says_what_was_saved_and_a_retry_finishes(smart
     assert len(client.search_all("Procedure", [("based-on", f"ServiceRequest/{order_id}")])) == 1
     outputs = client.read("Task", task["id"]).get("output") or []
     assert len(outputs) == 1
+
+
+# -- plan changes ------------------------------------------------------------------------------------------------
+
+
+def _plan(sandbox, patient: str):
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from fhir_massage.builders.order import order_transaction
+    from fhir_massage.orders_model import OrderDraft
+    from tests.integration.test_plan_helpers import DR_REF, SeededPlan, default_site, writer
+
+    w = writer(sandbox, patient=patient)
+    authored = datetime.now(timezone.utc) - timedelta(days=3)
+    draft = OrderDraft(draft_id=uuid.uuid4().hex, patient_ref=f"Patient/{patient}", requester_ref=DR_REF,
+                       techniques=("swedish",), sites=(default_site(),), frequency=2, duration_weeks=6,
+                       session_minutes=45, authored=authored, reason_text="Chronic low back pain")
+    outcome = write_bundle(w, order_transaction(draft, [], authored), transactions=False)
+    assert outcome.complete
+    orders = [w.read("ServiceRequest", i) for i in outcome.by_type()["ServiceRequest"]]
+    tasks = [w.read("Task", i) for i in outcome.by_type()["Task"]]
+    return w, SeededPlan(draft.draft_id, orders, tasks)
+
+
+def test_plan_hold_without_transactions_task_follows_and_a_failure_says_what_was_saved(smart_sandbox):
+    from tests.fixtures.app import register_with_sandbox
+    from tests.integration.test_plan import launch as plan_launch
+    from tests.integration.test_plan import post, status_form
+
+    patient = "demo-eleanor-price"
+    w, plan = _plan(smart_sandbox, patient)
+    app = register_with_sandbox(smart_sandbox, {})
+    try:
+        browser, url = plan_launch(smart_sandbox, app, patient)
+        r = post(browser, app, status_form(browser.get(url, timeout=30).text, plan.draft_id), action="hold",
+                 reason="Waiting for imaging")
+        assert r.status_code == 200 and 'data-testid="done"' in r.text, unescape(r.text)[:1500]
+        order = w.read("ServiceRequest", plan.orders[0]["id"])
+        task = w.read("Task", plan.tasks[0]["id"])
+        assert order["status"] == "on-hold" and task["status"] == "on-hold"
+
+        requests.post(f"{smart_sandbox.url}/_sandbox/faults", json={
+            "fail_every_n": 1, "fail_status": 500, "fail_methods": ["PUT"], "fail_paths": ["/fhir/Task"]}, timeout=10)
+        try:
+            r = post(browser, app, status_form(browser.get(url, timeout=30).text, plan.draft_id), action="resume")
+        finally:
+            requests.delete(f"{smart_sandbox.url}/_sandbox/faults", timeout=10)
+        words = unescape(r.text)
+        assert r.status_code == 502, words[:1500]
+        assert f"Saved in the chart: ServiceRequest/{order['id']}." in words
+        assert "Not saved: the therapists' task following the order, the record of who changed it" in words
+        assert w.read("ServiceRequest", order["id"])["status"] == "active"
+        assert w.read("Task", task["id"])["status"] == "on-hold"
+    finally:
+        app.stop()
