@@ -1370,8 +1370,11 @@ def test_pages_have_the_accessibility_basics(world):
 
 def test_no_secret_or_patient_data_in_any_log_record(world, log_capture):
     secrets_seen = {s for s in world.rec_a.secrets | world.rec_b.secrets if s and len(s) >= 8}
-    # the secrets the app keeps (in case a recorder missed one): tokens in the store, the PKCE verifier is gone
     assert len(secrets_seen) >= 5, "the recorder caught too few secrets for this check to mean anything"
+    # the app's own secrets: its signing key and the browsers' cookie values (with a launch URL they open a session)
+    secrets_seen.add(world.app.app.config["SECRET_KEY"])
+    for launch in (world.physician, world.therapist):
+        secrets_seen.update(c.value for c in launch.browser.cookies if c.value and len(c.value) >= 16)
     patient = [*FEIL_NAME, " ".join(FEIL_NAME[:2]), FEIL_BIRTH, FEIL_MRN, "999-85-3615",
                "alert(1)", "onerror=alert", "Feels better", "Session went well", "Checked with the vascular team"]
     leaks = []
