@@ -15,6 +15,13 @@ What a row says, and where it comes from (reference/fhir-modelling.md "The plan"
 * adherence = sessions done / sessions expected by now (ordered frequency x elapsed plan weeks), shown once at
   least one session is expected; a gap is flagged when it is longer than twice the expected interval between
   sessions (7 days / frequency);
+* plans: the orders of one ``requisition`` are one plan (order.py writes one ServiceRequest + Task per technique)
+  and a visit is documented once for the plan (builders.session: one Procedure per technique used, sharing the
+  ``session-visit`` identifier, the pain scores ``partOf`` all of them). ``PlanRow.plan`` (PlanStats, the same
+  object on every row of the plan) counts VISITS: sessions done, adherence, gaps, the pain trend and not-done are
+  per plan, so a technique given in fewer visits does not read as a missed session; the row's own counts stay
+  per technique ("myofascial release in 6 of 8 visits"). A Procedure without the visit identifier (another app)
+  is its own visit, unless another Procedure of the plan started at the same instant;
 * pain trend: per session (date, before, after) from LOINC 72514-3 Observations ``partOf`` the Procedure; the
   change is last pre-session score minus first pre-session score (between-session change: the drop right after a
   massage is expected and short-lived). A drop of about 2 points or 30% on the 0-10 NRS is clinically important
@@ -25,10 +32,12 @@ What a row says, and where it comes from (reference/fhir-modelling.md "The plan"
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
+from .builders.order import REQUISITION_ID_SYSTEM
+from .builders.session import VISIT_ID_SYSTEM
 from .codes import LOINC, TASK_IO_SYSTEM, TECHNIQUE_SYSTEM, TECHNIQUES, codings, has_code
 
 PAIN_LOINC = "72514-3"
@@ -84,6 +93,23 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class PlanStats:
+    """One plan (the orders of one requisition), counted in visits. Field names mean what they mean on PlanRow."""
+
+    key: str
+    sessions_done: int  # visits with at least one completed technique
+    sessions_planned: int | None  # the order's total sessions (the same for each technique's order)
+    expected_sessions: float | None
+    adherence: float | None
+    sessions_per_week: float | None
+    gaps: tuple[Gap, ...]
+    last_session: date | None
+    pain: PainTrend  # one point per visit
+    not_done: tuple[NotDone, ...]  # one per visit not done
+    technique_visits: tuple[tuple[str, int], ...]  # (technique, visits it was given in), the plan's techniques
+
+
+@dataclass(frozen=True)
 class PlanRow:
     order_ref: str
     status: str
@@ -109,6 +135,8 @@ class PlanRow:
     task_ref: str | None
     task_status: str | None
     warnings: tuple[str, ...] = ()
+    plan_key: str = ""  # requisition_key of the order, or its own reference
+    plan: PlanStats | None = None  # the plan's numbers, counted in visits (shared by its rows)
 
 
 @dataclass(frozen=True)
@@ -148,6 +176,27 @@ def ref_key(reference: Any) -> str | None:
         return None
     m = _REF_RE.search(reference)
     return f"{m.group(1)}/{m.group(2)}" if m else None
+
+
+def requisition_key(sr: Mapping[str, Any]) -> str | None:
+    """The plan an order belongs to: its ``requisition`` (R4 ServiceRequest.requisition, "composite request").
+    Another app's requisition keeps its system in the key so two systems never merge."""
+    req = sr.get("requisition")
+    if isinstance(req, Mapping) and isinstance(req.get("value"), str) and req.get("value"):
+        return req["value"] if req.get("system") == REQUISITION_ID_SYSTEM else f"{req.get('system')}|{req['value']}"
+    return None
+
+
+def visit_key(proc: Mapping[str, Any]) -> str:
+    """Which visit a Procedure belongs to: our ``session-visit`` identifier, else its start instant (another app's
+    Procedures of one visit), else the Procedure itself."""
+    for i in proc.get("identifier") or []:
+        if isinstance(i, Mapping) and i.get("system") == VISIT_ID_SYSTEM and isinstance(i.get("value"), str):
+            return "visit:" + i["value"]
+    period = proc.get("performedPeriod")
+    if isinstance(period, Mapping) and isinstance(period.get("start"), str):
+        return "start:" + period["start"]
+    return "ref:" + (_own_ref(proc) or str(id(proc)))
 
 
 def _own_ref(resource: Mapping[str, Any]) -> str | None:
@@ -383,10 +432,69 @@ def plan_rows(service_requests: Iterable[Mapping[str, Any]], tasks: Iterable[Map
         order_ref = _own_ref(sr)
         if not order_ref:
             continue
-        rows.append(_row(sr, order_ref, procs_by_order.get(order_ref, []), tasks_by_order.get(order_ref),
-                         pain, issues, issues_by_order.get(order_ref, []), today, ending_soon_days))
+        row = _row(sr, order_ref, procs_by_order.get(order_ref, []), tasks_by_order.get(order_ref),
+                   pain, issues, issues_by_order.get(order_ref, []), today, ending_soon_days)
+        rows.append(replace(row, plan_key=requisition_key(sr) or order_ref))
+    by_plan: dict[str, list[PlanRow]] = {}
+    for r in rows:
+        by_plan.setdefault(r.plan_key, []).append(r)
+    stats = {k: _plan_stats(k, rs, procs_by_order, pain, today) for k, rs in by_plan.items()}
+    rows = [replace(r, plan=stats[r.plan_key]) for r in rows]
     rows.sort(key=lambda r: (r.plan_start or date.min, r.order_ref), reverse=True)
     return rows
+
+
+def _plan_stats(key: str, rows: Sequence[PlanRow], procs_by_order: Mapping[str, list[Mapping[str, Any]]],
+                pain: Mapping[str, list[Mapping[str, Any]]], today: date) -> PlanStats:
+    """A plan's numbers counted in visits (see the module doc). The rows share the plan's schedule: the first
+    row that has a frequency / window gives it."""
+    completed: dict[str, list[Mapping[str, Any]]] = {}
+    not_done: dict[str, NotDone] = {}
+    per_technique: dict[str, set[str]] = {}
+    for r in rows:
+        for p in procs_by_order.get(r.order_ref, []):
+            k = visit_key(p)
+            if p.get("status") == "completed":
+                completed.setdefault(k, []).append(p)
+                for t in r.techniques:
+                    per_technique.setdefault(t, set()).add(k)
+            elif p.get("status") == "not-done" and k not in not_done:
+                not_done[k] = NotDone(_session_date(p), _text(p.get("statusReason")) or "no reason given",
+                                      _own_ref(p) or "Procedure/?")
+    for k in list(not_done):
+        if k in completed:  # a technique not done in a visit that gave another one: the visit happened
+            del not_done[k]
+    visits = sorted(((min((_session_date(p) or date.min for p in ps)), k, ps) for k, ps in completed.items()),
+                    key=lambda v: (v[0], v[1]))
+    dated = [d for d, _, _ in visits if d != date.min and d <= today]
+    first = next((r for r in rows if r.frequency), rows[0])
+    frequency, start, end = first.frequency, first.plan_start, first.plan_end
+    planned_all = [r.sessions_planned for r in rows if r.sessions_planned]
+    planned = max(planned_all) if planned_all else None
+    expected, adh, per_week = adherence(len(dated), frequency, start, end, today)
+    finished = planned is not None and len(visits) >= planned
+    active = any(r.status == "active" for r in rows)
+    gaps = _gaps(dated, start, min(today, end) if end else today, frequency, ongoing=active and not finished)
+    points = []
+    for d, _, ps in visits:
+        seen: set[str] = set()
+        obs = []
+        for p in ps:  # the visit's pain scores are partOf each of its Procedures: keep each Observation once
+            for o in pain.get(_own_ref(p) or "", []):
+                ident = _own_ref(o) or str(id(o))
+                if ident not in seen:
+                    seen.add(ident)
+                    obs.append(o)
+        if obs:
+            before, after = _before_after(ps[0], obs)
+            if before is not None or after is not None:
+                points.append(PainPoint(d, before, after, _own_ref(ps[0]) or "Procedure/?"))
+    techniques = tuple(dict.fromkeys(t for r in rows for t in r.techniques))
+    return PlanStats(
+        key=key, sessions_done=len(visits), sessions_planned=planned, expected_sessions=expected, adherence=adh,
+        sessions_per_week=per_week, gaps=gaps, last_session=max(dated) if dated else None, pain=pain_trend(points),
+        not_done=tuple(sorted(not_done.values(), key=lambda n: (n.date or date.min, n.procedure_ref))),
+        technique_visits=tuple((t, len(per_technique.get(t, ()))) for t in techniques))
 
 
 def _row(sr: Mapping[str, Any], order_ref: str, procs: list[Mapping[str, Any]], task: Mapping[str, Any] | None,
@@ -577,26 +685,34 @@ def attention(rows: Sequence[PlanRow], new_findings: Iterable[Mapping[str, Any]]
         label = "unread message" if n == 1 else "unread messages"
         extra = " (change in condition reported)" if any("condition-change" in t.categories for t in ths) else ""
         reasons.setdefault(order, []).append((score, f"{n} {label} from the therapist{extra}"))
+    given: set[tuple[str, str]] = set()  # (plan, reason): a plan's rows share its numbers; say each once
     for r in rows:
         out = reasons[r.order_ref]
-        if r.pain.worse:
-            out.append((25, f"Pain is worse: {r.pain.note}"))
+        p: Any = r.plan or r  # adherence, gaps, pain and not-done count the plan's visits (PlanStats)
+        mine: list[tuple[int, str]] = []
+        if p.pain.worse:
+            mine.append((25, f"Pain is worse: {p.pain.note}"))
         if r.status == "active":
-            if r.adherence is not None and r.adherence < 0.5:
-                out.append((30, f"Low adherence: {r.sessions_done} sessions, {r.expected_sessions:.0f} expected by now"))
-            elif r.adherence is not None and r.adherence < 0.8:
-                out.append((15, f"Adherence below plan: {r.sessions_done} sessions, "
-                                f"{r.expected_sessions:.0f} expected by now"))
-            open_gap = next((g for g in r.gaps if g.open), None)
+            if p.adherence is not None and p.adherence < 0.5:
+                mine.append((30, f"Low adherence: {p.sessions_done} sessions, {p.expected_sessions:.0f} expected "
+                                 "by now"))
+            elif p.adherence is not None and p.adherence < 0.8:
+                mine.append((15, f"Adherence below plan: {p.sessions_done} sessions, "
+                                 f"{p.expected_sessions:.0f} expected by now"))
+            open_gap = next((g for g in p.gaps if g.open), None)
             if open_gap:
-                out.append((20, f"No session for {open_gap.days} days"))
+                mine.append((20, f"No session for {open_gap.days} days"))
             if r.period_over:
-                out.append((15, f"Plan ended on {r.plan_end}; complete or renew the order"))
+                mine.append((15, f"Plan ended on {r.plan_end}; complete or renew the order"))
             elif r.ending_soon:
-                out.append((10, f"Plan ends on {r.plan_end}"))
-        if r.not_done:
-            last = r.not_done[-1]
-            out.append((10, f"Session not done{' on ' + str(last.date) if last.date else ''}: {last.reason}"))
+                mine.append((10, f"Plan ends on {r.plan_end}"))
+        if p.not_done:
+            last = p.not_done[-1]
+            mine.append((10, f"Session not done{' on ' + str(last.date) if last.date else ''}: {last.reason}"))
+        for score, text in mine:
+            if (r.plan_key or r.order_ref, text) not in given:
+                given.add((r.plan_key or r.order_ref, text))
+                out.append((score, text))
         if r.status == "on-hold":
             out.append((5, "Order on hold"))
     result = [Attention(order, sum(s for s, _ in items), tuple(t for _, t in sorted(items, key=lambda x: -x[0])))
@@ -606,7 +722,8 @@ def attention(rows: Sequence[PlanRow], new_findings: Iterable[Mapping[str, Any]]
 
 
 __all__ = [
-    "PainPoint", "PainTrend", "Gap", "NotDone", "Finding", "PlanRow", "Message", "Thread", "Attention",
-    "plan_rows", "pain_trend", "adherence", "threads", "attention", "ref_key", "parse_date",
+    "PainPoint", "PainTrend", "Gap", "NotDone", "Finding", "PlanRow", "PlanStats", "Message", "Thread", "Attention",
+    "plan_rows", "pain_trend", "adherence", "threads", "attention", "ref_key", "parse_date", "requisition_key",
+    "visit_key",
     "MCID_POINTS", "MCID_FRACTION", "GAP_FACTOR",
 ]

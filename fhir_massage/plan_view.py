@@ -7,7 +7,9 @@ blank, never an exception).
 
 * A plan = the ServiceRequests of one ``requisition`` (order.py writes one ServiceRequest + Task per technique,
   all with the draft id as ``requisition``: R4 ServiceRequest.requisition, "composite request"). Orders without a
-  requisition (written by another app) are a plan of their own.
+  requisition (written by another app) are a plan of their own. Its sessions, adherence, gaps, pain and
+  not-done are counted in VISITS (coordination.PlanStats: a visit that gave two techniques counts once); each
+  technique's own count is kept beside it ("myofascial release in 6 of 8 visits").
 * New since signing: the chart is screened again for the plan's techniques and sites; a finding that applies
   and whose rule was not recorded with the plan, or that rests on chart entries the recorded finding did not
   name (a second DVT, a new platelet count), is new. Recorded = a DetectedIssue of the patient that implicates one
@@ -25,9 +27,9 @@ from datetime import date, datetime
 from typing import Any, Iterable, Mapping, Sequence
 
 from .builders.detected_issue import RULE_IDENTIFIER_SYSTEM, detected_issue
-from .builders.order import REQUISITION_ID_SYSTEM, business_status, instant, sessions_done
+from .builders.order import business_status, instant, sessions_done
 from .codes import SNOMED, TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
-from .coordination import PainPoint, PainTrend, PlanRow, pain_trend, parse_date, ref_key
+from .coordination import PainPoint, PainTrend, PlanRow, pain_trend, parse_date, ref_key, requisition_key
 from .orders_model import Schedule, is_lateralizable
 
 __all__ = [
@@ -60,9 +62,14 @@ class PlanGroup:
     sessions_done: int
     sessions_planned: int | None
     last_session: date | None
-    pain: PainTrend  # every session of the plan, by date
+    pain: PainTrend  # one point per visit, by date
     open_issues: tuple[OpenIssue, ...]
-    not_done: tuple[Any, ...]  # coordination.NotDone of every order, by date
+    not_done: tuple[Any, ...]  # coordination.NotDone, one per visit not done, by date
+    expected_sessions: float | None = None  # by today, from the plan's frequency (coordination.adherence)
+    adherence: float | None = None  # visits done / expected by now
+    sessions_per_week: float | None = None
+    gaps: tuple[Any, ...] = ()  # coordination.Gap between visits
+    technique_visits: tuple[tuple[str, int], ...] = ()  # (technique, visits it was given in)
 
     @property
     def order_refs(self) -> tuple[str, ...]:
@@ -90,11 +97,8 @@ class DiffRow:
 
 
 def requisition_of(sr: Mapping[str, Any]) -> str | None:
-    req = sr.get("requisition")
-    if isinstance(req, Mapping) and isinstance(req.get("value"), str) and req.get("value"):
-        # another app's requisition is still a grouping: keep the system in the key so two systems never merge
-        return req["value"] if req.get("system") == REQUISITION_ID_SYSTEM else f"{req.get('system')}|{req['value']}"
-    return None
+    """The plan key of an order (coordination.requisition_key; one definition for both modules)."""
+    return requisition_key(sr)
 
 
 def order_techniques(sr: Mapping[str, Any]) -> tuple[str, ...]:
@@ -212,7 +216,7 @@ def group_plans(service_requests: Iterable[Mapping[str, Any]], rows: Sequence[Pl
     groups: dict[str, list[PlanRow]] = {}
     for row in rows:
         sr = by_ref.get(row.order_ref, {})
-        groups.setdefault(requisition_of(sr) or row.order_ref, []).append(row)
+        groups.setdefault(row.plan_key or requisition_of(sr) or row.order_ref, []).append(row)
     out = []
     for key, grows in groups.items():
         grows.sort(key=lambda r: (r.techniques, r.order_ref))
@@ -226,16 +230,25 @@ def group_plans(service_requests: Iterable[Mapping[str, Any]], rows: Sequence[Pl
         lasts = [r.last_session for r in grows if r.last_session]
         authored = min((d for d in (parse_date(sr.get("authoredOn")) for sr in srs) if d), default=None)
         not_done = sorted((n for r in grows for n in r.not_done), key=lambda n: (n.date or date.min, n.procedure_ref))
+        stats = next((r.plan for r in grows if r.plan is not None and r.plan.key == key), None)
+        common = dict(key=key, rows=tuple(grows), techniques=techniques, sites=sites, site_codes=site_codes,
+                      schedule_text=next((r.schedule_text for r in grows if r.schedule_text), ""),
+                      status=statuses.pop() if len(statuses) == 1 else "mixed", authored=authored,
+                      open_issues=open_issues(recorded_issues(srs, issues)))
+        if stats is not None:  # counted in visits by coordination (one visit = one session of the plan)
+            out.append(PlanGroup(
+                **common, sessions_done=stats.sessions_done, sessions_planned=stats.sessions_planned,
+                last_session=stats.last_session, pain=stats.pain, not_done=stats.not_done,
+                expected_sessions=stats.expected_sessions, adherence=stats.adherence,
+                sessions_per_week=stats.sessions_per_week, gaps=stats.gaps, technique_visits=stats.technique_visits))
+            continue
+        # rows made without plan numbers (not from coordination.plan_rows): the best estimate from the rows
         out.append(PlanGroup(
-            key=key, rows=tuple(grows), techniques=techniques, sites=sites, site_codes=site_codes,
-            schedule_text=next((r.schedule_text for r in grows if r.schedule_text), ""),
-            status=statuses.pop() if len(statuses) == 1 else "mixed", authored=authored,
-            # the orders of one plan share its schedule, and a visit usually gives every technique of the plan:
-            # the plan's count is that of its most documented technique (the table shows each one)
-            sessions_done=max(r.sessions_done for r in grows),
+            **common, sessions_done=max(r.sessions_done for r in grows),
             sessions_planned=max(p for p in planned if p) if any(planned) else None,
-            last_session=max(lasts) if lasts else None, pain=_merged_trend(points),
-            open_issues=open_issues(recorded_issues(srs, issues)), not_done=tuple(not_done)))
+            last_session=max(lasts) if lasts else None, pain=_merged_trend(points), not_done=tuple(not_done),
+            technique_visits=tuple((t, sum(r.sessions_done for r in grows if t in r.techniques))
+                                   for t in techniques)))
     out.sort(key=lambda g: (g.active, g.authored or date.min, g.key), reverse=True)
     return out
 

@@ -19,6 +19,7 @@ from fhir_massage.builders.order import order_transaction
 from fhir_massage.builders.session import SessionNote, session_transaction
 from fhir_massage.coordination import (
     PlanRow,
+    PlanStats,
     adherence,
     attention,
     pain_trend,
@@ -248,10 +249,15 @@ def test_threads_and_unread() -> None:
 
 def test_attention_orders_the_panel() -> None:
     def row(ref: str, **changes: Any) -> PlanRow:
+        # adherence and session counts are the plan's (PlanStats, counted in visits): changed there (intended:
+        # attention now reads a plan's numbers once, not each technique's)
         server = Server()
         ordered(server)
         (base,) = rows(server, 3)
-        return dataclasses.replace(base, order_ref=ref, **changes)
+        assert base.plan is not None
+        plan_level = {k: v for k, v in changes.items() if k in {f.name for f in dataclasses.fields(PlanStats)}}
+        return dataclasses.replace(base, order_ref=ref, plan_key=ref, plan=dataclasses.replace(base.plan, **plan_level),
+                                   **{k: v for k, v in changes.items() if k not in plan_level})
 
     quiet = row("ServiceRequest/quiet")
     ending = row("ServiceRequest/ending", ending_soon=True, plan_end=date(2026, 12, 14))
@@ -274,3 +280,52 @@ def test_attention_orders_the_panel() -> None:
 def test_finding_without_an_order_is_about_the_patient() -> None:
     ranked = attention([], [{"resourceType": "DetectedIssue", "severity": "moderate", "detail": "Pregnant, 22 weeks"}])
     assert ranked == [ranked[0]] and ranked[0].order_ref is None and ranked[0].score == 60
+
+
+# --- visits: one note for several techniques ------------------------------------------------------------------------
+
+PLAN_DRAFT = dataclasses.replace(DRAFT, draft_id="order-2", techniques=("swedish", "myofascial-release"),
+                                 sites=("37822005",), frequency=2, duration_weeks=4)
+
+
+def visit(server: Server, day: int, techniques: tuple[str, ...], *, pain: tuple[int, int] | None = None,
+          not_done: str | None = None) -> None:
+    from fhir_massage.builders.session import VisitNote, VisitOrder, visit_transaction
+    orders, tasks = [], {}
+    for task in server.all("Task"):
+        sr = server.store[task["focus"]["reference"]]
+        technique = next(c["code"] for c in sr["code"]["coding"] if c["system"].endswith("massage-technique"))
+        orders.append(VisitOrder(technique, f"ServiceRequest/{sr['id']}", f"Task/{task['id']}"))
+        tasks[f"Task/{task['id']}"] = task
+    note = VisitNote(draft_id=f"visit-{day}", orders=tuple(orders), patient_ref="Patient/p1",
+                     performer_ref="PractitionerRole/lmt1", start=at(day),
+                     end=None if not_done else at(day) + timedelta(minutes=45),
+                     status="not-done" if not_done else "completed", status_reason=not_done or "",
+                     techniques=() if not_done else techniques, sites=("37822005",),
+                     pain_before=pain[0] if pain else None, pain_after=pain[1] if pain else None)
+    server.transact(visit_transaction(note, tasks, at(day, 11)))
+
+
+def test_plan_of_two_techniques_counts_visits_round_trip() -> None:
+    server = Server()
+    ordered(server, PLAN_DRAFT)
+    visit(server, 1, ("swedish", "myofascial-release"), pain=(7, 5))
+    visit(server, 4, ("swedish", "myofascial-release"), pain=(6, 4))
+    visit(server, 8, ("swedish",), pain=(4, 3))
+    visit(server, 11, (), not_done="Patient cancelled: flu")
+    found = rows(server, 12)
+    assert len(found) == 2 and found[0].plan is found[1].plan and found[0].plan_key == "order-2"
+    plan = found[0].plan
+    assert plan is not None
+    by_technique = {r.techniques[0]: r for r in found}
+    assert by_technique["swedish"].sessions_done == 3 and by_technique["myofascial-release"].sessions_done == 2
+    assert (plan.sessions_done, plan.sessions_planned) == (3, 8)
+    assert plan.technique_visits == (("swedish", 3), ("myofascial-release", 2))
+    # 2/week since 2026-11-02 -> 12 days = 3.43 expected: 3 visits, not 5 Procedures
+    assert plan.adherence == pytest.approx(3 / (2 * 12 / 7))
+    assert [(p.date.day, p.before, p.after) for p in plan.pain.points] == [(3, 7, 5), (6, 6, 4), (10, 4, 3)]
+    assert [n.reason for n in plan.not_done] == ["Patient cancelled: flu"]
+    # both Tasks list the visits they took part in; each row agrees with its Task (no warning)
+    assert all(r.warnings == () for r in found)
+    reasons = [text for a in attention(found) for text in a.reasons]
+    assert reasons.count("Session not done on 2026-11-13: Patient cancelled: flu") == 1  # once for the plan

@@ -76,7 +76,8 @@ def test_an_order_without_requisition_is_its_own_plan_and_foreign_systems_do_not
     assert requisition_of(c) == "x" and requisition_of({"requisition": {"system": REQUISITION_ID_SYSTEM}}) is None
 
 
-def test_plan_counts_take_the_most_documented_technique_and_merge_one_visit_pain_once():
+def test_another_apps_procedures_of_one_visit_start_together_and_count_once():
+    # (was: "the plan's count is its most documented technique"; now counted in visits, see the next test)
     d = draft(techniques=("swedish", "stretching"))
     srs = orders_of(d)
     procs, obs = [], []
@@ -95,6 +96,76 @@ def test_plan_counts_take_the_most_documented_technique_and_merge_one_visit_pain
     (g,) = group_plans(srs, plan_rows(srs, [], procs, obs, today=TODAY))
     assert (g.sessions_done, g.sessions_planned) == (2, 12)
     assert [(p.before, p.after) for p in g.pain.points] == [(6, 3), (6, 3)]  # two visits, not four
+    assert g.technique_visits == (("swedish", 2), ("stretching", 2))
+
+
+def _visit_procs(srs, visits):
+    """Procedures as builders.session writes a visit: one per technique used, a shared session-visit identifier,
+    the pain Observations once, partOf all of them."""
+    from fhir_massage.builders.session import SESSION_ID_SYSTEM, VISIT_ID_SYSTEM
+    by_tech = {next(c["code"] for c in sr["code"]["coding"] if c["system"].endswith("massage-technique")): sr
+               for sr in srs}
+    procs, obs = [], []
+    for vid, (day, techniques, status, pain) in visits.items():
+        start = NOW - timedelta(days=14 - day)
+        ids = []
+        for t in techniques:
+            pid = f"{vid}-{t}"
+            ids.append(pid)
+            proc = {"resourceType": "Procedure", "id": pid, "status": status,
+                    "identifier": [{"system": SESSION_ID_SYSTEM, "value": f"{vid}:{t}"},
+                                   {"system": VISIT_ID_SYSTEM, "value": vid}],
+                    "basedOn": [{"reference": f"ServiceRequest/{by_tech[t]['id']}"}],
+                    "performedPeriod": {"start": start.isoformat()}}
+            if status == "completed":
+                proc["performedPeriod"]["end"] = (start + timedelta(minutes=45 + len(techniques))).isoformat()
+            else:
+                proc["statusReason"] = {"text": "Patient cancelled: flu"}
+            procs.append(proc)
+        for which, v in zip(("before", "after"), pain or ()):
+            obs.append({"resourceType": "Observation", "id": f"{vid}-{which}", "status": "final",
+                        "code": {"coding": [{"system": "http://loinc.org", "code": "72514-3"}]},
+                        "partOf": [{"reference": f"Procedure/{pid}"} for pid in ids], "valueInteger": v,
+                        "note": [{"text": f"{which.capitalize()} the session"}]})
+    return procs, obs
+
+
+def test_plan_counts_visits_not_techniques_and_keeps_each_techniques_count():
+    d = draft(techniques=("swedish", "myofascial-release"), frequency=2, weeks=6)
+    srs = orders_of(d)
+    procs, obs = _visit_procs(srs, {
+        "v1": (1, ("swedish", "myofascial-release"), "completed", (7, 4)),
+        "v2": (4, ("swedish", "myofascial-release"), "completed", (6, 4)),
+        "v3": (8, ("swedish",), "completed", (5, 3)),
+        "v4": (11, ("myofascial-release",), "completed", (4, 2)),
+        "v5": (13, ("swedish", "myofascial-release"), "not-done", None),
+    })
+    rows = plan_rows(srs, [], procs, obs, today=TODAY)
+    (g,) = group_plans(srs, rows)
+    # 4 visits; the old "most documented technique" count said 3, per technique 3 and 3
+    assert (g.sessions_done, g.sessions_planned) == (4, 12)
+    assert sorted(r.sessions_done for r in g.rows) == [3, 3]
+    assert g.technique_visits == (("swedish", 3), ("myofascial-release", 3))
+    # adherence per plan: 4 visits of 2/week x 2 weeks = 4 expected by now
+    assert g.expected_sessions == pytest.approx(4.0) and g.adherence == pytest.approx(1.0)
+    # one pain point per visit even though each score is partOf two Procedures
+    assert [(p.before, p.after) for p in g.pain.points] == [(7, 4), (6, 4), (5, 3), (4, 2)]
+    assert g.pain.change == -3 and g.pain.clinically_important
+    # a not-done visit of two techniques is one not-done session
+    assert [n.reason for n in g.not_done] == ["Patient cancelled: flu"]
+    assert g.last_session == TODAY - timedelta(days=3)
+
+
+def test_a_lagging_technique_is_not_a_missed_session():
+    from fhir_massage.coordination import attention
+    d = draft(techniques=("swedish", "myofascial-release"), frequency=2, weeks=6)
+    srs = orders_of(d)
+    procs, obs = _visit_procs(srs, {f"v{i}": (day, ("swedish",) if i % 2 else ("swedish", "myofascial-release"),
+                                              "completed", None) for i, day in enumerate((1, 4, 8, 11))})
+    rows = plan_rows(srs, [], procs, obs, today=TODAY)
+    (g,) = group_plans(srs, rows)
+    assert g.adherence == pytest.approx(1.0) and g.technique_visits == (("swedish", 4), ("myofascial-release", 2))
+    assert not [r for a in attention(rows) for r in a.reasons if "adherence" in r.lower()]
 
 
 # --- sites ------------------------------------------------------------------------------------------------------
