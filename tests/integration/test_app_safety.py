@@ -292,6 +292,11 @@ def csrf_of(launch: Launch) -> str:
     raise AssertionError("no page of this launch carries a CSRF token")
 
 
+def versions(sb: SmartSandbox) -> int:
+    """Every FHIR write adds a history row in the sandbox: the count is the chart's version, across all resources."""
+    return sb.app.extensions[EXT]["store"].query("SELECT count(*) FROM history")[0][0]
+
+
 def _store_resource(sb: SmartSandbox, resource: dict[str, Any]) -> dict[str, Any]:
     service = sb.app.extensions[EXT]["service"]
     if resource.get("id"):
@@ -597,6 +602,7 @@ def test_state_changing_route_refuses_a_missing_or_wrong_csrf_token(world, endpo
     app = world.app.app
     rule = world_rule(world, endpoint, rule_text)
     problems = []
+    data_before = versions(world.a), versions(world.b)
     for method in unsafe_methods(rule):
         launch = launch_for(world, rule)
         url = build(world, rule, launch)
@@ -631,6 +637,8 @@ def test_state_changing_route_refuses_a_missing_or_wrong_csrf_token(world, endpo
             fhir = world.rec_a.fhir_writes(before_a) + world.rec_b.fhir_writes(before_b)
             if fhir:
                 problems.append(f"{method} {rule.rule} [{name}]: reached the EHR: {fhir}")
+    if (versions(world.a), versions(world.b)) != data_before:
+        problems.append(f"{rule.rule}: the sandbox's data changed during the refused requests")
     # the same request WITH the token gets past the CSRF check (else the refusals above prove nothing)
     launch = launch_for(world, rule)
     r = launch.browser.request(unsafe_methods(rule)[0], build(world, rule, launch), allow_redirects=False,
@@ -752,12 +760,15 @@ def test_no_get_route_writes_to_the_ehr(world):
     """A GET can be triggered cross-site (links, images, SameSite=Lax top-level navigations) and carries no CSRF
     token, so no GET may change the chart."""
     problems = []
+    data_before = versions(world.a)
     for rule, url, launch in all_get_urls(world):
         before = world.rec_a.mark()
         launch.browser.get(url, timeout=60)
         written = world.rec_a.fhir_writes(before)
         if written:
             problems.append(f"GET {rule} as {launch.user}: {[(s.method, s.path) for s in written]}")
+    if versions(world.a) != data_before:
+        problems.append("the sandbox's data changed while only GET requests were made")
     assert not problems, "\n".join(problems)
     # the recorder does see writes (else this proves nothing): the flow signed an order through a transaction
     assert any(s.writes for s in world.rec_a.seen)
