@@ -1156,6 +1156,48 @@ def test_the_cds_fuzz_reached_the_screen():
     assert sum(n > 0 for n in CDS_OUTCOMES) >= 3, sorted(CDS_OUTCOMES)
 
 
+@pytest.fixture(scope="module")
+def cds_cards(world, cds_access) -> tuple[str, list[str]]:
+    """(service id, card uuids) from a real order-sign call for the DVT patient."""
+    service = next(s for s in requests.get(f"{world.app.url}/cds-services", timeout=30).json()["services"]
+                   if s["hook"] == "order-sign")
+    body = {"hook": "order-sign", "hookInstance": str(uuid.uuid4()), "fhirServer": world.a.fhir_base,
+            "fhirAuthorization": {"access_token": cds_access, "token_type": "Bearer", "expires_in": 300,
+                                  "scope": "patient/*.rs", "subject": "cds"},
+            "context": {"patientId": FEIL, "userId": f"Practitioner/{PHYSICIAN}", "draftOrders": {
+                "resourceType": "Bundle", "type": "collection", "entry": [{"resource": _massage_draft()}]}}}
+    r = requests.post(f"{world.app.url}/cds-services/{service['id']}", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {cds_jwt(world, service['id'])}"})
+    assert r.status_code == 200, r.text[:500]
+    uuids = [c["uuid"] for c in r.json()["cards"] if c.get("uuid")]
+    assert uuids, r.text[:500]
+    return service["id"], uuids
+
+
+@settings(max_examples=50, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_cds_feedback_from_an_authenticated_ehr(world, cds_access, cds_cards, data):
+    service, uuids = cds_cards
+    auth = {"access_token": cds_access, "token_type": "Bearer", "expires_in": 300, "scope": "patient/*.rs",
+            "subject": "cds"}
+    item = data.draw(st.fixed_dictionaries({
+        "card": _or_junk(uuids[0]), "outcome": _or_junk("overridden") | st.just("accepted"),
+        "outcomeTimestamp": _or_junk("2026-11-28T06:00:00Z"),
+    }, optional={"overrideReason": _or_junk({"reason": {"code": "x", "system": "y"}, "userComment": "because"}),
+                 "acceptedSuggestions": _or_junk([{"id": "nope"}])}))
+    body = data.draw(st.fixed_dictionaries({"feedback": _or_junk([item])}, optional={
+        "fhirServer": st.just(world.a.fhir_base) | json_junk, "fhirAuthorization": st.just(auth) | json_junk}))
+    before_b = world.rec_b.mark()
+    r = requests.post(f"{world.app.url}/cds-services/{service}/feedback", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {cds_jwt(world, service + '/feedback')}"})
+    assert r.status_code < 500, (r.status_code, r.text[:500])
+    doc = r.json()
+    assert "feedback" in doc if r.status_code == 200 else doc.get("message"), doc
+    assert r.status_code != 401, doc
+    assert not world.rec_b.seen[before_b:]
+
+
 def test_cds_hooks_refuse_unauthenticated_garbage_in_words(world):
     problems = []
     for service in [s["id"] for s in requests.get(f"{world.app.url}/cds-services", timeout=30).json()["services"]]:
