@@ -36,7 +36,7 @@ from fhir_massage.builders.plan import ACTIONS, modify_order, order_status_updat
 from fhir_massage.chart_fetch import chart_searches
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
 from fhir_massage.errors import FhirConflict, FhirError, InvalidInput
-from fhir_massage.writes import PartialWrite
+from fhir_massage.writes import PartialWrite, batch_or_each
 from fhir_massage.fhir import FhirClient, FhirResult, batch_bundle, entry_outcomes, request_entry, resources, \
     transaction_bundle
 from fhir_massage.orders_model import LATERALITIES, Schedule, _sites, site_problem
@@ -203,6 +203,32 @@ def _outcome_words(items: list[dict[str, Any]]) -> list[str]:
             for i in o.get("issue") or [] if i.get("diagnostics")]
 
 
+def _missing_tasks(client: FhirClient, found: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The Tasks of orders that came back without one: a server may ignore ``_revinclude`` (optional,
+    search.html#revinclude), so look them up in one more search (``Task?focus=a,b``), and only then."""
+    focused = {co.ref_key(t.get("focus")) for t in found if t.get("resourceType") == "Task"}
+    missing = [f"ServiceRequest/{r.get('id')}" for r in found if r.get("resourceType") == "ServiceRequest"
+               and f"ServiceRequest/{r.get('id')}" not in focused]
+    if not missing:
+        return []
+    try:
+        return [t for t in client.search_all("Task", [("focus", ",".join(missing))]) if t.get("resourceType") == "Task"]
+    except FhirError as exc:
+        if exc.status == 401:
+            raise
+        return []  # no Task access or search: the plan shows the orders without their Tasks, as before
+
+
+def _unique(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen, out = set(), []
+    for r in items:
+        key = f"{r.get('resourceType')}/{r.get('id')}"
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def load(client: FhirClient, patient_id: str, *, with_chart: bool = True) -> PlanData:
     """Everything the plan view shows for one patient, with the number of round trips it took."""
     before = client.request_count
@@ -232,6 +258,9 @@ def load(client: FhirClient, patient_id: str, *, with_chart: bool = True) -> Pla
             data.tasks.append(res)
         elif rtype == "Procedure":
             data.procedures.append(res)
+    for res in _missing_tasks(client, data.service_requests + data.tasks):
+        if once(res):
+            data.tasks.append(res)
     data.observations = [o for o in raw.get("pain", []) if o.get("resourceType") == "Observation"]
     data.issues = [i for i in raw.get("issues", []) if i.get("resourceType") == "DetectedIssue"]
     for res in raw.get("messages", []):
@@ -358,8 +387,9 @@ def index() -> Any:
     cards, other, warnings, att = build_cards(data, today=now.date(), now=now, physician_refs=_physician_refs(),
                                               patient_ref=f"Patient/{ctx.patient_id}")
     done = request.args.get("done")
-    order_names = {r.order_ref: tech_names(r.techniques) for c in cards for r in c.group.rows}
-    several = len(order_names) > 1
+    # adherence, gaps and not-done are the plan's (counted in visits): label a reason with its plan
+    order_names = {r.order_ref: tech_names(c.group.techniques) for c in cards for r in c.group.rows}
+    several = len(cards) > 1
     # new findings have their own box at the top; the rest in attention order (coordination.attention)
     attention = [(order_names.get(a.order_ref or "") if several else None, reason) for a in att if a.score > 0
                  for reason in a.reasons if not reason.startswith("New finding")]
@@ -485,7 +515,7 @@ def _plan_orders(client: FhirClient, key: str) -> tuple[list[dict[str, Any]], di
     orders = [r for r in found if r.get("resourceType") == "ServiceRequest"
               and (pv.requisition_of(r) or f"ServiceRequest/{r.get('id')}") == key]
     tasks: dict[str, dict[str, Any]] = {}
-    for t in found:
+    for t in found + _missing_tasks(client, orders + [t for t in found if t.get("resourceType") == "Task"]):
         if t.get("resourceType") == "Task" and "fulfill" in {c.get("code") for c in codings(t.get("code"))}:
             k = co.ref_key(t.get("focus"))
             if k and t.get("status") not in ("entered-in-error",):
@@ -757,7 +787,7 @@ def load_panel(client: FhirClient, user_ref: str, *, today: date, now: datetime)
                                           ("_include", "ServiceRequest:subject"), ("_count", "200")])),
         ("messages", "Communication?" + _q([("recipient", user_ref), ("_count", "500")])),
     ]
-    answers = entry_outcomes(client.batch(batch_bundle([request_entry("GET", u) for _, u in first])))
+    answers = entry_outcomes(batch_or_each(client, batch_bundle([request_entry("GET", u) for _, u in first])))
     got: dict[str, list[dict[str, Any]]] = {}
     for (key, _), result in zip(first, answers):
         if isinstance(result, FhirError):
@@ -784,20 +814,23 @@ def load_panel(client: FhirClient, user_ref: str, *, today: date, now: datetime)
                 continue
             second.append((f"{pref}|{key}", url))
     per: dict[str, dict[str, list[dict[str, Any]]]] = {p: {} for p in by_patient}
-    answers = entry_outcomes(client.batch(batch_bundle([request_entry("GET", u) for _, u in second])))
+    answers = entry_outcomes(batch_or_each(client, batch_bundle([request_entry("GET", u) for _, u in second])))
     for (key, _), result in zip(second, answers):
         pref, _, what = key.partition("|")
         if isinstance(result, FhirResult) and isinstance(result.resource, dict):
             per[pref][what] = _pages(client, result.resource, what, [])
         else:
             per[pref][what] = [_outcome(what, result if isinstance(result, Exception) else Exception("?"))]
+    found = found + _missing_tasks(client, found)
     others = [r for r in found if r.get("resourceType") in ("Task", "Procedure")]
     messages = [m for m in got.get("messages", []) if m.get("resourceType") == "Communication"]
     out = []
     for pref, srs in by_patient.items():
         data = PlanData(patient=patients.get(pref), service_requests=srs,
                         tasks=[t for t in others if t["resourceType"] == "Task"],
-                        procedures=[p for p in others if p["resourceType"] == "Procedure"],
+                        procedures=_unique([p for p in others if p["resourceType"] == "Procedure"]
+                                           + [p for p in per[pref].get("chart:Procedure", [])
+                                              if p.get("resourceType") == "Procedure"]),
                         observations=[o for o in per[pref].get("pain", []) if o.get("resourceType") == "Observation"],
                         issues=[i for i in per[pref].get("issues", []) if i.get("resourceType") == "DetectedIssue"],
                         communications=[m for m in messages if co.ref_key(m.get("subject")) == pref])
@@ -806,8 +839,7 @@ def load_panel(client: FhirClient, user_ref: str, *, today: date, now: datetime)
         cards, _other, _w, att = build_cards(data, today=today, now=now, physician_refs=[user_ref],
                                              patient_ref=pref)
         reasons = [r for a in att for r in a.reasons]
-        rows = [r for c in cards for r in c.group.rows]
-        adh = [r.adherence for r in rows if r.adherence is not None]
+        adh = [c.group.adherence for c in cards if c.group.adherence is not None]  # per plan, in visits
         lasts = [c.group.last_session for c in cards if c.group.last_session]
         out.append(PanelPatient(pref, identity.human_name(data.patient) or pref, sum(a.score for a in att), reasons,
                                 len(cards), sum(c.group.sessions_done for c in cards),

@@ -325,3 +325,43 @@ def test_record_a_new_finding_then_mark_it_reviewed(sandbox, w, make_app_server)
     # a stale review form (someone changed the finding since) is refused, nothing overwritten
     r = post(browser, app, review, mitigation="again")
     assert r.status_code == 409 and len(w.read("DetectedIssue", written[0]["id"])["mitigation"]) == 1
+
+
+def test_a_plan_of_two_techniques_counts_visits_once(sandbox, w, make_app_server):
+    """One visit note for swedish + myofascial release writes two Procedures; the physician sees one session, and
+    each technique's share of the visits (the second visit gave swedish only)."""
+    from fhir_massage.builders.session import VisitNote, VisitOrder, visit_transaction
+    from tests.integration.test_plan_helpers import default_site
+
+    patient = "95efed54-0648-4faf-a179-9a2b3c45e92d"  # Suzi Bechtelar: this module's only plan for her
+    plan = sign_order(w, patient, techniques=("swedish", "myofascial-release"), frequency=2, weeks=4,
+                      authored=NOW - timedelta(days=14))
+    orders, tasks = [], {}
+    for o in plan.orders:
+        technique = next(c["code"] for c in o["code"]["coding"] if c["system"].endswith("massage-technique"))
+        task = w.search_all("Task", {"focus": f"ServiceRequest/{o['id']}"})[0]
+        orders.append(VisitOrder(technique, f"ServiceRequest/{o['id']}", f"Task/{task['id']}"))
+    for i, (techniques, pain) in enumerate([(("swedish", "myofascial-release"), (7, 4)),
+                                            (("swedish", "myofascial-release"), (6, 3)),
+                                            (("swedish",), (5, 3))]):
+        tasks = {o.task_ref: w.read("Task", o.task_ref.split("/")[1]) for o in orders}
+        start = NOW - timedelta(days=12 - 4 * i)
+        note = VisitNote(draft_id=f"visit-{plan.draft_id}-{i}", orders=tuple(orders), patient_ref=f"Patient/{patient}",
+                         performer_ref=LMT_REF, start=start, end=start + timedelta(minutes=45),
+                         techniques=techniques, sites=(default_site(),), pain_before=pain[0], pain_after=pain[1])
+        w.transaction(visit_transaction(note, tasks, start + timedelta(hours=1)))
+
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, patient)
+    html = browser.get(url, timeout=30).text
+    assert re.search(r'data-testid="sessions-done">3 of 8<', html)  # 3 visits, not 5 Procedures nor "max 3"
+    # 3 visits in 2 weeks against 2/week = 4 expected: 75 % for the plan
+    assert re.search(r'data-testid="adherence"><span class="adh adh--mid">75%</span>', html)
+    done = dict(re.findall(r'<th scope="row">([^<]+)</th>\s*<td>.*?</td>\s*<td data-testid="technique-done">([^<]+)<',
+                           html, re.S))
+    assert done == {"Swedish massage": "in 3 of 3 visits", "Myofascial release": "in 2 of 3 visits"}, done
+    table = re.search(r'data-testid="pain-table">(.*?)</table>', html, re.S).group(1)
+    assert len(re.findall(r'<tr><th scope="row">', table)) == 3  # one pain point per visit
+    # attention speaks of the plan's visits, once: not of myofascial release's 2 Procedures
+    assert html.count("Adherence below plan: 3 sessions, 4 expected by now") == 1
+    assert "2 sessions, 4 expected" not in html and "Low adherence" not in html
