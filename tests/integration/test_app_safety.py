@@ -639,6 +639,12 @@ def test_state_changing_route_refuses_a_missing_or_wrong_csrf_token(world, endpo
                 problems.append(f"{method} {rule.rule} [{name}]: reached the EHR: {fhir}")
     if (versions(world.a), versions(world.b)) != data_before:
         problems.append(f"{rule.rule}: the sandbox's data changed during the refused requests")
+    # a page of another site cannot get a preflight through to send the X-CSRF-Token header with the cookie
+    pre = requests.options(build(world, rule), timeout=30, headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": unsafe_methods(rule)[0],
+        "Access-Control-Request-Headers": "x-csrf-token"})
+    if pre.headers.get("Access-Control-Allow-Origin") or pre.headers.get("Access-Control-Allow-Credentials"):
+        problems.append(f"{rule.rule}: a CORS preflight from another site is allowed")
     # the same request WITH the token gets past the CSRF check (else the refusals above prove nothing)
     launch = launch_for(world, rule)
     r = launch.browser.request(unsafe_methods(rule)[0], build(world, rule, launch), allow_redirects=False,
@@ -700,6 +706,9 @@ def header_problems(world: World, what: str, resp: requests.Response) -> list[st
         problems.append(f"{what}: script-src allows {scripts}")
     if "script-src" not in directives and "default-src" not in directives:
         problems.append(f"{what}: CSP restricts no scripts")
+    if "/p/" in urlsplit(resp.url).path and any(k.lower().startswith("access-control-allow") for k in h):
+        # a launch page readable cross-origin would hand its CSRF token (and the chart) to any site
+        problems.append(f"{what}: CORS headers on a launch page")
     if h.get("X-Content-Type-Options", "").lower() != "nosniff":
         problems.append(f"{what}: X-Content-Type-Options {h.get('X-Content-Type-Options')!r}")
     if h.get("Referrer-Policy", "").lower() not in ("no-referrer", "same-origin", "strict-origin"):
