@@ -1342,6 +1342,13 @@ def test_tokens_of_ehr_a_never_reach_ehr_b(world):
 
 def test_a_paging_link_to_another_server_gets_no_token(world):
     """EHR A answers every searchset with a `next` link on EHR B: the app must not follow it with A's token."""
+    # references to B inside A's data too: a message whose sender and a Condition whose evidence live on B
+    _store_resource(world.a, {
+        "resourceType": "Communication", "status": "completed", "subject": {"reference": f"Patient/{FEIL}"},
+        "basedOn": [{"reference": f"ServiceRequest/{world.order_id}"}], "sent": f"{date.today()}T09:00:00Z",
+        "sender": {"reference": f"{world.b.fhir_base}/Practitioner/{PHYSICIAN}"},
+        "recipient": [{"reference": f"{world.b.fhir_base}/Practitioner/{THERAPIST}"}],
+        "payload": [{"contentString": "From another server"}]})
     launch = world.launch(PHYSICIAN)
     before = len(world.rec_b.seen)
     world.rec_a.foreign_next = world.b.fhir_base
