@@ -95,31 +95,51 @@ RESOURCE_NEEDS: tuple[ResourceNeed, ...] = (
                  "sessions cannot be documented in the EHR"),
     ResourceNeed("ServiceRequest", WRITE, ("patient", "status"), True, "the physician's massage order",
                  "the app cannot place orders"),
+    # The "without" texts say what the app really does (smart_app/orders.py NEEDED_WRITES: signing writes the order,
+    # its Task, its findings and a Provenance together and is not offered without create permission for all four).
     ResourceNeed("DetectedIssue", ("read", "search-type", "create"), ("patient",), False,
                  "screening findings are saved with the order",
-                 "screening findings cannot be saved in the EHR; they show in the app only"),
+                 "the app cannot sign orders here: it saves the screening findings with every order and does not "
+                 "sign one without them (ordering is offered only with DetectedIssue create permission)"),
     ResourceNeed("Task", WRITE, ("patient", "focus", "status"), False, "hand-off of an order to a therapist",
-                 "hand-offs cannot be tracked as Tasks in the EHR"),
+                 "the app cannot sign orders here (each order is written with its fulfilment Task), and sessions "
+                 "cannot be counted against an order that has no Task"),
     ResourceNeed("Communication", ("read", "search-type", "create"), ("patient", "based-on"), False,
                  "messages between therapist and physician about an order",
-                 "therapist-physician messages are not stored in the EHR"),
+                 "therapist and physician cannot message each other through the app (sending is refused with a "
+                 "plain message)"),
     ResourceNeed("Provenance", ("read", "search-type", "create"), ("target",), False,
                  "who wrote an order or a session note, and from which screening",
-                 "no separate Provenance records; the resources' own requester/performer still say who"),
-    ResourceNeed("CarePlan", READ, ("patient",), False, "the plan view shows the physician's care plans",
-                 "the plan view cannot show care plans"),
+                 "the app cannot sign orders or save session notes here: it writes a Provenance with each of them "
+                 "and does not write them without it"),
+    ResourceNeed("CarePlan", READ, ("patient",), False,
+                 "asked for in the app's scopes (patient/CarePlan.rs) for a care-plan view; no page reads it yet",
+                 "nothing the app does today is lost"),
     ResourceNeed("Practitioner", ("read",), (), False, "names of the ordering physician and the therapist",
                  "people are shown by reference instead of by name"),
     ResourceNeed("PractitionerRole", ("read",), (), False, "the user's role (physician or therapist)",
-                 "the app cannot tell a physician from a therapist from the EHR and has to ask"),
+                 "the app tells a physician from a therapist by the Practitioner's qualification where it can, and "
+                 "otherwise asks the user"),
 )
 
 WRITE_TYPES = ("ServiceRequest", "Procedure", "Task")
-# Searches whose _include/_revinclude would save round trips (search.html#include).
-INCLUDES = (("ServiceRequest", "_revinclude", "Procedure:based-on"),
-            ("ServiceRequest", "_revinclude", "Task:focus"),
-            ("ServiceRequest", "_revinclude", "DetectedIssue:implicated"),
-            ("MedicationRequest", "_include", "MedicationRequest:medication"))
+# The _include/_revinclude the app's searches send (search.html#include; smart_app/sessions.py and plan.py), and
+# what the app does where the server ignores one (both are optional for servers).
+INCLUDES = (("ServiceRequest", "_revinclude", "Task:focus"),
+            ("ServiceRequest", "_revinclude", "Procedure:based-on"),
+            ("ServiceRequest", "_include", "ServiceRequest:requester"),
+            ("ServiceRequest", "_include", "ServiceRequest:subject"),
+            ("Communication", "_include", "Communication:sender"))
+INCLUDE_EFFECT = {
+    "Task:focus": "the orders' Tasks are found with one more search (Task?focus=...): same content, one more "
+                  "round trip",
+    "Procedure:based-on": "the plan takes the sessions from the patient's Procedure search it makes anyway: same "
+                          "content",
+    "ServiceRequest:requester": "the worklist names the ordering physician only where the order carries a display "
+                                "name",
+    "ServiceRequest:subject": "the physician's panel lists patients by reference instead of by name",
+    "Communication:sender": "messages show their sender by reference instead of by name",
+}
 # The searches one screen needs when fhir_massage.chart_fetch is not available (the chart reader's inputs).
 SCREEN_SEARCHES: tuple[tuple[str, dict[str, str]], ...] = (
     ("Condition", {}), ("Observation", {"category": "vital-signs"}), ("Observation", {"category": "laboratory"}),
@@ -298,10 +318,11 @@ def _smart_checks(b: _Builder, obs: Observations) -> smart.SmartConfiguration | 
                                  "remains, and the user has to pick the patient again.")
     cap_check("smart.launch-standalone", "launch-standalone", "Standalone launch",
               "The app can also be started on its own and ask for a patient (launch-standalone).",
-              "No standalone launch: the app's own start page cannot sign in; it only works when opened from the "
-              "EHR.",
+              "No standalone launch: the app's own start page still sends users to this EHR's sign-in, which is "
+              "expected to refuse; the app then shows the EHR's refusal. It works when opened from a chart.",
               "Is the standalone launch (launch-standalone with launch/patient) available for provider apps?",
-              degrade="The app's start page cannot sign in; it only works when opened from the EHR.")
+              degrade="Starting the app from its own start page is expected to be refused by this EHR (the app "
+                      "shows the refusal in plain words); users open it from a patient's chart.")
     cap_check("smart.context-ehr-patient", "context-ehr-patient", "Patient context on EHR launch",
               "An EHR launch hands the app the chart's patient (context-ehr-patient).",
               "The server does not say it hands the patient in context at an EHR launch; without it the app "
@@ -380,8 +401,9 @@ def _smart_checks(b: _Builder, obs: Observations) -> smart.SmartConfiguration | 
               "No sso-openid-connect: the app cannot learn who the user is from the EHR, so it cannot fill in the "
               "ordering physician or the performing therapist by itself.",
               "Do you issue an OpenID Connect id_token with the fhirUser claim (scopes openid fhirUser)?",
-              degrade="Orders and session notes cannot be attributed to the signed-in user from the EHR "
-                      "sign-in.")
+              degrade="The app does not know who is signed in: it never writes an order or a session note "
+                      "without its author, so ordering, documenting and changing orders are refused with a plain "
+                      "message; reading the plan still works, and the user is asked for their role.")
     if "permission-online" in caps:
         b.add(g, "smart.refresh", OK, "Staying signed in",
               "online_access is supported: the app refreshes its token while the user's EHR session lasts.")
@@ -394,8 +416,9 @@ def _smart_checks(b: _Builder, obs: Observations) -> smart.SmartConfiguration | 
               "hour) the user has to open the app again from the chart." if known else
               "Unknown (no SMART configuration document): refresh tokens may not be issued.",
               "Do you issue refresh tokens for online_access (or offline_access) to provider apps?")
-        b.degrade("refresh", "smart.refresh", "Sessions end when the access token expires; the user opens the app "
-                                              "again from the chart.")
+        b.degrade("refresh", "smart.refresh", "Sessions end when the access token expires (the app says so); the "
+                                              "user opens the app again from the chart. A session note being "
+                                              "written is kept as a draft on the app's server and comes back then.")
     return config
 
 
@@ -456,20 +479,27 @@ def _fhir_checks(b: _Builder, obs: Observations) -> dict[str, Any] | None:
               "together, all or nothing (http.html#transaction).")
     else:
         b.add(g, "fhir.transaction", WARN, "Transactions",
-              "No transaction support: the app writes the order first and its findings after, so a failure in "
-              "between can leave an order without its findings record.",
+              "No transaction support: the app writes each order, session note and plan change entry by entry "
+              "(the order or the session first, then its findings or pain scores, the Task and the Provenance), "
+              "each create conditional (If-None-Exist) and each update with If-Match. A failure half way leaves "
+              "what was already saved; the app says what was saved and what was not.",
               "Do you support FHIR transaction Bundles (POST [base] with Bundle.type = transaction)?")
         b.degrade("no-transaction", "fhir.transaction",
-                  "The app writes the order first and its findings after, and says so in the UI; if the second "
-                  "write fails, the order stands and the user is told the findings were not saved.")
+                  "Writes are not all-or-nothing: signing saves the order first, then its findings, then links the "
+                  "order to them, and the confirmation page says so. If a later write fails, the page says what was "
+                  "saved and what was not, the draft is kept, and signing again (or 'Try again' for a session note) "
+                  "writes only what is missing; conditional creates match what landed. A plan change that fails "
+                  "after an order was updated says which changes were saved and is not retried by itself.")
     if "batch" in system:
         b.add(g, "fhir.batch", OK, "Batch", "batch is supported: the chart can be read in one round trip.")
     else:
         b.add(g, "fhir.batch", WARN, "Batch",
-              "No batch support: the chart is read with one search per resource type (several round trips).",
+              "No batch support: every page reads with one request per search instead of one batch (several "
+              "round trips).",
               "Do you support FHIR batch Bundles for reads (GET entries)?")
-        b.degrade("no-batch", "fhir.batch", "Opening a patient takes several searches instead of one request, so the "
-                                            "first screen is slower.")
+        b.degrade("no-batch", "fhir.batch", "Every page (the screen, the order, the worklist, the plan) reads with "
+                                            "one request per search instead of one batch: the same content, more "
+                                            "round trips, so pages open more slowly.")
 
     writes = [by_type.get(t) for t in WRITE_TYPES if by_type.get(t)]
     cc_missing = [t for t in ("ServiceRequest", "Procedure")
@@ -481,12 +511,16 @@ def _fhir_checks(b: _Builder, obs: Observations) -> dict[str, Any] | None:
     else:
         missing = ", ".join(cc_missing or [t for t in ("ServiceRequest", "Procedure") if not by_type.get(t)])
         b.add(g, "fhir.conditional-create", WARN, "Conditional create",
-              f"conditionalCreate is not declared for {missing}: after a lost answer the app cannot safely retry a "
-              "write, so it does not retry and asks the user to check the chart.",
+              f"conditionalCreate is not declared for {missing}: the app still sends If-None-Exist with every create "
+              "and relies on it when it repeats a create whose answer was lost (the client does so by itself; "
+              "'Sign' and 'Try again' send the same writes again). A server that ignores If-None-Exist saves a "
+              "second copy each time.",
               "Do you support conditional create (If-None-Exist) for ServiceRequest and Procedure?")
         b.degrade("no-conditional-create", "fhir.conditional-create",
-                  "A write whose answer was lost is not retried (the client retries a create only with "
-                  "If-None-Exist), so a network hiccup can show as an error although the write was saved.")
+                  "A repeated write may be saved twice: after a lost answer or a failed attempt the app sends the "
+                  "create again (marked If-None-Exist, which this server may ignore), so the chart can hold a "
+                  "duplicate order, note or finding to remove by hand. Where the EHR takes transactions, an order "
+                  "is first looked up by its identifier before it is signed again.")
     versioning = {r.get("type"): r.get("versioning") for r in writes}
     weak = sorted(t for t, v in versioning.items() if v != "versioned-update")
     hints = []
@@ -511,8 +545,9 @@ def _fhir_checks(b: _Builder, obs: Observations) -> dict[str, Any] | None:
               "edit the same order or Task the last save wins." + hint_text,
               "Do you enforce If-Match (versioned-update) on ServiceRequest, Procedure and Task updates?")
         b.degrade("no-if-match", "fhir.if-match",
-                  "Two people editing the same order or Task at once: the later save overwrites the earlier one "
-                  "without a warning.")
+                  "Two people editing the same order or Task at once: the app still sends If-Match, but a server "
+                  "that ignores it lets the later save overwrite the earlier one without a warning (the app's "
+                  "conflict page appears only when the EHR answers 412).")
     missing_inc = []
     for rtype, kind, value in INCLUDES:
         declared = (by_type.get(rtype) or {}).get("searchRevInclude" if kind == "_revinclude" else "searchInclude")
@@ -521,14 +556,16 @@ def _fhir_checks(b: _Builder, obs: Observations) -> dict[str, Any] | None:
             missing_inc.append(f"{kind}={value}")
     if not missing_inc:
         b.add(g, "fhir.include", OK, "_include / _revinclude",
-              "The includes the app uses are declared: an order comes back with its sessions, Tasks and findings "
-              "in one search.")
+              "The includes the app uses are declared: an order comes back with its Tasks and sessions, and "
+              "orders and messages with the people they name, in one search.")
     else:
+        effects = [f"{kind}={value}: {INCLUDE_EFFECT[value]}" for _, kind, value in INCLUDES
+                   if f"{kind}={value}" in missing_inc]
         b.add(g, "fhir.include", WARN, "_include / _revinclude",
-              f"Not declared: {', '.join(missing_inc)}. The app then fetches those with separate searches.",
+              f"Not declared: {', '.join(missing_inc)}. Where the server ignores them: " + "; ".join(effects) + ".",
               "Do you support " + ", ".join(missing_inc) + "?")
-        b.degrade("no-include", "fhir.include", "Pages that would use "
-                  + ", ".join(missing_inc) + " take extra searches instead (slower, same content).")
+        b.degrade("no-include", "fhir.include", "Where this server ignores the app's includes: "
+                  + "; ".join(effects) + ".")
     return rest
 
 

@@ -38,8 +38,8 @@ from typing import Any, Callable, Mapping
 from .errors import FhirError, InvalidInput
 from .fhir import FhirClient, FhirResult, entry_outcomes
 
-__all__ = ["CapabilityCache", "EntryNotWritten", "PartialWrite", "WriteOutcome", "raise_conflict", "saved_words",
-           "supports_transactions", "write_bundle"]
+__all__ = ["CapabilityCache", "EntryNotWritten", "PartialWrite", "WriteOutcome", "batch_or_each", "raise_conflict",
+           "saved_words", "supports_transactions", "write_bundle"]
 
 # What a server says when it does not do transactions at all (R4 http.html#transaction: a server that does not
 # support them answers the POST with an error; 501 Not Implemented and 405 are the usual ones).
@@ -439,3 +439,39 @@ def _link(client: FhirClient, entry: Mapping[str, Any], result: FhirResult, keys
         stored[k] = original[k]
     version = (stored.get("meta") or {}).get("versionId") or result.version_id
     return client.update(stored, if_match=str(version) if version else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reads: a batch of GETs, or the same GETs one by one where the EHR takes no batch
+
+
+def batch_or_each(client: FhirClient, bundle_or_entries: Any) -> dict[str, Any]:
+    """``client.batch`` for a batch of GET entries; where the server refuses the batch itself (batch is optional,
+    http.html#transaction: 400/404/405/415/422/501/500, anything but an auth refusal or a busy/unreachable server),
+    the same GETs one by one. Either way the answer is a batch-response Bundle, so ``entry_outcomes`` reads it the
+    same: a failed GET is an entry with its status and OperationOutcome. 401/403 are raised as the batch's."""
+    from .fhir import batch_bundle
+
+    bundle = dict(bundle_or_entries) if isinstance(bundle_or_entries, Mapping) else batch_bundle(bundle_or_entries)
+    try:
+        return client.batch(bundle)
+    except FhirError as exc:
+        if exc.status in (401, 403) or exc.retryable or exc.status is None:
+            raise
+    out = []
+    for entry in bundle.get("entry") or []:
+        request = entry.get("request") or {}
+        if str(request.get("method") or "").upper() != "GET":
+            raise InvalidInput("batch_or_each only repeats GET entries one by one.")
+        try:
+            body = client.get_url(str(request.get("url") or ""))
+        except FhirError as exc:
+            if exc.status in (401, 403):
+                raise
+            answer: dict[str, Any] = {"status": str(exc.status or 502)}
+            outcome = exc.outcome or {"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "exception", "diagnostics": exc.message}]}
+            out.append({"response": {**answer, "outcome": outcome}})
+            continue
+        out.append({"resource": body, "response": {"status": "200 OK"}})
+    return {"resourceType": "Bundle", "type": "batch-response", "entry": out}

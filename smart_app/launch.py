@@ -33,6 +33,7 @@ from flask import Blueprint, Response, abort, current_app, g, redirect, render_t
 from fhir_massage import smart
 from fhir_massage.errors import FhirError, LaunchError
 from fhir_massage.fhir import FhirClient, entry_outcomes, request_entry
+from fhir_massage.writes import batch_or_each
 
 from . import identity
 from .security import browser_fingerprint, browser_id
@@ -506,7 +507,7 @@ def _landing_reads(client: FhirClient, patient_id: str | None, user_ref: str | N
     if not entries:
         return None, None, []
     try:
-        answer = client.batch([e for _, e in entries])
+        answer = batch_or_each(client, [e for _, e in entries])  # an EHR without batch: one GET each
         results = entry_outcomes(answer)
         bodies = [a.get("resource") for a in answer.get("entry") or []]
     except FhirError as exc:

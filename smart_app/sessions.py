@@ -58,7 +58,7 @@ from fhir_massage.fhir import FhirResult, batch_bundle, entry_outcomes, request_
 from fhir_massage.knowledge import load_kb
 from fhir_massage.orders_model import LATERALITIES, PRESSURES, is_lateralizable, parse_site
 from fhir_massage.plan_view import requisition_of
-from fhir_massage.writes import PartialWrite, raise_conflict
+from fhir_massage.writes import PartialWrite, batch_or_each, raise_conflict
 
 from . import errors, identity, writes
 from .drafts import DraftAlreadyWritten, DraftError, DraftKey, DraftStore, is_draft_id, new_draft_id
@@ -852,7 +852,7 @@ def load_order_page(client: Any, patient_id: str, order_id: str, *, with_chart: 
     if with_chart:
         entries.append(request_entry("GET", f"Patient/{patient_id}"))
         entries += [request_entry("GET", f"{rtype}?{urlencode(params)}") for rtype, params in searches]
-    answer = client.batch(batch_bundle(entries))
+    answer = batch_or_each(client, batch_bundle(entries))  # an EHR without batch: the same GETs one by one
     outcomes = entry_outcomes(answer)
     data = PageData()
     found = _searchset(outcomes[0]) if outcomes else None
@@ -954,7 +954,7 @@ def index() -> Any:
     ctx: LaunchContext = g.ctx
     patient_id = _patient(ctx)
     p = ("patient", patient_id)
-    answer = fhir_client().batch(batch_bundle([
+    answer = batch_or_each(fhir_client(), batch_bundle([
         request_entry("GET", "ServiceRequest?" + urlencode([p, ("status", "active"), ("_revinclude", "Task:focus"),
                                                             ("_include", "ServiceRequest:requester"),
                                                             ("_count", "100")])),

@@ -41,9 +41,10 @@ def _resource(rtype: str, search: tuple[str, ...] = ()) -> dict:
         "conditionalCreate": True,
         "searchParam": [{"name": n, "type": "token"} for n in ("_id", "patient", "category", "status", "based-on",
                                                                 "focus", "target", *search)],
-        "searchInclude": ["MedicationRequest:medication"] if rtype == "MedicationRequest" else [],
-        "searchRevInclude": ["Procedure:based-on", "Task:focus", "DetectedIssue:implicated"]
-        if rtype == "ServiceRequest" else [],
+        # the includes the app sends (readiness.INCLUDES)
+        "searchInclude": {"ServiceRequest": ["ServiceRequest:requester", "ServiceRequest:subject"],
+                          "Communication": ["Communication:sender"]}.get(rtype, []),
+        "searchRevInclude": ["Procedure:based-on", "Task:focus"] if rtype == "ServiceRequest" else [],
     }
 
 
@@ -225,7 +226,8 @@ def test_no_transaction_says_what_the_app_does_instead() -> None:
     report = build_report(o)
     assert statuses(report)["fhir.transaction"] == WARN
     effect = next(d for d in report.degradations if d.id == "no-transaction").effect
-    assert "order first" in effect and "findings after" in effect
+    assert "saves the order first, then its findings, then links the order to them" in effect
+    assert "signing again (or 'Try again' for a session note) writes only what is missing" in effect
 
 
 def test_no_batch_degrades() -> None:
@@ -297,7 +299,8 @@ def test_wildcard_include_counts() -> None:
         r["searchInclude"] = []
     report = build_report(o)
     check = next(c for c in report.checks if c.id == "fhir.include")
-    assert check.status == WARN and "MedicationRequest:medication" in check.detail
+    assert check.status == WARN and "_include=Communication:sender" in check.detail
+    assert "messages show their sender by reference" in check.detail
 
 
 def test_metadata_not_a_capability_statement_fails() -> None:
