@@ -40,7 +40,7 @@ __all__ = [
     "FeedbackItem", "discovery", "prefetch_templates", "prefetch_queries", "parse_hook_request", "massage_orders",
     "prefetch_resources", "build_cards", "needs_review_card", "parse_feedback", "override_mitigation", "md_escape",
     "code_span", "parse_fhir_access", "finding_from_json",
-    "summary_for", "order_sites",
+    "summary_for", "order_sites", "resolves", "CLEARANCE_LABEL", "AppContext", "app_context", "parse_app_context",
 ]
 
 SOURCE_LABEL = "fhir-massage contraindication screen"
@@ -613,6 +613,10 @@ def _detail(finding: Any, order: MassageOrder, kb: KnowledgeBase, fetched_note: 
         if order.site_notes:
             note += " (not recognised: " + md_escape("; ".join(order.site_notes)) + ")"
         lines.append(note)
+        if fsites:
+            # no suggestion can leave out a site of an order that names none: say what would clear the card
+            lines.append("- To treat elsewhere, name the body sites in the order (without the affected area); "
+                         "the screen then checks them")
     details = getattr(finding, "details", None) or ()
     shown: set[str] = set()
     if isinstance(details, Mapping):
@@ -645,26 +649,39 @@ def _detail(finding: Any, order: MassageOrder, kb: KnowledgeBase, fetched_note: 
     return "\n".join(lines)
 
 
-def _technique_code(resource: dict[str, Any], techniques: Sequence[str], sites_text: str | None) -> dict[str, Any]:
+def _technique_code(resource: Mapping[str, Any], techniques: Sequence[str]) -> dict[str, Any]:
+    """``code`` for ``techniques``: CPT codings (codes.TECHNIQUE_CPT), our technique codings, other codings kept.
+    The text is rebuilt afterwards (``_retext``) from the whole updated resource."""
     cpts: list[str] = []
     for t in techniques:
         cpt = C.TECHNIQUE_CPT[t][0]
         if cpt not in cpts:
             cpts.append(cpt)
-    what = " + ".join(C.TECHNIQUE_DISPLAY[t] for t in techniques)
     old = resource.get("code") if isinstance(resource.get("code"), dict) else {}
     other = [c for c in C.codings(old) if c.get("system") not in (C.CPT, C.TECHNIQUE_SYSTEM)]
     return {"coding": [C.coding(C.CPT, c, C.CPT_DISPLAY.get(c)) for c in cpts]
-            + [C.coding(C.TECHNIQUE_SYSTEM, t, C.TECHNIQUE_DISPLAY[t]) for t in techniques] + other,
-            "text": f"{what}: {sites_text}" if sites_text else what}
+            + [C.coding(C.TECHNIQUE_SYSTEM, t, C.TECHNIQUE_DISPLAY[t]) for t in techniques] + other}
+
+
+def _is_detail(d: Any, code_prefix: str) -> bool:
+    return isinstance(d, dict) and any(c.get("system") == C.ORDER_DETAIL_SYSTEM
+                                       and str(c.get("code", "")).startswith(code_prefix) for c in C.codings(d))
 
 
 def _with_pressure(resource: dict[str, Any], pressure: str) -> dict[str, Any]:
-    details = [d for d in (resource.get("orderDetail") or []) if not (isinstance(d, dict) and any(
-        c.get("system") == C.ORDER_DETAIL_SYSTEM and str(c.get("code", "")).startswith("pressure-")
-        for c in C.codings(d)))]
+    """Replace the order's pressure detail (builders.order.order_details: ``pressure-<level>``, text "<Level>
+    pressure[: note]"); the physician's note after the colon is kept."""
     label = f"{pressure.capitalize()} pressure"
-    details.append({"coding": [C.coding(C.ORDER_DETAIL_SYSTEM, f"pressure-{pressure}", label)], "text": label})
+    text = label
+    details = []
+    for d in resource.get("orderDetail") or []:
+        if _is_detail(d, "pressure-"):
+            old = str(d.get("text") or "")
+            if ":" in old and old.split(":", 1)[1].strip():
+                text = f"{label}: {old.split(':', 1)[1].strip()}"
+            continue
+        details.append(d)
+    details.append({"coding": [C.coding(C.ORDER_DETAIL_SYSTEM, f"pressure-{pressure}", label)], "text": text})
     resource["orderDetail"] = details
     return resource
 
@@ -676,8 +693,90 @@ def _order_sites_text(resource: Mapping[str, Any]) -> str | None:
     return "; ".join(texts) or None
 
 
+PRECAUTIONS_PREFIX = "Precautions: "  # builders.order.precautions_text: the order details other than the schedule
+
+
+def _retext(resource: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild the human-readable text of an updated order from its content, so that no text still names a site
+    or technique that was taken out: ``code.text`` ("<techniques>: <sites>", as builders.order.code_text and the
+    sandbox's order entry write it; CPT displays when the order names no technique) and the app's
+    "Precautions: ..." note (builders.order.precautions_text, from the order details). The schedule texts
+    (``occurrenceTiming.code.text``, the schedule orderDetail) and each ``bodySite.text`` describe content a
+    suggestion never changes, so they stay as they are."""
+    code = resource.get("code")
+    if isinstance(code, dict):
+        techs = [str(c["code"]) for c in C.codings(code) if c.get("system") == C.TECHNIQUE_SYSTEM
+                 and c.get("code") in C.TECHNIQUE_DISPLAY]
+        if techs:
+            what = " + ".join(C.TECHNIQUE_DISPLAY[t] for t in dict.fromkeys(techs))
+        else:
+            what = " + ".join(dict.fromkeys(
+                str(C.CPT_DISPLAY.get(str(c.get("code"))) or c.get("display") or f"CPT {c.get('code')}")
+                for c in C.codings(code) if c.get("system") == C.CPT))
+        if what:
+            where = _order_sites_text(resource)
+            code["text"] = f"{what}: {where}" if where else what
+    notes = resource.get("note")
+    if isinstance(notes, list):
+        parts = [str(d["text"]) for d in resource.get("orderDetail") or []
+                 if isinstance(d, dict) and d.get("text") and not _is_detail(d, "schedule")]
+        out = []
+        for n in notes:
+            if isinstance(n, dict) and str(n.get("text") or "").startswith(PRECAUTIONS_PREFIX):
+                if not parts:
+                    continue  # nothing left to take care of: the note would be empty
+                n = {**n, "text": PRECAUTIONS_PREFIX + "; ".join(parts) + "."}
+            out.append(n)
+        if out:
+            resource["note"] = out
+        else:
+            resource.pop("note", None)
+    return resource
+
+
+def _concept_site(concept: Mapping[str, Any], kb: KnowledgeBase) -> str | None:
+    sites, _notes = order_sites({"bodySite": [concept]}, kb)
+    return sites[0] if sites else None
+
+
+def _drop_body_structures(resource: dict[str, Any], dropped_texts: set[str]) -> None:
+    # builders.order.target_body_structures: one extension per lateral site, its display = the site's text. A
+    # site taken out of bodySite must not stay targeted through its BodyStructure.
+    ext = resource.get("extension")
+    if not isinstance(ext, list):
+        return
+    keep = [e for e in ext if not (isinstance(e, dict) and e.get("url") == TARGET_BODY_STRUCTURE
+                                   and str((e.get("valueReference") or {}).get("display") or "") in dropped_texts)]
+    if keep:
+        resource["extension"] = keep
+    else:
+        resource.pop("extension", None)
+
+
+TARGET_BODY_STRUCTURE = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"  # builders.order
+
+
+def resolves(finding: Any, resource: Mapping[str, Any], kb: KnowledgeBase | None = None) -> bool:
+    """Would ``finding`` no longer apply to the order ``resource`` once it is screened again? The screen's
+    findings come from the chart alone (screening.screen: the proposal only decides which findings apply), so a
+    re-screen of the same chart gives the same finding and this test is exactly the re-screen's."""
+    kb = kb or _default_kb()
+    techniques, _inferred = _order_techniques(resource)
+    if not techniques:
+        return True  # no longer a massage order at all
+    sites, _notes = order_sites(resource, kb)
+    fn = getattr(finding, "applies_to", None)
+    if callable(fn):
+        return not fn(techniques, sites)
+    return not _finding_techniques(finding).intersection(techniques)
+
+
 def _suggestions(finding: Any, order: MassageOrder, request: HookRequest, kb: KnowledgeBase, now: datetime,
                  new_uuid: Callable[[], str]) -> list[dict[str, Any]]:
+    """Suggestions for one card. Every ``update`` is checked with ``resolves``: applied and screened again, the
+    order no longer meets the card's finding (a suggestion that leaves the finding in place is never offered:
+    the screen reads techniques and sites, not pressure, so "lighter pressure" alone would bring the same card
+    back). The clearance Task does not change the order and says so in its label."""
     if order.ref is None:
         return []  # nothing to update or focus: the draft has no id
     cls = getattr(finding, "cls", "relative")
@@ -685,52 +784,59 @@ def _suggestions(finding: Any, order: MassageOrder, request: HookRequest, kb: Kn
     fsites = [s for s in _finding_sites(finding)]
     site_scoped = bool(fsites) and any(s.split(":")[0] != kb.root_site for s in fsites)
     out: list[dict[str, Any]] = []
+    offered: list[dict[str, Any]] = []
     base = dict(order.resource)
 
     def update(label: str, resource: dict[str, Any], description: str) -> None:
+        resource = _retext(resource)
+        if resource in offered or not resolves(finding, resource, kb):
+            return
+        offered.append(resource)
         out.append({"label": label, "uuid": new_uuid(), "actions": [
             {"type": "update", "description": description, "resource": resource}]})
 
-    # 1. exclude the site(s) (site-scoped findings)
+    # 1. exclude the site(s) (site-scoped findings). Each bodySite is matched on its own: order.sites is
+    #    de-duplicated, so it does not line up with the bodySite list.
     if site_scoped and order.sites:
         fs = [_as_site(s) for s in fsites]
         keep, drop = [], []
-        concepts = [bs for bs in base.get("bodySite") or [] if isinstance(bs, dict)]
-        for concept, site in zip(concepts, order.sites):
-            s = _as_site(site)
-            (drop if any(kb.overlaps(s, f) for f in fs) else keep).append(concept)
+        for concept in (bs for bs in base.get("bodySite") or [] if isinstance(bs, dict)):
+            site = _concept_site(concept, kb)
+            (drop if site is None or any(kb.overlaps(_as_site(site), f) for f in fs) else keep).append(concept)
         if drop and keep:
             res = copy.deepcopy(base)
             res["bodySite"] = keep
-            where = "; ".join(str(c.get("text") or "") for c in drop).strip("; ") or "the affected site"
+            texts = [str(c.get("text") or "") for c in drop]
+            _drop_body_structures(res, {t for t in texts if t})
+            where = "; ".join(t for t in texts if t) or "the affected site"
             update(f"Remove {where} from the order", res, f"Update the draft order without {where}.")
-    elif site_scoped and order.sites is None:
-        res = copy.deepcopy(base)
-        where = "; ".join(_site_text(kb, s) for s in fsites)
-        res["orderDetail"] = list(res.get("orderDetail") or []) + [{"text": f"Do not treat: {where}"}]
-        res["note"] = list(res.get("note") or []) + [{"text": f"Avoid the {where} ({getattr(finding, 'rule', '')})."}]
-        update(f"Add 'do not treat the {where}' to the order", res, "Update the draft order with a site restriction.")
 
-    # 2. drop the affected technique(s), or switch to Swedish massage when nothing else would remain
     affected = [t for t in order.techniques if t in ftech]
     remaining = [t for t in order.techniques if t not in ftech]
-    if affected and remaining and not site_scoped:
+    # 2. drop the affected technique(s) when others remain
+    if affected and remaining:
         res = copy.deepcopy(base)
-        res["code"] = _technique_code(res, remaining, _order_sites_text(res))
+        res["code"] = _technique_code(res, remaining)
         update(f"Remove {_techniques_text(affected).lower()} from the order", res,
                f"Update the draft order to {_techniques_text(remaining).lower()} only.")
-    elif affected and not remaining and "swedish" not in ftech and not site_scoped:
+    # 3. light Swedish massage in place of the affected techniques, when the rule does not concern Swedish
+    #    massage (the reference's usual modification for bleeding risk, fragile bone, ...: gentle effleurage
+    #    instead of deep or sustained pressure). The light-pressure detail tells the therapist; the technique
+    #    change is what the screen sees.
+    if affected and "swedish" not in ftech:
+        techniques = list(dict.fromkeys("swedish" if t in ftech else t for t in order.techniques))
         res = _with_pressure(copy.deepcopy(base), "light")
-        res["code"] = _technique_code(res, ["swedish"], _order_sites_text(res))
-        update("Change to light-pressure Swedish massage", res,
-               "Update the draft order to Swedish massage at light pressure.")
+        res["code"] = _technique_code(res, techniques)
+        if techniques == ["swedish"]:
+            label = "Change to light-pressure Swedish massage"
+        elif "swedish" in order.techniques:
+            label = f"Remove {_techniques_text(affected).lower()}, Swedish massage at light pressure"
+        else:
+            label = f"Replace {_techniques_text(affected).lower()} with light-pressure Swedish massage"
+        update(label, res, f"Update the draft order to {_techniques_text(techniques).lower()} at light pressure.")
 
-    # 3. lighter pressure (relative findings: the reference's usual modification)
-    if cls == "relative":
-        res = _with_pressure(copy.deepcopy(base), "light")
-        update("Keep the order at light pressure", res, "Update the draft order's pressure to light.")
-
-    # 4. physician clearance (task-code "approve", focus = the draft order)
+    # 4. physician clearance (task-code "approve", focus = the draft order). It changes nothing in the order, so
+    #    the card stays until it is overridden with the clearance as its reason; the label says so.
     if cls in ("absolute", "relative"):
         title = _title(finding, kb)
         task = {
@@ -746,8 +852,10 @@ def _suggestions(finding: Any, order: MassageOrder, request: HookRequest, kb: Kn
         }
         if request.encounter_id:
             task["encounter"] = {"reference": f"Encounter/{request.encounter_id}"}
-        out.append({"label": "Request physician clearance", "uuid": new_uuid(), "actions": [
-            {"type": "create", "description": "Create a clearance request (Task) for this order.", "resource": task}]})
+        out.append({"label": CLEARANCE_LABEL, "uuid": new_uuid(), "actions": [
+            {"type": "create", "description": "Create a clearance request (Task) for this order. The order itself "
+                                              "is not changed, so this card stays until it is overridden.",
+             "resource": task}]})
 
     # 5. remove the order (absolute findings)
     if cls == "absolute":
@@ -758,17 +866,60 @@ def _suggestions(finding: Any, order: MassageOrder, request: HookRequest, kb: Kn
     return out
 
 
+CLEARANCE_LABEL = "Request physician clearance (the order is not changed)"
+APP_CONTEXT_AREAS = ("orders",)
+APP_CONTEXT_MAX = 2048
+
+
+def app_context(*, patient_id: str, order_ref: str | None, rule_id: str | None) -> str:
+    """The ``appContext`` of a card's smart link (CDS Hooks 2.0 "Link": a string the EHR hands to the app with
+    its access token). Our format, documented in docs/cds-hooks.md: a JSON object ``{"area": "orders",
+    "patient": <id>, "rule": <rule id>, "serviceRequest": "ServiceRequest/<id>"}`` (``rule`` and
+    ``serviceRequest`` only when known)."""
+    ctx: dict[str, Any] = {"area": "orders", "patient": patient_id}
+    if rule_id:
+        ctx["rule"] = rule_id
+    if order_ref:
+        ctx["serviceRequest"] = order_ref
+    return json.dumps(ctx, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class AppContext:
+    area: str
+    rule: str | None  # a rule id of the knowledge base (to highlight), None when absent or unknown
+    service_request: str | None
+
+
+def parse_app_context(raw: Any, *, patient_id: str | None, kb: KnowledgeBase | None = None) -> AppContext | None:
+    """Read an appContext from a launch. ``None`` (so the app lands as usual) for anything that is not ours or
+    does not fit this launch: not a JSON object, too long, an unknown area, or a ``patient`` that is not the
+    launch's patient (a card about another patient must never steer this chart). Never raises."""
+    kb = kb or _default_kb()
+    if not isinstance(raw, str) or not raw or len(raw) > APP_CONTEXT_MAX:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("area") not in APP_CONTEXT_AREAS:
+        return None
+    if not patient_id or data.get("patient") != patient_id:
+        return None
+    rule = data.get("rule")
+    rule = rule if isinstance(rule, str) and rule in kb.rules else None
+    sr = data.get("serviceRequest")
+    sr = sr if isinstance(sr, str) and re.fullmatch(r"ServiceRequest/[A-Za-z0-9\-.]{1,64}", sr) else None
+    return AppContext(area=data["area"], rule=rule, service_request=sr)
+
+
 def _link(launch_url: str | None, request: HookRequest, order: MassageOrder | None,
           rule_id: str | None) -> list[dict[str, Any]]:
     if not launch_url:
         return []
-    ctx: dict[str, Any] = {"patient": request.patient_id}
-    if order is not None and order.ref:
-        ctx["serviceRequest"] = order.ref
-    if rule_id:
-        ctx["rule"] = rule_id
     return [{"label": "Open the massage screen (fhir-massage)", "url": launch_url, "type": "smart",
-             "appContext": json.dumps(ctx, separators=(",", ":"))}]
+             "appContext": app_context(patient_id=request.patient_id, order_ref=order.ref if order else None,
+                                       rule_id=rule_id)}]
 
 
 def _override_reasons() -> list[dict[str, str]]:

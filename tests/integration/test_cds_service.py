@@ -4,6 +4,7 @@ stand-in FHIR endpoint), and the real sandbox (open mode, and the secured one wi
 from __future__ import annotations
 
 import datetime as dt
+import json
 import secrets
 import time
 import uuid
@@ -203,7 +204,18 @@ def test_full_prefetch_gives_the_critical_dvt_card(app_server, signer, sandbox):
     cards = r.json()["cards"]
     assert cards[0]["indicator"] == "critical" and cards[0]["source"]["topic"]["code"] == "dvt-acute"
     assert cards[0]["links"][0]["url"] == f"{app_server.url}/launch"
+    # our appContext (docs/cds-hooks.md): the app opens its orders area on this finding after the launch
+    assert json.loads(cards[0]["links"][0]["appContext"])["area"] == "orders"
     assert "not prefetched" not in cards[0]["detail"]
+    # every update suggestion's text is rebuilt from its new content (techniques, sites)
+    updates = [a["resource"] for c in cards for s in c.get("suggestions", []) for a in s["actions"]
+               if a["type"] == "update"]
+    assert updates
+    for res in updates:
+        techniques = " + ".join(c["display"] for c in res["code"]["coding"]
+                                if c["system"].endswith("/massage-technique"))
+        sites = "; ".join(b["text"] for b in res.get("bodySite", []))
+        assert res["code"]["text"] == (f"{techniques}: {sites}" if sites else techniques)
 
 
 def test_fhir_access_to_the_open_sandbox_replaces_the_prefetch(app_server, signer, sandbox):

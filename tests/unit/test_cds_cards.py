@@ -208,8 +208,10 @@ def test_deep_tissue_on_the_dvt_leg_is_a_critical_card_with_suggestions():
     update = card["suggestions"][0]["actions"][0]
     assert update["type"] == "update" and update["resource"]["id"] == "draft-1"
     assert [b["text"] for b in update["resource"]["bodySite"]] == ["Back"]
+    # the text is rebuilt from what is left: no stale "Deep tissue massage: Left lower leg; Back"
+    assert update["resource"]["code"]["text"] == "Deep tissue massage: Back"
     ServiceRequest.model_validate(update["resource"])
-    task = next(s for s in card["suggestions"] if s["label"] == "Request physician clearance")["actions"][0]
+    task = next(s for s in card["suggestions"] if s["label"] == cc.CLEARANCE_LABEL)["actions"][0]
     assert task["type"] == "create"
     Task.model_validate(task["resource"])
     assert task["resource"]["code"]["coding"][0] == {"system": C.TASK_CODE, "code": "approve",
@@ -220,8 +222,8 @@ def test_deep_tissue_on_the_dvt_leg_is_a_critical_card_with_suggestions():
                                                             "patient-declined-alternative", "not-applicable"}
     link = card["links"][0]
     assert link["url"] == "http://127.0.0.1:9/launch"
-    assert json.loads(link["appContext"]) == {"patient": "demo-dana-whitfield", "serviceRequest":
-                                              "ServiceRequest/draft-1", "rule": "dvt-acute"}
+    assert json.loads(link["appContext"]) == {"area": "orders", "patient": "demo-dana-whitfield",
+                                              "serviceRequest": "ServiceRequest/draft-1", "rule": "dvt-acute"}
     rec = records[card["uuid"]]
     assert rec["rule"] == "dvt-acute" and rec["order"] == "ServiceRequest/draft-1"
     assert rec["finding"]["rule"] == "dvt-acute"
@@ -629,3 +631,160 @@ def test_odd_prefetch_never_crashes_and_never_drops_a_key_silently(prefetch):
         value = prefetch.get(key, "absent")
         if value == "absent" or (value is not None and not isinstance(value, dict)):
             assert key in out.missing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every suggestion does what it says: applied to the draft and screened again, its card's finding is gone
+
+_RANK = {"info": 0, "warning": 1, "critical": 2}
+LEG = ("30021000", "Lower leg", "Left lower leg")
+BACK = ("77568009", "Back", "Back")
+_TECHNIQUE_SETS = [(t,) for t in C.TECHNIQUES] + [("deep-tissue", "swedish"), ("deep-tissue", "lymphatic-drainage"),
+                                                  tuple(C.TECHNIQUES)]
+_DRAFT_SHAPES = [dict(techniques=t, sites=s) for t in _TECHNIQUE_SETS for s in ((), (LEG,), (LEG, BACK))] + \
+                [dict(cpt_only=[cpt], sites=s) for cpt in ("97124", "97140") for s in ((), (LEG, BACK))]
+_SEEN_LABELS: set[str] = set()
+
+
+def _screen_one(chart, draft):
+    req = cc.parse_hook_request(hook_body([draft], patient="p1"), "massage-order-sign")
+    orders = cc.massage_orders(req)
+    screenings = {i: screen(chart, techniques=o.techniques, sites=o.sites, today=TODAY) for i, o in enumerate(orders)}
+    cards, _ = cc.build_cards(orders, screenings, request=req, now=NOW, new_uuid=_ids())
+    return cards
+
+
+def _techniques_of(resource):
+    return [c["code"] for c in resource["code"]["coding"] if c["system"] == C.TECHNIQUE_SYSTEM]
+
+
+@pytest.mark.parametrize("rule_id", ALL_RULES)
+def test_every_update_suggestion_resolves_its_card_when_applied_and_screened_again(rule_id):
+    chart = from_resources(_synthetic(rule_id))
+    for shape in _DRAFT_SHAPES:
+        draft = massage_sr(sid="d1", patient="p1", **shape)
+        for card in _screen_one(chart, draft):
+            rule = card["source"]["topic"]["code"]
+            for s in card.get("suggestions", []):
+                (action,) = s["actions"]
+                case = f"{rule_id}: {shape} card {rule} suggestion {s['label']!r}"
+                if action["type"] == "create":
+                    # the clearance Task changes nothing in the order, and says so
+                    assert action["resource"]["resourceType"] == "Task", case
+                    assert s["label"] == cc.CLEARANCE_LABEL and "not changed" in s["label"], case
+                    assert "not changed" in action["description"], case
+                    continue
+                if action["type"] == "delete":
+                    assert action["resourceId"] == "ServiceRequest/d1", case
+                    continue
+                updated = action["resource"]
+                _SEEN_LABELS.add(s["label"].split(" ")[0])
+                ServiceRequest.model_validate(updated)
+                assert updated["id"] == "d1" and updated["subject"] == draft["subject"], case
+                after = [c for c in _screen_one(chart, updated) if c["source"]["topic"]["code"] == rule]
+                assert all(_RANK[c["indicator"]] < _RANK[card["indicator"]] for c in after), case
+                # the human-readable text is rebuilt from the new content
+                sites = [b["text"] for b in updated.get("bodySite", [])]
+                names = " + ".join(C.TECHNIQUE_DISPLAY[t] for t in _techniques_of(updated))
+                if names:
+                    assert updated["code"]["text"] == (f"{names}: {'; '.join(sites)}" if sites else names), case
+                for gone in {b["text"] for b in draft.get("bodySite", [])} - set(sites):
+                    assert gone not in updated["code"]["text"], case
+                if "light" in s["label"].lower():
+                    assert _techniques_of(updated) and "swedish" in _techniques_of(updated), case
+                    assert any(d["text"] == "Light pressure" for d in updated["orderDetail"]), case
+                    cpts = [c["code"] for c in updated["code"]["coding"] if c["system"] == C.CPT]
+                    assert cpts == list(dict.fromkeys(C.TECHNIQUE_CPT[t][0] for t in _techniques_of(updated))), case
+
+
+def test_the_property_test_saw_every_kind_of_update():
+    # guard for the parametrized test above (it runs first in file order): each kind of update was checked
+    assert {"Remove", "Change", "Replace"} <= _SEEN_LABELS, _SEEN_LABELS
+
+
+def test_light_pressure_alone_is_never_offered_and_light_swedish_is():
+    chart = from_resources(_synthetic("anticoagulant"))
+    cards = _screen_one(chart, massage_sr(sid="d1", patient="p1", sites=(LEG,)))
+    card = next(c for c in cards if c["source"]["topic"]["code"] == "anticoagulant")
+    labels = [s["label"] for s in card["suggestions"]]
+    assert labels == ["Change to light-pressure Swedish massage", cc.CLEARANCE_LABEL]
+    updated = card["suggestions"][0]["actions"][0]["resource"]
+    assert updated["code"] == {"coding": [
+        {"system": C.CPT, "code": "97124", "display": "Massage therapy"},
+        {"system": C.TECHNIQUE_SYSTEM, "code": "swedish", "display": "Swedish massage"}],
+        "text": "Swedish massage: Left lower leg"}
+    assert updated["orderDetail"] == [{"coding": [{"system": C.ORDER_DETAIL_SYSTEM, "code": "pressure-light",
+                                                   "display": "Light pressure"}], "text": "Light pressure"}]
+    # a rule that concerns Swedish massage too (low platelets) gets no light-Swedish suggestion at all
+    cards = _screen_one(from_resources(_synthetic("platelets-low")), massage_sr(sid="d1", patient="p1", sites=(LEG,)))
+    card = next(c for c in cards if c["source"]["topic"]["code"] == "platelets-low")
+    assert [s["label"] for s in card["suggestions"]] == [cc.CLEARANCE_LABEL]
+
+
+def test_a_site_finding_on_an_order_without_sites_offers_no_site_restriction_but_says_what_would_clear_it():
+    chart = from_resources(_synthetic("dvt-acute"))
+    cards = _screen_one(chart, massage_sr(sid="d1", patient="p1", sites=()))
+    card = next(c for c in cards if c["source"]["topic"]["code"] == "dvt-acute")
+    assert [s["actions"][0]["type"] for s in card["suggestions"]] == ["create", "delete"]
+    assert "name the body sites in the order" in card["detail"]
+
+
+def test_updates_rebuild_the_precautions_note_and_drop_the_removed_sites_body_structure():
+    target = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
+    draft = massage_sr(sid="d1", patient="p1", sites=(LEG, BACK))
+    draft["extension"] = [{"url": target, "valueReference": {"reference": "BodyStructure/bs1",
+                                                              "display": "Left lower leg"}}]
+    draft["orderDetail"] = [
+        {"coding": [{"system": C.ORDER_DETAIL_SYSTEM, "code": "schedule"}], "text": "1x/week for 4 weeks"},
+        {"coding": [{"system": C.ORDER_DETAIL_SYSTEM, "code": "pressure-firm"}], "text": "Firm pressure: not on shins"}]
+    draft["note"] = [{"text": "Precautions: Firm pressure: not on shins."}, {"text": "Patient prefers mornings"}]
+    cards = _screen_one(from_resources(_synthetic("dvt-acute")), draft)
+    card = next(c for c in cards if c["source"]["topic"]["code"] == "dvt-acute")
+    updated = card["suggestions"][0]["actions"][0]["resource"]
+    assert card["suggestions"][0]["label"] == "Remove Left lower leg from the order"
+    assert "extension" not in updated and updated["code"]["text"] == "Deep tissue massage: Back"
+    cards = _screen_one(from_resources(_synthetic("anticoagulant")), draft)
+    card = next(c for c in cards if c["source"]["topic"]["code"] == "anticoagulant")
+    updated = card["suggestions"][0]["actions"][0]["resource"]
+    assert updated["orderDetail"][0]["text"] == "1x/week for 4 weeks"
+    assert updated["orderDetail"][1]["text"] == "Light pressure: not on shins"
+    assert updated["note"] == [{"text": "Precautions: Light pressure: not on shins."},
+                               {"text": "Patient prefers mornings"}]
+    assert updated["extension"] == draft["extension"]  # no site removed: the BodyStructure stays
+
+
+def test_body_sites_are_matched_one_by_one_even_when_two_name_the_same_site():
+    # order.sites is de-duplicated; pairing it with bodySite by position dropped the wrong concept
+    draft = massage_sr(sid="d1", patient="p1", sites=(LEG, LEG, BACK))
+    cards = _screen_one(from_resources(_synthetic("dvt-acute")), draft)
+    card = next(c for c in cards if c["source"]["topic"]["code"] == "dvt-acute")
+    updated = card["suggestions"][0]["actions"][0]["resource"]
+    assert [b["text"] for b in updated["bodySite"]] == ["Back"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# appContext of the smart link
+
+
+def test_app_context_round_trips_for_the_launch_patient():
+    raw = cc.app_context(patient_id="p1", order_ref="ServiceRequest/d1", rule_id="dvt-acute")
+    assert json.loads(raw) == {"area": "orders", "patient": "p1", "rule": "dvt-acute", "serviceRequest":
+                               "ServiceRequest/d1"}
+    assert cc.parse_app_context(raw, patient_id="p1") == cc.AppContext("orders", "dvt-acute", "ServiceRequest/d1")
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (None, None), (42, None), ("", None), ("orders", None), ("{not json", None), ("[1]", None),
+    ('{"area": "plan", "patient": "p1"}', None),
+    ('{"patient": "p1", "rule": "dvt-acute"}', None),
+    ('{"area": "orders", "patient": "p2", "rule": "dvt-acute"}', None),
+    ('{"area": "orders", "rule": "dvt-acute"}', None),
+    ('{"area": "orders", "patient": "p1", "rule": "no-such-rule", "serviceRequest": "x/../y"}',
+     cc.AppContext("orders", None, None)),
+    ('{"area": "orders", "patient": "p1", "rule": ["dvt-acute"]}', cc.AppContext("orders", None, None)),
+    ('{"area": "orders", "patient": "p1", "pad": "' + "x" * 3000 + '"}', None),
+], ids=["none", "number", "empty", "plain-string", "bad-json", "json-list", "other-area", "no-area",
+        "other-patient", "no-patient", "unknown-rule-and-bad-ref", "rule-not-string", "too-long"])
+def test_app_context_that_is_not_ours_or_not_this_patients_is_ignored(raw, expected):
+    assert cc.parse_app_context(raw, patient_id="p1") == expected
+    assert cc.parse_app_context(raw, patient_id=None) is None
