@@ -456,7 +456,8 @@ def batch_or_each(client: FhirClient, bundle_or_entries: Any) -> dict[str, Any]:
     try:
         return client.batch(bundle)
     except FhirError as exc:
-        if exc.status in (401, 403) or exc.retryable or exc.status is None:
+        # 501 counts as "no batch here", not as a busy server (fhir.py files every 5xx under FhirUnavailable).
+        if exc.status is None or exc.status in (401, 403, 429, 502, 503, 504):
             raise
     out = []
     for entry in bundle.get("entry") or []:

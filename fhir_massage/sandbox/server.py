@@ -53,6 +53,7 @@ class SandboxConfig:
     # False: play an EHR without transaction support (the CapabilityStatement omits 'transaction' and a transaction
     # Bundle answers 501 not-supported); batch still works. Tests the app's one-by-one writes (fhir_massage.writes).
     transactions: bool = True
+    batch: bool = True  # False: no batch either (metadata omits 'batch', a batch Bundle answers 501 not-supported)
 
 
 class SandboxSetupError(MassageError):
@@ -150,7 +151,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
         "config": config,
         "store": store,
         "service": service,
-        "bundles": BundleProcessor(service, transactions=config.transactions),
+        "bundles": BundleProcessor(service, transactions=config.transactions, batch=config.batch),
         "faults": FaultInjector(config.faults),
         # Fail closed: without --open, nothing is allowed until auth.install() sets the real authorizer.
         "authorizer": OpenAuthorizer() if config.open else None,
@@ -179,14 +180,17 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
             return fhir_json(decision.fail_status, outcome(issue("transient", msg)), headers)
         return None
 
-    if not config.transactions:
+    dropped = [code for code, on in (("transaction", config.transactions), ("batch", config.batch)) if not on]
+    if dropped:
         from fhir_massage.sandbox.capability import without_system_interaction
 
         @app.after_request
-        def _no_transaction_capability(response: Response) -> Response:
-            # The metadata view (fhir_api.py) builds the full statement; drop 'transaction' from it here.
+        def _no_bundle_capability(response: Response) -> Response:
+            # The metadata view (fhir_api.py) builds the full statement; drop what this config turned off here.
             if request.path.rstrip("/").endswith("/fhir/metadata") and response.status_code == 200:
-                cap = without_system_interaction(orjson.loads(response.get_data()), "transaction")
+                cap = orjson.loads(response.get_data())
+                for code in dropped:
+                    cap = without_system_interaction(cap, code)
                 response.set_data(orjson.dumps(cap))
             return response
 

@@ -72,8 +72,9 @@ def _dangling_urns(value: Any, path: str = "") -> str | None:
 
 
 class BundleProcessor:
-    def __init__(self, service: FhirService, *, transactions: bool = True) -> None:
+    def __init__(self, service: FhirService, *, transactions: bool = True, batch: bool = True) -> None:
         self.service = service
+        self.batch = batch  # False: an EHR without batch support (SandboxConfig.batch), refused like transactions
         # False plays an EHR without transaction support (SandboxConfig.transactions): a transaction Bundle is
         # refused before anything runs, as such servers do (R4 http.html#transaction is optional).
         self.transactions = transactions
@@ -105,6 +106,11 @@ class BundleProcessor:
                     expression="Bundle.type",
                 )
             return self._transaction(grant, base, entries, prefer_return)
+        if not self.batch:
+            raise FhirProblem(
+                501, "This server does not support batch Bundles (its CapabilityStatement does not list 'batch'); "
+                "send the requests one by one.", code="not-supported", expression="Bundle.type",
+            )
         return self._batch(grant, base, entries, prefer_return)
 
     @staticmethod
