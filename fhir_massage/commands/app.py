@@ -44,7 +44,7 @@ def _parse_ehr(value: str) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from werkzeug.serving import make_server
+    from fhir_massage.serving import make_threaded_server
 
     from fhir_massage.errors import InvalidInput
     from smart_app import create_app
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     config["TRUST_PROXY_TLS"] = bool(args.trust_proxy_tls)
     if args.store_url:
         config["STORE_URL"] = args.store_url
-    server = make_server(args.host, args.port, _LazyApp(), threaded=True)
+    server = make_threaded_server(args.host, args.port, _LazyApp())
     host = f"[{args.host}]" if ":" in args.host else args.host
     config["PUBLIC_URL"] = args.public_url or config.get("PUBLIC_URL") or f"http://{host}:{server.port}"
     app = create_app(config)

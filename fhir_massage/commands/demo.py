@@ -45,10 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _bind(host: str, port: int, what: str, flag: str) -> Any:
-    from werkzeug.serving import make_server
+    from fhir_massage.serving import make_threaded_server
 
     try:
-        return make_server(host, port, _NotYet(), threaded=True)
+        return make_threaded_server(host, port, _NotYet())
     except OSError as exc:
         raise InvalidInput(f"Cannot listen on {host}:{port} for the {what} ({exc.strerror}). Is another demo "
                            f"running? Pick another port with {flag} N (0 = any free port).") from None
