@@ -22,7 +22,10 @@ system-deps:
 	./scripts/install-system-deps.sh
 
 node-deps: system-deps
-	@if [ -f profiles/package.json ]; then cd profiles && npm ci --no-audit --no-fund --loglevel=error; fi
+	@# profiles/: SUSHI and the FHIR R4 core definitions (the package build); tests/browser/: axe-core.
+	@for d in profiles tests/browser; do \
+	  if [ -f $$d/package.json ]; then (cd $$d && npm ci --no-audit --no-fund --loglevel=error) || exit 1; fi; \
+	done
 
 ## make test: installs everything the tests need, then runs all of them (unit, HTTP, integration, browser).
 test: install node-deps

@@ -138,18 +138,21 @@ def _headers(response: Any) -> Any:
 # -- logs ----------------------------------------------------------------------------------------------------------
 
 _QUERY = re.compile(r"\?[^\s\"']*")
+# /p/<launch session id>/...: the id alone opens nothing (it is bound to the browser cookie), but it names a
+# clinical session, so access logs carry only a placeholder.
+_LAUNCH_PATH = re.compile(r"/p/[A-Za-z0-9_-]{8,}(?=/|\s|$)")
 
 
 def redact_url(text: str) -> str:
-    """Drop query strings: they carry authorization codes, state, launch ids and FHIR search values."""
-    return _QUERY.sub("?…", text)
+    """Drop query strings (authorization codes, state, launch ids, FHIR search values) and launch session ids."""
+    return _LAUNCH_PATH.sub("/p/…", _QUERY.sub("?…", text))
 
 
 class RedactQueryFilter(logging.Filter):
     """Strips query strings from request-line logs (werkzeug's access log, urllib3's debug log)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and "?" in record.msg:
+        if isinstance(record.msg, str):
             record.msg = redact_url(record.msg)
         if record.args:
             if isinstance(record.args, tuple):

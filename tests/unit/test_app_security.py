@@ -247,3 +247,10 @@ def test_jwks_publishes_the_next_key_for_rotation(tmp_path):
     assert all(k["alg"] == "RS384" and k["use"] == "sig" and "d" not in k for k in keys)
     with pytest.raises(InvalidInput, match="only makes sense"):
         make(REGISTRATIONS=[{"iss": ISS, "client_id": "a", "next_public_key_file": str(tmp_path / "next.pem")}])
+
+
+def test_redact_url_hides_launch_session_ids():
+    line = '"GET /p/oOug-J89jXlqmhDlt0RRg7x527wAaXEK/orders/draft/abc HTTP/1.1" 200 -'
+    assert redact_url(line) == '"GET /p/…/orders/draft/abc HTTP/1.1" 200 -'
+    assert redact_url('"POST /p/oOug-J89jXlqmhDlt0RRg7x527wAaXEK HTTP/1.1"') == '"POST /p/… HTTP/1.1"'
+    assert redact_url("GET /plan/ 200") == "GET /plan/ 200"
