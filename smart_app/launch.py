@@ -463,7 +463,25 @@ def callback() -> Response:
     _store().put(NS_SESSION, sid, session, ttl)
     log.info("launch session started (%s launch, role %s)", "standalone" if rec["standalone"] else "EHR",
              guess.role or "to ask")
-    return redirect(url_for("launch.landing", lsid=sid), code=303)
+    return redirect(_landing_target(sid, session, tokens.extras.get("appContext")), code=303)
+
+
+def _landing_target(sid: str, session: Mapping[str, Any], app_context: Any) -> str:
+    """Where a new launch lands. A launch from a CDS card's smart link carries the link's ``appContext`` in the token
+    response (CDS Hooks 2.0 "Link"; our format: docs/cds-hooks.md): the orders area, the card's finding highlighted
+    (``#finding-<rule>``), when it is about this launch's patient and the user may order. Anything else (absent,
+    not ours, another patient, no orders area for this user) lands as usual: never an error."""
+    from fhir_massage.cds_cards import parse_app_context
+
+    landing = url_for("launch.landing", lsid=sid)
+    wanted = parse_app_context(app_context, patient_id=session.get("patient")) if app_context else None
+    area = next((a for a in AREAS if wanted and a.name == wanted.area), None)
+    if wanted is None or area is None or f"{area.name}.index" not in current_app.view_functions:
+        return landing
+    if not _context_from(sid, session).area_status(area)[0]:
+        return landing
+    log.info("launch: appContext opens the %s area", area.name)
+    return url_for(f"{area.name}.index", lsid=sid) + (f"#finding-{wanted.rule}" if wanted.rule else "")
 
 
 def _verify_id_token(config: smart.SmartConfiguration, reg: Any, token: str, nonce: str) -> smart.IdToken:

@@ -346,3 +346,61 @@ def test_v1_only_client_gets_v1_scopes(sandbox, app_for):
     granted = re.search(r"<summary>Permissions granted by the EHR</summary>\s*<p><code>([^<]*)<", r.text).group(1)
     assert "patient/ServiceRequest.write" in granted.split()
     assert f'href="/p/{lsid_of(r.url)}/orders/"' in r.text  # v1 .write allows ordering
+
+
+# --- a launch from a CDS card's smart link (appContext, CDS Hooks 2.0 "Link"; format in docs/cds-hooks.md) ---------
+
+
+def card_launch(browser: requests.Session, sandbox, app, app_context, *, user=PHYSICIAN, patient=DANA[0]):
+    """An EHR launch that carries a card link's appContext to the token response, as the sandbox's order entry
+    makes it (the sandbox's /_sandbox/launches HTTP endpoint does not take appContext; its auth service does)."""
+    auth = sandbox.app.extensions["fhir_massage.sandbox"]["auth"]
+    with sandbox.app.test_request_context(base_url=sandbox.url):  # the sandbox's base URL comes from the request
+        out = auth.create_launch(app.client_id, user, patient, app_context=app_context)
+    return browser.get(out["launch_url"], timeout=30)
+
+
+def _callback_location(r: requests.Response) -> str:
+    (callback,) = [h for h in r.history if urlsplit(h.url).path == "/callback"]
+    return callback.headers["Location"]
+
+
+def test_app_context_from_a_card_opens_the_orders_area_on_the_finding(sandbox, app_for):
+    from fhir_massage.cds_cards import app_context
+
+    app = app_for(BLUEPRINTS=[probe_blueprint()], AREAS=("orders",))
+    r = card_launch(requests.Session(), sandbox, app,
+                    app_context(patient_id=DANA[0], order_ref="ServiceRequest/abc", rule_id="dvt-acute"))
+    assert r.status_code == 200, r.text[:800]
+    lsid = lsid_of(r.url)
+    # the launch lands in the orders area, the card's finding as the fragment (kept by the browser through the
+    # orders area's redirect to a new draft), and the page has that finding with the id the fragment targets
+    assert _callback_location(r) == f"/p/{lsid}/orders/#finding-dvt-acute"
+    assert urlsplit(r.url).path.startswith(f"/p/{lsid}/orders/draft/")
+    assert banner_name(r.text) == DANA[1]
+    assert re.search(r'<li class="finding finding--absolute[^"]*" data-rule="dvt-acute" id="finding-dvt-acute">',
+                     r.text)
+
+
+@pytest.mark.parametrize("raw, user", [
+    ("not json", PHYSICIAN),
+    ('{"area": "orders", "patient": "demo-tom-becker", "rule": "dvt-acute"}', PHYSICIAN),
+    ('{"area": "billing", "patient": "demo-dana-whitfield"}', PHYSICIAN),
+    ('{"area": "orders", "patient": "demo-dana-whitfield", "rule": "dvt-acute"}', THERAPIST),
+    ("x" * 5000, PHYSICIAN),
+], ids=["not-json", "another-patient", "unknown-area", "therapist-cannot-order", "too-long"])
+def test_app_context_that_does_not_fit_lands_as_usual(sandbox, app_for, raw, user):
+    app = app_for(BLUEPRINTS=[probe_blueprint()], AREAS=("orders",))
+    r = card_launch(requests.Session(), sandbox, app, raw, user=user)
+    assert r.status_code == 200, r.text[:800]
+    lsid = lsid_of(r.url)
+    assert _callback_location(r) == f"/p/{lsid}/"
+    assert urlsplit(r.url).path == f"/p/{lsid}/" and banner_name(r.text) == DANA[1]
+
+
+def test_app_context_with_an_unknown_rule_still_opens_the_orders_area(sandbox, app_for):
+    app = app_for()  # the stand-in orders area
+    r = card_launch(requests.Session(), sandbox, app,
+                    '{"area": "orders", "patient": "demo-dana-whitfield", "rule": "not-a-rule"}')
+    assert _callback_location(r) == f"/p/{lsid_of(_callback_location(r))}/orders/"
+    assert r.text == "orders"
