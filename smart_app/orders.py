@@ -468,6 +468,10 @@ WHAT = {"ServiceRequest": "the order (or its link to its findings)", "Task": "th
 
 
 def _failure_text(exc: FhirError) -> str:
+    if exc.status is None and getattr(exc, "atomic", None) is False:
+        # Entry by entry (no transactions here) and no answer to the first write: it may have landed.
+        return ("The EHR did not answer, so part of the order may have been saved. Your order is kept here: sign "
+                "again to finish it; nothing is written twice.")
     status = f" (it answered {exc.status})" if exc.status else " (it could not be reached)"
     text = f"The EHR did not accept the order{status}. Nothing was saved. Your order is kept here: try again."
     if exc.status and 400 <= exc.status < 500 and exc.status not in (408, 409, 429):

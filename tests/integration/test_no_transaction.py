@@ -137,6 +137,26 @@ def test_failure_half_way_says_what_was_saved_and_signing_again_finishes(smart_s
     assert len(tasks) == 1
 
 
+
+def test_no_answer_to_the_first_write_says_part_may_be_saved_and_signing_again_finishes(smart_sandbox, app, reader):
+    browser, landing = launch(smart_sandbox, app)
+    page = open_order_form(browser, landing)
+    draft_id = hidden(page.text, "draft_id")
+    data = form_fields(page, technique=["swedish"], site=[LOWER_BACK])
+    requests.post(f"{smart_sandbox.url}/_sandbox/faults", json={
+        "drop_every_n": 1, "fail_methods": ["POST"], "fail_paths": ["/fhir/ServiceRequest"]}, timeout=10)
+    try:
+        r = browser.post(sign_url(page), data=data, timeout=60)
+    finally:
+        requests.delete(f"{smart_sandbox.url}/_sandbox/faults", timeout=10)
+    text = unescape(r.text)
+    assert r.status_code == 502, text[:1500]
+    assert "The EHR did not answer, so part of the order may have been saved." in text
+    assert "Nothing was saved" not in text
+    r = browser.post(sign_url(page), data=data, timeout=60)
+    assert "/orders/done/" in r.url, unescape(r.text)[:1500]
+    assert len(search(reader, TOM, "ServiceRequest", draft_id)) == 1
+
 # -- sessions ----------------------------------------------------------------------------------------------------
 
 SUZI = "95efed54-0648-4faf-a179-9a2b3c45e92d"  # Suzi Bechtelar, fibromyalgia, clear
