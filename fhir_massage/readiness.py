@@ -319,10 +319,12 @@ def _smart_checks(b: _Builder, obs: Observations) -> smart.SmartConfiguration | 
     cap_check("smart.launch-standalone", "launch-standalone", "Standalone launch",
               "The app can also be started on its own and ask for a patient (launch-standalone).",
               "No standalone launch: the app's own start page still sends users to this EHR's sign-in, which is "
-              "expected to refuse; the app then shows the EHR's refusal. It works when opened from a chart.",
+              "expected to refuse (the app shows the refusal in plain words when the EHR sends it back). It works "
+              "when opened from a chart.",
               "Is the standalone launch (launch-standalone with launch/patient) available for provider apps?",
-              degrade="Starting the app from its own start page is expected to be refused by this EHR (the app "
-                      "shows the refusal in plain words); users open it from a patient's chart.")
+              degrade="Starting the app from its own start page is expected to be refused by this EHR (the user "
+                      "sees the EHR's refusal, in the app's plain words when the EHR sends it back); users open it "
+                      "from a patient's chart.")
     cap_check("smart.context-ehr-patient", "context-ehr-patient", "Patient context on EHR launch",
               "An EHR launch hands the app the chart's patient (context-ehr-patient).",
               "The server does not say it hands the patient in context at an EHR launch; without it the app "

@@ -169,6 +169,13 @@ def test_without_fhir_user_ordering_is_refused_in_plain_words():
     assert title == "Ordering is unavailable" and "no fhirUser" in words
 
 
+def test_no_openid_text_matches_that_behaviour():
+    from tests.http.test_readiness import _without_cap
+
+    text = degradation(readiness.build_report(_without_cap("sso-openid-connect")), "openid")
+    assert "never writes an order or a session note without its author" in text
+
+
 # -- no refresh: "sessions end when the access token expires (the app says so)" ------------------------------------
 
 
@@ -183,6 +190,17 @@ def test_without_a_refresh_token_the_session_ends_when_the_token_expires():
     with pytest.raises(LaunchError) as caught:
         source.token()
     assert caught.value.code == "session-ended" and called == []
+    assert "Your session with the EHR has ended" in caught.value.message  # what the page says
+
+
+def test_no_refresh_text_matches_that_behaviour():
+    from tests.http.test_readiness import _without_cap
+
+    o = _without_cap("permission-online")
+    o.smart_doc["capabilities"] = [c for c in o.smart_doc["capabilities"] if c != "permission-offline"]
+    text = degradation(readiness.build_report(o), "refresh")
+    assert "Sessions end when the access token expires (the app says so)" in text
+    assert "kept as a draft" in text  # tests/integration/test_documentation.py: refresh refused keeps the draft
 
 
 # ---------------------------------------------------------------------------------------------------------------
