@@ -10,7 +10,11 @@ The web glue (smart_app/cds.py) calls, in this order:
   are fetched with ``prefetch_queries(patient_id)`` through the FHIR server when the EHR gave access, otherwise
   the service answers 412 (spec "Prefetch": a service that cannot get the data it needs answers 412);
 * ``build_cards(orders, screenings, ...)`` -> ``(cards, records)``: one card per finding that applies to the
-  order's techniques and sites, and what the store keeps per card for the feedback endpoint;
+  order's techniques and sites, and what the store keeps per card for the feedback endpoint. Every ``update``
+  suggestion passes ``resolves(finding, updated_order)``: applied by the EHR and screened again, the card's finding
+  no longer applies (the screen reads techniques and sites, not pressure);
+* ``app_context(...)`` / ``parse_app_context(raw, patient_id=...)``: the smart link's ``appContext`` (format in
+  docs/cds-hooks.md), written on every card and read by the app after the launch (smart_app/launch.py);
 * ``parse_feedback(body)`` -> ``FeedbackItem`` list; ``override_mitigation(item, reason_display)`` -> the
   ``DetectedIssue.mitigation`` entry an override becomes.
 
@@ -820,9 +824,10 @@ def _suggestions(finding: Any, order: MassageOrder, request: HookRequest, kb: Kn
         update(f"Remove {_techniques_text(affected).lower()} from the order", res,
                f"Update the draft order to {_techniques_text(remaining).lower()} only.")
     # 3. light Swedish massage in place of the affected techniques, when the rule does not concern Swedish
-    #    massage (the reference's usual modification for bleeding risk, fragile bone, ...: gentle effleurage
-    #    instead of deep or sustained pressure). The light-pressure detail tells the therapist; the technique
-    #    change is what the screen sees.
+    #    massage. That is the rules' own modification (knowledge/rules.json messages, e.g. anticoagulant: "light
+    #    to moderate Swedish ... acceptable", NCCIH/Mayo [V2], CONS; bleeding disorder: "light pressure only");
+    #    the rule's techniques list is the data that says Swedish is spared. The light-pressure detail tells the
+    #    therapist; the technique change is what the screen sees.
     if affected and "swedish" not in ftech:
         techniques = list(dict.fromkeys("swedish" if t in ftech else t for t in order.techniques))
         res = _with_pressure(copy.deepcopy(base), "light")

@@ -418,6 +418,21 @@ def test_the_smart_link_launches_the_app_with_a_real_launch_and_app_context(pair
     assert app_context["serviceRequest"].startswith("ServiceRequest/")
 
 
+def test_the_smart_link_opens_the_apps_orders_area_on_the_cards_finding(pair):
+    # the whole path a clinician takes: card link -> EHR launch -> the app's SMART launch -> the app reads the
+    # appContext from the token response and opens its orders area with the card's finding as the target
+    r = order(pair)
+    (href,) = [h for t, h in _parse(card_block(r.text, DVT_CRITICAL)).links if t.startswith("Open the massage")]
+    browser = requests.Session()
+    app = browser.get(urljoin(r.url, href) + "&embed=0", timeout=30)
+    assert app.status_code == 200, app.text[:500]
+    (callback,) = [h for h in app.history if urlsplit(h.url).path == "/callback"]
+    lsid = callback.headers["Location"].split("/")[2]
+    assert callback.headers["Location"] == f"/p/{lsid}/orders/#finding-dvt-acute"
+    assert urlsplit(app.url).path.startswith(f"/p/{lsid}/orders/draft/")
+    assert 'data-rule="dvt-acute" id="finding-dvt-acute"' in app.text
+
+
 def test_the_smart_link_on_an_open_sandbox_says_it_cannot_launch():
     p = start_cds_pair(secured=False)
     try:
