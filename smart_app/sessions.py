@@ -1149,7 +1149,8 @@ def write_visit(client: Any, note: VisitNote, tasks: Mapping[str, Mapping[str, A
         if not outcome.complete:
             raise PartialWrite(outcome)  # the draft is kept; "Try again" writes only what is missing
         procs = [f"Procedure/{i}" for i in outcome.by_type().get("Procedure", [])]
-        return {"procedure": procs[0] if procs else None, "procedures": procs, "already": False}
+        return {"procedure": procs[0] if procs else None, "procedures": procs, "already": False,
+                "atomic": outcome.atomic}
 
 
 def write_session(client: Any, note: SessionNote, task: Mapping[str, Any], now: datetime) -> dict[str, Any]:
@@ -1230,7 +1231,8 @@ def submit(order_id: str) -> Any:
         return _not_sent(order_id, reason, draft, status=status, relaunch=relaunch)
     drafts.mark_written(key, draft["draft_id"], result={"procedures": result["procedures"]})
     target = url_for("sessions.index", recorded=(result["procedure"] or "1").split("/")[-1],
-                     n=str(len(result["procedures"])) if len(result["procedures"]) > 1 else None)
+                     n=str(len(result["procedures"])) if len(result["procedures"]) > 1 else None,
+                     steps="1" if result.get("atomic") is False else None)  # saved entry by entry: say so
     return redirect(target, code=303)
 
 

@@ -87,6 +87,8 @@ def test_therapist_worklist_note_and_plan_work_without_batch(sandbox, app):
     assert note_page.status_code == 200, unescape(note_page.text)[:1500]
     done = t.submit(order_id, note_page.text, note_fields())
     assert done.status_code == 200 and "Session recorded in the chart" in done.text, unescape(done.text)[:1500]
+    assert ("This EHR does not accept all-or-nothing writes: the session was saved first, then its pain scores, "
+            "the task count and the authorship record.") in unescape(done.text)
 
     plan = browser.get(landing + "plan/", timeout=30)
     assert plan.status_code == 200, unescape(plan.text)[:1500]
