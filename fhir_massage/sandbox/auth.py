@@ -873,6 +873,7 @@ def create_launch():
             encounter=body.get("encounter"), intent=body.get("intent"),
             need_patient_banner=body.get("need_patient_banner", True),
             smart_style_url=body.get("smart_style_url"), fhir_context=body.get("fhir_context"),
+            app_context=body.get("app_context"),
         )
     except InvalidInput as exc:
         return jsonify(error="invalid_request", error_description=exc.message), 400

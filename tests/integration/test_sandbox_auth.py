@@ -672,3 +672,11 @@ def test_relative_fhir_user_claim(make_smart_sandbox):
     claims = jwt.decode(tok["id_token"], KeySet.import_key_set(
         requests.get(f"{sb.url}/auth/jwks", timeout=10).json())).claims
     assert claims["fhirUser"] == "Practitioner/dr-ada-grey"
+
+
+def test_launch_app_context_reaches_the_token_response(smart_sandbox) -> None:
+    # SMART 2.2 / CDS Hooks: a card's smart link carries appContext through the launch to the app's token response.
+    context = '{"area": "orders", "rule": "dvt-acute"}'
+    tok = get_token(smart_sandbox, "test-public", app_context=context)
+    assert tok["appContext"] == context
+    assert "appContext" not in get_token(smart_sandbox, "test-public")
