@@ -488,9 +488,10 @@ def _fhir_checks(b: _Builder, obs: Observations) -> dict[str, Any] | None:
               "Do you support FHIR transaction Bundles (POST [base] with Bundle.type = transaction)?")
         b.degrade("no-transaction", "fhir.transaction",
                   "Writes are not all-or-nothing: signing saves the order first, then its findings, then links the "
-                  "order to them, and the confirmation page says so. If a later write fails, the page says what was "
-                  "saved and what was not, the draft is kept, and signing again (or 'Try again' for a session note) "
-                  "writes only what is missing; conditional creates match what landed. A plan change that fails "
+                  "order to them; a session note saves the session first, then its pain scores, the task count and "
+                  "the authorship record; the confirmation pages say so. If a later write fails, the page says what "
+                  "was saved and what was not, the draft is kept, and signing again (or 'Try again' for a session "
+                  "note) writes only what is missing; conditional creates match what landed. A plan change that fails "
                   "after an order was updated says which changes were saved and is not retried by itself.")
     if "batch" in system:
         b.add(g, "fhir.batch", OK, "Batch", "batch is supported: the chart can be read in one round trip.")

@@ -1,6 +1,6 @@
 """Ordering (issue 6): a physician screens the chart, orders medical massage, overrides or acknowledges what the
-screen found, and signs; the order is written back as ONE idempotent transaction (entry by entry, order first, where the EHR takes no
-transactions: fhir_massage.writes).
+screen found, and signs; the order is written back as ONE idempotent transaction (entry by entry, order first,
+where the EHR takes no transactions: fhir_massage.writes).
 
 Routes (``/p/<lsid>/orders``):
 
@@ -443,13 +443,10 @@ def sign() -> Any:
         if not outcome.complete:
             # No transaction here and a write after the first failed: say what is in the chart and what is not,
             # keep the draft (not signed) so "Sign" again finishes only what is missing.
-            rec["partial"] = {"saved": outcome.saved_refs(), "missing": outcome.missing_types()}
-            _save_draft(draft_id, rec)
             log.info("order written in part (%d saved, %d not); draft kept", len(outcome.written),
                      len(outcome.failed))
             return render_template("orders/form.html", **_form_context(ev, draft_id, show_problems=True,
                                                                          error=_partial_text(outcome))), 502
-        rec.pop("partial", None)
         return _finish(draft_id, rec, ev, outcome.by_type(), atomic=outcome.atomic)
 
 

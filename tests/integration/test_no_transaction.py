@@ -56,7 +56,8 @@ def test_sandbox_switch_drops_transaction_from_metadata_and_refuses_one(smart_sa
     tok = get_token(smart_sandbox, "test-public", PHYSICIAN, TOM, scopes="launch openid fhirUser patient/*.cruds")
     r = requests.post(smart_sandbox.fhir_base, timeout=10, json={"resourceType": "Bundle", "type": "transaction",
                                                                   "entry": []},
-                      headers={"Authorization": f"Bearer {tok['access_token']}", "Content-Type": "application/fhir+json"})
+                      headers={"Authorization": f"Bearer {tok['access_token']}",
+                               "Content-Type": "application/fhir+json"})
     assert r.status_code == 501
     assert r.json()["issue"][0]["code"] == "not-supported"
 

@@ -11,7 +11,8 @@ from fhir_massage.writes import EntryNotWritten, WriteOutcome, supports_transact
 
 
 def cap(*codes: str, mode: str = "server") -> dict:
-    return {"resourceType": "CapabilityStatement", "rest": [{"mode": mode, "interaction": [{"code": c} for c in codes]}]}
+    return {"resourceType": "CapabilityStatement",
+            "rest": [{"mode": mode, "interaction": [{"code": c} for c in codes]}]}
 
 
 @pytest.mark.parametrize("capability, expected", [
