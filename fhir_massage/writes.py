@@ -57,7 +57,8 @@ class WriteOutcome:
     """What ``write_bundle`` did.
 
     ``atomic``: True when the server took the Bundle as one transaction (all or nothing), False when the entries
-    were written one by one. ``written``: the results of the entries that landed, in the order they were written.
+    were written one by one. ``written``: the results of every write that landed, in the order they were made
+    (one by one, that includes the update that links an order to its findings).
     ``failed``: (request entry, error) for every entry that did not land or landed incomplete (an order saved but
     whose update adding its findings failed), in Bundle order; empty when everything was saved.
     ``results``: one item per request entry, in Bundle order: its ``FhirResult`` if it landed complete, else its

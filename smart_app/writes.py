@@ -3,8 +3,8 @@
 Whether the launch's EHR takes transactions is kept per FHIR base for the app process (``CapabilityCache`` in
 ``app.extensions``). It is learnt without an extra round trip: the first write tries the transaction, and a server
 that refuses it as not supported (501/405, OperationOutcome ``not-supported``) gets the entries one by one at once
-and every later write goes one by one straight away. ``prime(capability)`` records what a CapabilityStatement says
-when one was read anyway.
+and every later write goes one by one straight away (``CapabilityCache.transactions(client)`` reads the
+CapabilityStatement instead, for callers that can afford the round trip).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from flask import current_app, has_app_context
 
 from fhir_massage.errors import FhirError
 from fhir_massage.fhir import FhirClient
-from fhir_massage.writes import CapabilityCache, WriteOutcome, supports_transactions, write_bundle
+from fhir_massage.writes import CapabilityCache, WriteOutcome, write_bundle
 
 EXT = "fhir_massage.capabilities"
 
@@ -24,10 +24,6 @@ def cache() -> CapabilityCache:
     if not has_app_context():  # a helper called outside a request (scripts, tests): learn for this call only
         return CapabilityCache()
     return current_app.extensions.setdefault(EXT, CapabilityCache())
-
-
-def prime(base_url: str, capability: Any) -> None:
-    cache().learn(base_url, supports_transactions(capability))
 
 
 def write(client: FhirClient, bundle: Mapping[str, Any]) -> WriteOutcome:
@@ -48,4 +44,4 @@ def atomic(client: FhirClient) -> bool:
     return cache().known(client.base_url) is True
 
 
-__all__ = ["atomic", "cache", "prime", "write"]
+__all__ = ["atomic", "cache", "write"]

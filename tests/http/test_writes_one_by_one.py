@@ -240,3 +240,17 @@ def test_capability_cache_reads_metadata_once_per_base(client):
         assert cache.transactions(client) is False
         assert cache.transactions(client) is False
         assert len(rsps.calls) == 1
+
+
+def test_the_app_learns_once_per_ehr_that_it_takes_no_transaction(ehr, client):
+    from flask import Flask
+
+    from smart_app import writes as app_writes
+
+    with Flask("t").app_context():
+        first = app_writes.write(client, order_bundle())
+        assert not first.atomic and not app_writes.atomic(client)
+        assert [p for _, p, _ in ehr.log].count("/") == 1  # tried the transaction once, answered 501
+        ehr.log.clear()
+        again = app_writes.write(client, order_bundle())
+        assert again.complete and "/" not in [p for _, p, _ in ehr.log]  # straight to one by one
