@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--open", action="store_true", help="no authorization: every request may do everything")
     p.add_argument("--today", type=date.fromisoformat, default=None, help="the demo data's today (YYYY-MM-DD)")
     p.add_argument("--public-base", default=None, help="FHIR base URL to advertise (behind a proxy)")
+    c = p.add_argument_group("capabilities (to see how the app degrades on a less capable EHR)")
+    c.add_argument("--no-transactions", dest="transactions", action="store_false",
+                   help="refuse transaction Bundles (501) and leave 'transaction' out of /metadata")
+    c.add_argument("--no-batch", dest="batch", action="store_false",
+                   help="refuse batch Bundles (501) and leave 'batch' out of /metadata")
     f = p.add_argument_group("fault injection (off by default)")
     f.add_argument("--latency-ms", type=int, default=0, help="delay every FHIR request by N ms")
     f.add_argument("--fail-every-n", type=int, default=0, help="every N-th FHIR request fails")
@@ -82,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         today=args.today,
         public_base=args.public_base,
         auth=auth_options_from_args(args),
+        transactions=args.transactions,
+        batch=args.batch,
     )
     # werkzeug's access log prints query strings (name=, identifier=...): patient data stays out of logs.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

@@ -342,3 +342,24 @@ def test_command_prints_base_url_when_ready() -> None:
         proc.wait(timeout=10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_command_can_turn_transactions_and_batch_off() -> None:
+    """`fhir-massage sandbox --no-transactions --no-batch`: a less capable EHR for trying the app's fallbacks."""
+    proc = subprocess.Popen([sys.executable, "-m", "fhir_massage.cli", "sandbox", "--port", "0", "--open",
+                             "--no-seed", "--no-transactions", "--no-batch"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        base = proc.stdout.readline().strip()
+        assert base.endswith("/fhir")
+        interactions = [i["code"] for i in requests.get(f"{base}/metadata", timeout=10).json()["rest"][0].get(
+            "interaction", [])]
+        assert "transaction" not in interactions and "batch" not in interactions
+        for kind in ("transaction", "batch"):
+            r = requests.post(base, json={"resourceType": "Bundle", "type": kind, "entry": []},
+                              headers={"Content-Type": "application/fhir+json"}, timeout=10)
+            assert r.status_code == 501 and r.json()["issue"][0]["code"] == "not-supported"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
