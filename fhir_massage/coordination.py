@@ -590,6 +590,37 @@ def _row(sr: Mapping[str, Any], order_ref: str, procs: list[Mapping[str, Any]], 
         task_status=task.get("status") if task else None, warnings=tuple(warnings))
 
 
+# --- who "the physician" is ---------------------------------------------------------------------------------------
+
+
+def physician_refs(user_ref: str | None, roles: Iterable[Mapping[str, Any]] = ()) -> list[str]:
+    """Every reference that stands for the signed-in physician, the user's own first: their Practitioner and each
+    PractitionerRole of that Practitioner found in ``roles`` (PractitionerRole/Practitioner resources from a
+    ``PractitionerRole?practitioner=`` search or a read of the user's role with ``_include``). EHRs put either in
+    ServiceRequest.requester and Communication.recipient/sender (R4 both allow Practitioner | PractitionerRole), and
+    SMART's fhirUser may be either (SMART App Launch 2.2 "fhirUser claim"), so an order or message under any of
+    them is the physician's. A role of another practitioner is never counted, whatever the search returned."""
+    me = ref_key(user_ref)
+    if not me:
+        return []
+    out = [me]
+    roles = [r for r in roles if isinstance(r, Mapping)]
+    people = {me} if me.startswith("Practitioner/") else set()
+    for r in roles:  # the Practitioner behind a PractitionerRole user
+        if r.get("resourceType") == "PractitionerRole" and _own_ref(r) == me:
+            who = ref_key(r.get("practitioner"))
+            if who and who.startswith("Practitioner/"):
+                people.add(who)
+    for r in roles:
+        if r.get("resourceType") != "PractitionerRole":
+            continue  # an inactive role counts too: the orders filed under it are still this physician's
+        own = _own_ref(r)
+        if own and ref_key(r.get("practitioner")) in people and own not in out:
+            out.append(own)
+    out += sorted(p for p in people if p not in out)
+    return out
+
+
 # --- messages ----------------------------------------------------------------------------------------------------
 
 
@@ -724,6 +755,6 @@ def attention(rows: Sequence[PlanRow], new_findings: Iterable[Mapping[str, Any]]
 __all__ = [
     "PainPoint", "PainTrend", "Gap", "NotDone", "Finding", "PlanRow", "PlanStats", "Message", "Thread", "Attention",
     "plan_rows", "pain_trend", "adherence", "threads", "attention", "ref_key", "parse_date", "requisition_key",
-    "visit_key",
+    "visit_key", "physician_refs",
     "MCID_POINTS", "MCID_FRACTION", "GAP_FACTOR",
 ]

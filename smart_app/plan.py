@@ -31,7 +31,7 @@ from fhir_massage import chart as chart_mod
 from fhir_massage import coordination as co
 from fhir_massage import plan_view as pv
 from fhir_massage.builders.messages import CATEGORIES, MESSAGE_ID_SYSTEM, communication
-from fhir_massage.builders.order import IDENTIFIER_BASE, instant, provenance, provenance_entry
+from fhir_massage.builders.order import IDENTIFIER_BASE, annotation, instant, provenance, provenance_entry
 from fhir_massage.builders.plan import ACTIONS, modify_order, order_status_update, task_follow_order
 from fhir_massage.chart_fetch import chart_searches
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
@@ -39,7 +39,7 @@ from fhir_massage.errors import FhirConflict, FhirError, InvalidInput
 from fhir_massage.writes import PartialWrite, batch_or_each
 from fhir_massage.fhir import FhirClient, FhirResult, batch_bundle, entry_outcomes, request_entry, resources, \
     transaction_bundle
-from fhir_massage.orders_model import LATERALITIES, Schedule, _sites, site_problem
+from fhir_massage.orders_model import LATERALITIES, Schedule, _sites, schedule_problems, site_problem
 from fhir_massage.screening import screen
 
 from . import identity, writes
@@ -80,6 +80,8 @@ class PlanData:
     communications: list[dict[str, Any]] = field(default_factory=list)
     people: dict[str, str] = field(default_factory=dict)  # Practitioner/PractitionerRole ref -> name
     chart: list[dict[str, Any]] = field(default_factory=list)  # for the re-screen (Patient first)
+    user_ref: str | None = None
+    roles: list[dict[str, Any]] = field(default_factory=list)  # the user's PractitionerRoles (+ Practitioner)
     warnings: list[str] = field(default_factory=list)
     round_trips: int = 0
 
@@ -88,8 +90,61 @@ def _q(params: Sequence[tuple[str, str]]) -> str:
     return urlencode(list(params))
 
 
-def plan_searches(patient_id: str, *, with_chart: bool = True) -> list[tuple[str, str]]:
-    """(key, relative URL) of every GET the plan view puts in its batch."""
+def role_search(user_ref: str | None) -> str | None:
+    """The search that finds the user's PractitionerRoles (with their Practitioner, for names): every role of a
+    Practitioner user; for a PractitionerRole user, that role and its Practitioner (the practitioner's other roles
+    take one more search, ``sibling_roles``, as the practitioner is not known before)."""
+    ref = co.ref_key(user_ref)
+    if ref and ref.startswith("Practitioner/"):
+        return "PractitionerRole?" + _q([("practitioner", ref), ("_include", "PractitionerRole:practitioner")])
+    if ref and ref.startswith("PractitionerRole/"):
+        return "PractitionerRole?" + _q([("_id", ref.split("/", 1)[1]), ("_include", "PractitionerRole:practitioner")])
+    return None
+
+
+def sibling_roles(client: FhirClient, user_ref: str | None, found: Sequence[Mapping[str, Any]]
+                  ) -> list[dict[str, Any]]:
+    """For a PractitionerRole user: the other roles of the Practitioner behind it (one search, only then). An EHR
+    that refuses it leaves the physician known by the references found so far."""
+    ref = co.ref_key(user_ref)
+    if not ref or not ref.startswith("PractitionerRole/"):
+        return []
+    who = next((co.ref_key(r.get("practitioner")) for r in found if r.get("resourceType") == "PractitionerRole"
+                and f"PractitionerRole/{r.get('id')}" == ref), None)
+    if not who or not who.startswith("Practitioner/"):
+        return []
+    try:
+        return [r for r in client.search_all("PractitionerRole", [("practitioner", who)])
+                if r.get("resourceType") == "PractitionerRole"]
+    except FhirError as exc:
+        if exc.status == 401:
+            raise
+        return []
+
+
+def person_names(resources: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Practitioner/PractitionerRole reference -> name. A PractitionerRole has no name of its own (R4): it takes its
+    Practitioner's, from the resources or the reference's display."""
+    out: dict[str, str] = {}
+    for r in resources:
+        if r.get("resourceType") == "Practitioner":
+            name = identity.human_name(r)
+            if name:
+                out[f"Practitioner/{r.get('id')}"] = name
+    for r in resources:
+        if r.get("resourceType") == "PractitionerRole":
+            who = r.get("practitioner") if isinstance(r.get("practitioner"), Mapping) else {}
+            name = out.get(co.ref_key(who) or "") or (who.get("display") if isinstance(who.get("display"), str)
+                                                      else None)
+            if name:
+                out[f"PractitionerRole/{r.get('id')}"] = name
+    return out
+
+
+def plan_searches(patient_id: str, *, with_chart: bool = True, user_ref: str | None = None
+                  ) -> list[tuple[str, str]]:
+    """(key, relative URL) of every GET the plan view puts in its batch; with ``user_ref``, the user's roles too
+    (who "the physician" is for the message threads and the authorship note)."""
     p = ("patient", patient_id)
     out: list[tuple[str, str]] = []
     if with_chart:
@@ -97,16 +152,20 @@ def plan_searches(patient_id: str, *, with_chart: bool = True) -> list[tuple[str
         out += [(f"chart:{rtype}", f"{rtype}?{_q(params)}") for rtype, params in chart_searches(patient_id)]
     out += [
         ("orders", "ServiceRequest?" + _q([p, ("code", f"{TECHNIQUE_SYSTEM}|"), ("_revinclude", "Task:focus"),
-                                          ("_revinclude", "Procedure:based-on"), ("_count", "200")])),
+                                          ("_revinclude", "Procedure:based-on"),
+                                          ("_include", "ServiceRequest:requester"), ("_count", "200")])),
         ("pain", "Observation?" + _q([p, ("code", PAIN_CODE), ("_count", "1000")])),
         ("issues", "DetectedIssue?" + _q([p, ("_count", "200")])),
         ("messages", "Communication?" + _q([p, ("_include", "Communication:sender"), ("_count", "200")])),
     ]
+    roles = role_search(user_ref)
+    if roles:
+        out.append(("roles", roles))
     return out
 
 
 _WHAT = {"orders": "massage orders and sessions", "pain": "pain scores", "issues": "contraindication findings",
-         "messages": "messages", "patient": "patient record"}
+         "messages": "messages", "patient": "patient record", "roles": "your practitioner roles"}
 
 
 def _pages(client: FhirClient, first: dict[str, Any], what: str, warnings: list[str]) -> list[dict[str, Any]]:
@@ -161,12 +220,13 @@ def _run_batch(client: FhirClient, searches: Sequence[tuple[str, str]], out: dic
     return retry
 
 
-def fetch(client: FhirClient, patient_id: str, *, with_chart: bool = True) -> dict[str, list[dict[str, Any]]]:
+def fetch(client: FhirClient, patient_id: str, *, with_chart: bool = True, user_ref: str | None = None
+          ) -> dict[str, list[dict[str, Any]]]:
     """Run the searches and return the resources per key: one batch, plus at most one more batch for the
     searches worth retrying (see ``_run_batch``), plus one request per further page. A server without batch
     gets the searches one by one. A search that still fails becomes an OperationOutcome (shown as a warning;
     for the chart, chart.py turns it into an 'incomplete chart' warning, never a silent 'nothing there')."""
-    searches = plan_searches(patient_id, with_chart=with_chart)
+    searches = plan_searches(patient_id, with_chart=with_chart, user_ref=user_ref)
     out: dict[str, list[dict[str, Any]]] = {}
     warnings: list[str] = []
     retry = _run_batch(client, searches, out, warnings, last=False)
@@ -229,11 +289,16 @@ def _unique(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def load(client: FhirClient, patient_id: str, *, with_chart: bool = True) -> PlanData:
-    """Everything the plan view shows for one patient, with the number of round trips it took."""
+def load(client: FhirClient, patient_id: str, *, with_chart: bool = True, user_ref: str | None = None) -> PlanData:
+    """Everything the plan view shows for one patient, with the number of round trips it took. With ``user_ref``
+    the user's roles come in the same batch (plus one search for a PractitionerRole user: ``sibling_roles``)."""
     before = client.request_count
-    raw = fetch(client, patient_id, with_chart=with_chart)
-    data = PlanData()
+    raw = fetch(client, patient_id, with_chart=with_chart, user_ref=user_ref)
+    data = PlanData(user_ref=user_ref)
+    data.roles = [r for r in raw.get("roles", []) if r.get("resourceType") in ("PractitionerRole", "Practitioner")]
+    data.roles += [r for r in sibling_roles(client, user_ref, data.roles)
+                   if all(r.get("id") != x.get("id") or x.get("resourceType") != "PractitionerRole"
+                          for x in data.roles)]
     data.round_trips = client.request_count - before
     for key in ("orders", "pain", "issues", "messages"):
         data.warnings += _outcome_words(raw.get(key, []))
@@ -263,13 +328,10 @@ def load(client: FhirClient, patient_id: str, *, with_chart: bool = True) -> Pla
             data.tasks.append(res)
     data.observations = [o for o in raw.get("pain", []) if o.get("resourceType") == "Observation"]
     data.issues = [i for i in raw.get("issues", []) if i.get("resourceType") == "DetectedIssue"]
-    for res in raw.get("messages", []):
-        if res.get("resourceType") == "Communication":
-            data.communications.append(res)
-        elif res.get("resourceType") in ("Practitioner", "PractitionerRole"):
-            name = identity.human_name(res)
-            if name:
-                data.people[f"{res['resourceType']}/{res.get('id')}"] = name
+    data.communications = [r for r in raw.get("messages", []) if r.get("resourceType") == "Communication"]
+    # names of the message senders, the ordering physicians and the user's roles (all _include'd)
+    data.people = person_names([r for r in raw.get("messages", []) + orders + data.roles
+                                if isinstance(r, dict) and r.get("resourceType") in ("Practitioner", "PractitionerRole")])
     patient = raw.get("patient", [None])[0] if raw.get("patient") else None
     data.patient = patient if isinstance(patient, dict) and patient.get("resourceType") == "Patient" else None
     if with_chart:
@@ -359,8 +421,50 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _physician_refs() -> list[str]:
-    return [g.ctx.user_ref] if g.ctx.user_ref else []
+def physician_refs_of(data: PlanData) -> list[str]:
+    """Every reference that is this physician (their Practitioner and each of its PractitionerRoles)."""
+    return co.physician_refs(data.user_ref, data.roles)
+
+
+def my_refs(client: FhirClient, user_ref: str | None) -> list[str]:
+    """The same, looked up on its own (1 search; 2 for a PractitionerRole user) where no plan batch is read. An EHR
+    that refuses the search leaves the user's own reference only."""
+    url = role_search(user_ref)
+    found: list[dict[str, Any]] = []
+    if url:
+        try:
+            found = _iter_url(client, url)[0]
+        except FhirError as exc:
+            if exc.status == 401:
+                raise
+        found += sibling_roles(client, user_ref, found)
+    return co.physician_refs(user_ref, found)
+
+
+@dataclass(frozen=True)
+class Authorship:
+    ordered_by: str  # name (or reference) of the ordering physician(s) of the plan
+    acting: str  # the user, by name
+
+
+def authorship(card: PlanCard, mine: Sequence[str], people: Mapping[str, str]) -> Authorship | None:
+    """When the plan was ordered by someone else (a covering physician changes it): who ordered it and who is
+    changing it, said on the page before the change. The order keeps its requester; the change is recorded under
+    the acting user (order note + Provenance author). None when the user ordered every order of the plan."""
+    requesters = list(dict.fromkeys(co.ref_key(o.get("requester")) for o in card.orders))
+    if requesters and all(r in mine for r in requesters):
+        return None
+    names = []
+    for o in card.orders:
+        r = co.ref_key(o.get("requester"))
+        if r in mine:
+            continue
+        display = (o.get("requester") or {}).get("display") if isinstance(o.get("requester"), Mapping) else None
+        names.append(people.get(r or "") or (display if isinstance(display, str) else None) or r
+                     or "no one named in the order")
+    ctx = g.ctx
+    return Authorship(" and ".join(dict.fromkeys(names)), ctx.user_name or people.get(ctx.user_ref or "")
+                      or ctx.user_ref or "you")
 
 
 def _may_act() -> str | None:
@@ -378,37 +482,50 @@ def _may_act() -> str | None:
 @bp.get("/")
 @require_launch
 def index() -> Any:
+    return render_plan()
+
+
+def render_plan(typed: ChangeForm | None = None, status: int = 200) -> Any:
+    """The plan page; with ``typed``, a change that could not be made is shown again in its form, as typed, with
+    each problem next to its field (status 422: the request was understood but the change is not possible)."""
     ctx = g.ctx
     if not ctx.patient_id:
         return render_template("plan/no_patient.html"), 400
     client = fhir_client()
-    data = load(client, ctx.patient_id)
+    data = load(client, ctx.patient_id, user_ref=ctx.user_ref)
     now = _now()
-    cards, other, warnings, att = build_cards(data, today=now.date(), now=now, physician_refs=_physician_refs(),
+    mine = physician_refs_of(data)
+    cards, other, warnings, att = build_cards(data, today=now.date(), now=now, physician_refs=mine,
                                               patient_ref=f"Patient/{ctx.patient_id}")
-    done = request.args.get("done")
+    done = request.args.get("done") if typed is None else None
     # adherence, gaps and not-done are the plan's (counted in visits): label a reason with its plan
     order_names = {r.order_ref: tech_names(c.group.techniques) for c in cards for r in c.group.rows}
     several = len(cards) > 1
     # new findings have their own box at the top; the rest in attention order (coordination.attention)
     attention = [(order_names.get(a.order_ref or "") if several else None, reason) for a in att if a.score > 0
                  for reason in a.reasons if not reason.startswith("New finding")]
+    if typed is not None and not any(c.group.key == typed.plan for c in cards):
+        typed.problems.setdefault("form", "That plan is not in this patient's chart (any more).")
     return render_template("plan/index.html", cards=cards, other_threads=other, warnings=warnings,
                            attention=attention, people=data.people, done=DONE_WORDS.get(done or ""),
-                           cannot_act=_may_act(), reply_target=reply_target, action_labels=ACTION_LABELS, categories=CATEGORIES,
+                           cannot_act=_may_act(), reply_target=lambda t: reply_target(t, mine),
+                           action_labels=ACTION_LABELS, categories=CATEGORIES,
                            round_trips=data.round_trips, techniques=TECHNIQUES, technique_display=TECHNIQUE_DISPLAY,
-                           all_sites=_site_choices(), lateralities=list(LATERALITIES),
-                           new_id=lambda: uuid.uuid4().hex, tech_names=tech_names, panel_ok=_panel_missing() == [])
+                           all_sites=_site_choices(), lateralities=list(LATERALITIES), typed=typed,
+                           mine=set(mine), authorship=lambda card: authorship(card, mine, data.people),
+                           new_id=lambda: uuid.uuid4().hex, tech_names=tech_names,
+                           panel_ok=_panel_missing() == []), status
 
 
 def tech_names(techniques: Sequence[str], sep: str = ", ") -> str:
     return sep.join(TECHNIQUE_DISPLAY.get(t, t) for t in techniques)
 
 
-def reply_target(thread: co.Thread) -> co.Message:
-    """The message a reply answers: the latest one not written by this physician (else the latest)."""
-    mine = set(_physician_refs())
-    return next((m for m in reversed(thread.messages) if m.sender not in mine), thread.messages[-1])
+def reply_target(thread: co.Thread, mine: Sequence[str]) -> co.Message:
+    """The message a reply answers: the latest one not written by this physician under any of their references
+    (else the latest)."""
+    refs = set(mine)
+    return next((m for m in reversed(thread.messages) if m.sender not in refs), thread.messages[-1])
 
 
 def _site_choices() -> list[tuple[str, str, bool]]:
@@ -442,8 +559,10 @@ def reply() -> Any:
     order = next((co.ref_key(b) for b in original.get("basedOn") or [] if co.ref_key(b)), None)
     if not sender or not order:
         raise InvalidInput("That message names no sender or no order, so a reply cannot be addressed.")
-    if sender == ctx.user_ref:  # replying to one's own message: answer the person it went to
-        sender = next((co.ref_key(r) for r in original.get("recipient") or [] if co.ref_key(r)), sender)
+    mine = set(my_refs(client, ctx.user_ref))
+    if sender in mine:  # replying to one's own message (under any of one's references): answer whom it went to
+        sender = next((co.ref_key(r) for r in original.get("recipient") or []
+                       if co.ref_key(r) and co.ref_key(r) not in mine), sender)
     msg = communication(order_ref=order, patient_ref=f"Patient/{ctx.patient_id}", sender_ref=ctx.user_ref,
                         recipient_ref=sender, text=text, category=category, in_response_to=target, now=_now(),
                         draft_id=draft_id)
@@ -478,34 +597,86 @@ class Change:
         return out
 
 
-def _int(name: str) -> int:
-    try:
-        return int(request.form.get(name, ""))
-    except ValueError:
-        raise InvalidInput(f"The {name} must be a whole number.") from None
+@dataclass
+class ChangeForm:
+    """What the physician typed into one plan's change form, and what is wrong with it (field -> plain words), so
+    that a mistake re-renders the plan page with everything kept (pages are no-store: Back brings nothing back)."""
+
+    plan: str
+    action: str
+    reason: str
+    technique: dict[str, str]
+    sites: list[str]  # ticked ones
+    add_site: str
+    add_side: str
+    frequency: str
+    weeks: str
+    minutes: str
+    seen: dict[str, str] = field(default_factory=dict)  # order id -> version the physician saw (kept: If-Match)
+    problems: dict[str, str] = field(default_factory=dict)
+
+    def version(self, order: Mapping[str, Any]) -> str:
+        """The version to send back for ``order``: the one seen when the change was first typed, so that a
+        change made meanwhile by someone else still ends in the conflict page, never overwritten."""
+        return self.seen.get(str(order.get("id"))) or str((order.get("meta") or {}).get("versionId") or "")
 
 
-def _change_from_form() -> Change:
+def _whole(raw: str, name: str, what: str, problems: dict[str, str]) -> int:
+    raw = raw.strip()
+    if not raw:
+        problems[name] = f"Give the {what}."
+    elif not raw.isascii() or not raw.isdigit() or len(raw) > 6:
+        problems[name] = f"The {what} must be a whole number (got '{raw[:20]}')."
+    else:
+        return int(raw)
+    return 0
+
+
+# orders_model.schedule_problems speaks the order form's field names; the plan's modify form has shorter ones
+_SCHEDULE_FIELDS = {"frequency": "frequency", "duration_weeks": "weeks", "session_minutes": "minutes"}
+
+
+def _change_from_form() -> tuple[Change | None, ChangeForm]:
+    """The posted change, or None with the problems by field in the ChangeForm (never an exception for a person's
+    mistake: the caller shows the plan page again with what was typed)."""
     form = request.form
     action = form.get("action", "")
+    typed = ChangeForm(
+        plan=form.get("plan", ""), action=action, reason=form.get("reason", "").strip()[:500],
+        technique={k[len("technique-"):]: v for k, v in form.items() if k.startswith("technique-") and v},
+        sites=[s for s in form.getlist("site") if s], add_site=form.get("add_site", ""),
+        add_side=form.get("add_side", ""), frequency=form.get("frequency", ""), weeks=form.get("weeks", ""),
+        minutes=form.get("minutes", ""),
+        seen={k[2:]: v[:64] for k, v in form.items() if k.startswith("v-") and v})
+    problems = typed.problems
     if action not in ACTIONS and action != "modify":
-        raise InvalidInput("Choose what to do with the order: hold, resume, revoke, complete or change it.")
+        problems["action"] = "Choose what to do with the order: hold, resume, revoke, complete or change it."
+        return None, typed
     only = form.get("order") or None
-    technique = {k[len("technique-"):]: v for k, v in form.items() if k.startswith("technique-") and v}
     sites = schedule = None
     if action == "modify":
-        picked = [s for s in form.getlist("site") if s]
-        add, side = form.get("add_site", ""), form.get("add_side", "")
-        if add:
-            picked.append(f"{add}:{side}" if side else add)
+        unknown = sorted({t for t in typed.technique.values() if t not in TECHNIQUES})
+        if unknown:
+            problems["technique"] = f"Unknown technique {', '.join(repr(t[:40]) for t in unknown)}; pick one from the list."
+        picked = list(typed.sites)
+        if typed.add_site:
+            picked.append(f"{typed.add_site}:{typed.add_side}" if typed.add_side else typed.add_site)
         sites = tuple(dict.fromkeys(picked))
-        problems = [p for p in (site_problem(s) for s in sites) if p]
+        site_words = [p for p in (site_problem(s) for s in sites) if p]
         if not sites:
-            problems.append("Keep or add at least one body site.")
-        if problems:
-            raise InvalidInput(" ".join(problems))
-        schedule = Schedule(_int("frequency"), _int("weeks"), _int("minutes"))
-    return Change(action, form.get("reason", "").strip()[:500], only, technique, sites, schedule)
+            site_words.append("Keep or add at least one body site: an order treats at least one.")
+        if site_words:
+            problems["site"] = " ".join(site_words)
+        numbers = (_whole(typed.frequency, "frequency", "number of sessions a week", problems),
+                   _whole(typed.weeks, "weeks", "number of weeks", problems),
+                   _whole(typed.minutes, "minutes", "session length in minutes", problems))
+        if not {"frequency", "weeks", "minutes"} & problems.keys():
+            for name, words in schedule_problems(*numbers).items():
+                problems[_SCHEDULE_FIELDS[name]] = words
+        schedule = Schedule(*numbers)
+    if problems:
+        return None, typed
+    return Change(action, typed.reason, only, typed.technique, sites, schedule), typed
 
 
 def _plan_orders(client: FhirClient, key: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
@@ -549,15 +720,24 @@ def apply_change(change: Change, sr: Mapping[str, Any], *, author_ref: str, now:
 
 
 def change_transaction(change: Change, orders: Sequence[Mapping[str, Any]], tasks: Mapping[str, Mapping[str, Any]],
-                       seen_versions: Mapping[str, str], *, author_ref: str, now: datetime) -> dict[str, Any]:
+                       seen_versions: Mapping[str, str], *, author_ref: str, now: datetime,
+                       physician_refs: Sequence[str] | None = None) -> dict[str, Any]:
     """ONE transaction: each changed order with If-Match = the version the physician saw, each Task following its
-    order with If-Match = the Task's version as read, and a Provenance (UPDATE) for all of them."""
+    order with If-Match = the Task's version as read, and a Provenance (UPDATE) for all of them.
+
+    Who may change an order: any physician this EHR lets update orders (a covering physician acts on a colleague's
+    orders). Authorship is never moved silently: ``requester`` stays the ordering physician, the Provenance author
+    is ``author_ref`` (the acting user), and an order whose requester is not among ``physician_refs`` (the acting
+    user's references; default: ``author_ref`` alone) also gets a note by the acting user saying so."""
+    mine = set(physician_refs or [author_ref])
     entries, targets = [], []
     for sr in orders:
         oid = str(sr.get("id"))
         updated = apply_change(change, sr, author_ref=author_ref, now=now)
         if updated is None:
             continue
+        if co.ref_key(sr.get("requester")) not in mine:
+            updated = covering_note(updated, sr, change, author_ref=author_ref, now=now)
         version = seen_versions.get(oid)
         if not version:
             raise InvalidInput("The form did not say which version of the order you saw; reload the plan.")
@@ -595,15 +775,23 @@ def action() -> Any:
     if why:
         abort(403, description=why)
     key = request.form.get("plan", "")
-    change = _change_from_form()
+    change, typed = _change_from_form()
+    if change is None:
+        return render_plan(typed, 422)
     seen = {k[2:]: v for k, v in request.form.items() if k.startswith("v-") and v}
     client = fhir_client()
     orders, tasks = _plan_orders(client, key)
     if not orders:
         abort(404, description="That plan is not in this patient's chart (any more).")
     now = _now()
+    mine = my_refs(client, ctx.user_ref)
     for attempt in (1, 2):
-        bundle = change_transaction(change, orders, tasks, seen, author_ref=ctx.user_ref, now=now)
+        try:
+            bundle = change_transaction(change, orders, tasks, seen, author_ref=ctx.user_ref, now=now,
+                                        physician_refs=mine)
+        except InvalidInput as exc:  # nothing to change, or a change the order cannot take: nothing was written
+            typed.problems["form"] = exc.message
+            return render_plan(typed, 422)
         try:
             outcome = writes.write(client, bundle)
         except FhirConflict as exc:
@@ -623,6 +811,18 @@ def action() -> Any:
             raise PartialWrite(outcome, what=_PLAN_WHAT)
         break
     return redirect(url_for("plan.index", done=change.action), code=303)
+
+
+def covering_note(updated: dict[str, Any], sr: Mapping[str, Any], change: Change, *, author_ref: str,
+                  now: datetime) -> dict[str, Any]:
+    """A change by someone other than the ordering physician says so in the order itself (R4 ServiceRequest.note,
+    an Annotation with authorReference), next to the reason note if there is one: readers of the order who never
+    open its Provenance still see that the order was changed by another physician."""
+    who = sr.get("requester") if isinstance(sr.get("requester"), Mapping) else {}
+    name = who.get("display") if isinstance(who.get("display"), str) else co.ref_key(who) or "no one named"
+    text = (f"{ACTION_LABELS[change.action]}: done by a physician other than the ordering one ({name}); the "
+            "ordering physician is unchanged.")
+    return {**updated, "note": list(updated.get("note") or []) + [annotation(text, author_ref=author_ref, time=now)]}
 
 
 _PLAN_WHAT = {"ServiceRequest": "an order change", "Task": "the therapists' task following the order",
@@ -682,9 +882,9 @@ def record_finding() -> Any:
     key, rule = request.form.get("plan", ""), request.form.get("rule", "")
     text = request.form.get("mitigation", "").strip()[:500]
     client = fhir_client()
-    data = load(client, ctx.patient_id)
+    data = load(client, ctx.patient_id, user_ref=ctx.user_ref)
     now = _now()
-    cards, *_ = build_cards(data, today=now.date(), now=now, physician_refs=_physician_refs(),
+    cards, *_ = build_cards(data, today=now.date(), now=now, physician_refs=physician_refs_of(data),
                             patient_ref=f"Patient/{ctx.patient_id}")
     card = next((c for c in cards if c.group.key == key), None)
     found = next((f for f in (card.new_findings if card else []) if f["_rule"] == rule), None)
@@ -777,15 +977,19 @@ class PanelPatient:
 
 
 def load_panel(client: FhirClient, user_ref: str, *, today: date, now: datetime) -> list[PanelPatient]:
-    """The physician's patients with active massage orders, most in need of attention first. Two batches: the
-    orders (with Tasks, sessions and the patients) and the messages to the physician; then, per patient, the pain
-    scores, findings and chart for the re-screen - all patients in the same second batch."""
+    """The physician's patients with active massage orders, most in need of attention first. First who the
+    physician is (``my_refs``: their Practitioner and every PractitionerRole of it, since an EHR may file an order
+    or a message under either); then two batches: the orders requested under any of those references (comma = OR,
+    search.html#combining) with Tasks, sessions and the patients, and the messages to any of them; then, per
+    patient, the pain scores, findings and chart for the re-screen - all patients in the same second batch."""
+    mine = my_refs(client, user_ref) or [user_ref]
+    anyone = ",".join(mine)
     first = [
-        ("orders", "ServiceRequest?" + _q([("requester", user_ref), ("status", "active"),
+        ("orders", "ServiceRequest?" + _q([("requester", anyone), ("status", "active"),
                                           ("code", f"{TECHNIQUE_SYSTEM}|"), ("_revinclude", "Task:focus"),
                                           ("_revinclude", "Procedure:based-on"),
                                           ("_include", "ServiceRequest:subject"), ("_count", "200")])),
-        ("messages", "Communication?" + _q([("recipient", user_ref), ("_count", "500")])),
+        ("messages", "Communication?" + _q([("recipient", anyone), ("_count", "500")])),
     ]
     answers = entry_outcomes(batch_or_each(client, batch_bundle([request_entry("GET", u) for _, u in first])))
     got: dict[str, list[dict[str, Any]]] = {}
@@ -836,7 +1040,7 @@ def load_panel(client: FhirClient, user_ref: str, *, today: date, now: datetime)
                         communications=[m for m in messages if co.ref_key(m.get("subject")) == pref])
         data.chart = ([data.patient] if data.patient else []) + [
             r for k, v in per[pref].items() if k.startswith("chart:") for r in v]
-        cards, _other, _w, att = build_cards(data, today=today, now=now, physician_refs=[user_ref],
+        cards, _other, _w, att = build_cards(data, today=today, now=now, physician_refs=mine,
                                              patient_ref=pref)
         reasons = [r for a in att for r in a.reasons]
         adh = [c.group.adherence for c in cards if c.group.adherence is not None]  # per plan, in visits
