@@ -25,6 +25,7 @@ from flask import Flask, jsonify
 from joserfc import jwt
 from joserfc.jwk import ECKey
 
+from benchmarks._common import percentile
 from fhir_massage import cds_cards as cc
 from fhir_massage import codes as C
 from fhir_massage.fhir import FhirClient
@@ -63,12 +64,6 @@ def _body(prefetch: dict) -> dict:
             "prefetch": prefetch}
 
 
-def _pct(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    k = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
-    return ordered[k]
-
-
 def run(report: Report) -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     key = ECKey.generate_key("P-384", private=True)
@@ -101,7 +96,7 @@ def run(report: Report) -> None:
             if i >= WARMUP:
                 samples.append(elapsed)
         session.close()
-        p50, p95 = statistics.median(samples), _pct(samples, 95)
+        p50, p95 = statistics.median(samples), percentile(samples, 95)
         report("order-sign, full prefetch: calls", len(samples), "calls", f"after {WARMUP} warm-up calls")
         report("order-sign, full prefetch: p50 latency", p50, "ms")
         report("order-sign, full prefetch: p95 latency", p95, "ms",

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
+from benchmarks._common import percentile
 from fhir_massage.fhir import FhirClient, new_urn, request_entry, resources, transaction_bundle
 from fhir_massage.sandbox.demo import demo_bundles
 from fhir_massage.sandbox.server import SandboxConfig, create_sandbox_app
@@ -98,13 +99,6 @@ def _client(base: str) -> FhirClient:
 
 def _ratio(sandbox: float, sekmet: float) -> str:
     return f"{sandbox / sekmet:.2f}x sekmet" if sekmet > 0 else "sekmet took no measurable time"
-
-
-def _pct(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    # nearest-rank percentile: small sample sets, no interpolation to pretend precision
-    k = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))
-    return ordered[k]
 
 
 # -- 1. demo data ------------------------------------------------------------------------------------------------
@@ -233,7 +227,7 @@ def bench_patient_search(report: Report, bases: dict[str, str]) -> None:
     sb, _ = _patient_searches(bases["sandbox"])
     what = f"Condition?patient= ({PATIENTS} patients x {CONDITIONS_PER_PATIENT})"
     for p in (50, 95):
-        a, b = _pct(sb, p), _pct(sk, p)
+        a, b = percentile(sb, p), percentile(sk, p)
         report(f"{what} p{p}: sekmet", b * 1000, "ms", f"n={n}")
         report(f"{what} p{p}: sandbox", a * 1000, "ms", _ratio(a, b))
 

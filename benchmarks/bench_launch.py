@@ -9,41 +9,15 @@ request and the authorize redirect are not slowed: the "modelled" figure counts 
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 
+from benchmarks._common import record_outgoing, start_sandbox_and_app
+
 RUNS = 5
-
-
-def _start() -> tuple[Any, Any, Any, str]:
-    from fhir_massage.sandbox.server import SandboxConfig, create_sandbox_app
-    from fhir_massage.serving import serve_in_thread, wait_ready
-    from smart_app import create_app
-
-    sandbox = serve_in_thread(create_sandbox_app(SandboxConfig(seed=True)))
-    wait_ready(f"{sandbox.url}/_sandbox/health", ok=lambda r: r.status_code == 200)
-
-    class _Late:
-        app: Any = None
-
-        def __call__(self, environ: Any, start_response: Any) -> Any:
-            return self.app(environ, start_response)
-
-    late = _Late()
-    app_server = serve_in_thread(late)
-    client_id = f"bench-{secrets.token_hex(4)}"
-    late.app = create_app({"SECRET_KEY": secrets.token_hex(16), "PUBLIC_URL": app_server.url, "AREAS": (),
-                           "REGISTRATIONS": [{"iss": f"{sandbox.url}/fhir", "client_id": client_id}]})
-    wait_ready(f"{app_server.url}/healthz")
-    r = requests.post(f"{sandbox.url}/_sandbox/clients", json={
-        "client_id": client_id, "auth_method": "none", "redirect_uris": [f"{app_server.url}/callback"],
-        "launch_url": f"{app_server.url}/launch", "name": "bench"}, timeout=10)
-    r.raise_for_status()
-    return sandbox, app_server, late.app, client_id
 
 
 def _launch(sandbox: Any, client_id: str, outgoing: list[str]) -> tuple[float, list[str], list[str]]:
@@ -64,10 +38,8 @@ def run(report) -> None:
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per hop would bury the figures
-    sandbox, app_server, app, client_id = _start()
-    outgoing: list[str] = []
-    app.extensions["smart_app"].http.hooks["response"].append(
-        lambda resp, *a, **k: outgoing.append(f"{resp.request.method} {urlsplit(resp.url).path}"))
+    sandbox, app_server, app, client_id = start_sandbox_and_app(AREAS=())
+    outgoing = record_outgoing(app)
     try:
         cold_t, cold_hops, cold_out = _launch(sandbox, client_id, outgoing)
         report("cold launch: app→EHR requests (discovery, JWKS included)", len(cold_out), "req",

@@ -34,6 +34,7 @@ from urllib.parse import urljoin
 
 import requests
 
+from benchmarks._common import percentile
 from fhir_massage.sandbox.demo import DEMO_PATIENTS, DEMO_USERS
 from fhir_massage.serving import wait_ready
 from tests.fixtures.postgres import create_database, running_postgres
@@ -55,12 +56,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _pct(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    k = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))
-    return ordered[k]
 
 
 class Tally:
@@ -175,8 +170,8 @@ def run(report: Report) -> None:
             report("pages showing another session's patient", tally.wrong_patient)
             for name in sorted(tally.times):
                 samples = tally.times[name]
-                report(f"{name} p50", _pct(samples, 50) * 1000, "ms", f"n={len(samples)}")
-                report(f"{name} p95", _pct(samples, 95) * 1000, "ms")
+                report(f"{name} p50", percentile(samples, 50) * 1000, "ms", f"n={len(samples)}")
+                report(f"{name} p95", percentile(samples, 95) * 1000, "ms")
             if tally.errors or tally.wrong_patient:
                 kinds = defaultdict(int)
                 for e in tally.errors:

@@ -9,44 +9,15 @@ Measured on the DVT demo patient (four findings, overrides) against the seeded s
 from __future__ import annotations
 
 import re
-import secrets
 import statistics
 import time
 from html import unescape
-from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 
+from benchmarks._common import record_outgoing, start_sandbox_and_app
+
 CALLS = 200
-
-
-def _start() -> tuple[Any, Any, Any, str]:
-    from fhir_massage.sandbox.server import SandboxConfig, create_sandbox_app
-    from fhir_massage.serving import serve_in_thread, wait_ready
-    from smart_app import create_app
-
-    sandbox = serve_in_thread(create_sandbox_app(SandboxConfig(seed=True)))
-    wait_ready(f"{sandbox.url}/_sandbox/health", ok=lambda r: r.status_code == 200)
-
-    class _Late:
-        app: Any = None
-
-        def __call__(self, environ: Any, start_response: Any) -> Any:
-            return self.app(environ, start_response)
-
-    late = _Late()
-    app_server = serve_in_thread(late)
-    client_id = f"bench-{secrets.token_hex(4)}"
-    late.app = create_app({"SECRET_KEY": secrets.token_hex(16), "PUBLIC_URL": app_server.url, "AREAS": ("orders",),
-                           "ORDERS_VALIDATE": False,
-                           "REGISTRATIONS": [{"iss": f"{sandbox.url}/fhir", "client_id": client_id}]})
-    wait_ready(f"{app_server.url}/healthz")
-    r = requests.post(f"{sandbox.url}/_sandbox/clients", json={
-        "client_id": client_id, "auth_method": "none", "redirect_uris": [f"{app_server.url}/callback"],
-        "launch_url": f"{app_server.url}/launch", "name": "bench"}, timeout=10)
-    r.raise_for_status()
-    return sandbox, app_server, late.app, client_id
 
 
 def _hidden(html: str, name: str) -> str:
@@ -57,10 +28,8 @@ def run(report) -> None:
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    sandbox, app_server, app, client_id = _start()
-    outgoing: list[str] = []
-    app.extensions["smart_app"].http.hooks["response"].append(
-        lambda resp, *a, **k: outgoing.append(f"{resp.request.method} {urlsplit(resp.url).path}"))
+    sandbox, app_server, app, client_id = start_sandbox_and_app(AREAS=("orders",), ORDERS_VALIDATE=False)
+    outgoing = record_outgoing(app)
     try:
         out = requests.post(f"{sandbox.url}/_sandbox/launches", json={
             "client_id": client_id, "user": "dr-ada-grey", "patient": "demo-dana-whitfield"}, timeout=10).json()

@@ -10,28 +10,19 @@ from __future__ import annotations
 
 import logging
 import re
-import statistics
 import time
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
 import requests
 
+from benchmarks._common import median_ms
 from fhir_massage.fhir import FhirClient, StaticToken
 from tests.fixtures.app import register_with_sandbox
 from tests.fixtures.smart_sandbox import create_launch, get_token, start_smart_sandbox
 from tests.integration.test_plan_helpers import PHYSICIAN, document, message, sign_order, writer
 
 RUNS = 15
-
-
-def _median_ms(fn, n: int = RUNS) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
 
 
 def run(report) -> None:
@@ -65,18 +56,18 @@ def run(report) -> None:
             data = plan_area.load(reader, patient)
             report(f"{label}: round trips to the FHIR server", data.round_trips, "",
                    f"{len(data.procedures)} Procedures, {len(data.observations)} pain scores")
-            report(f"{label}: read (plan.load), median", _median_ms(lambda: plan_area.load(reader, patient)), "ms")
-            report(f"{label}: compute (rows, re-screen, SVG), median", _median_ms(
+            report(f"{label}: read (plan.load), median", median_ms(lambda: plan_area.load(reader, patient), RUNS), "ms")
+            report(f"{label}: compute (rows, re-screen, SVG), median", median_ms(
                 lambda: plan_area.build_cards(data, today=now.date(), now=now, physician_refs=["Practitioner/x"],
-                                              patient_ref=f"Patient/{patient}")), "ms")
+                                              patient_ref=f"Patient/{patient}"), RUNS), "ms")
             browser = requests.Session()
             out = create_launch(sb, app.client_id, PHYSICIAN, patient)
             landing = browser.get(out["launch_url"], timeout=30)
             lsid = re.match(r"^/p/([^/]+)/", urlsplit(landing.url).path).group(1)
             url = f"{app.url}/p/{lsid}/plan/"
             assert browser.get(url, timeout=30).status_code == 200
-            report(f"{label}: whole page through the app, median", _median_ms(
-                lambda: browser.get(url, timeout=30).raise_for_status()), "ms")
+            report(f"{label}: whole page through the app, median", median_ms(
+                lambda: browser.get(url, timeout=30).raise_for_status(), RUNS), "ms")
     finally:
         if app is not None:
             app.stop()

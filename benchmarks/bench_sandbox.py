@@ -17,6 +17,7 @@ import requests
 
 from datetime import date
 
+from benchmarks._common import median_ms
 from fhir_massage.chart_fetch import fetch_chart_resources
 from fhir_massage.fhir import FhirClient, request_entry, transaction_bundle
 from fhir_massage.sandbox.server import SandboxConfig, create_sandbox_app
@@ -35,15 +36,6 @@ def _bundle(i: int) -> dict:
             "code": {"coding": [{"system": SCT, "code": str(100000 + k)}]},
             "onsetDateTime": f"20{10 + k}-01-01"}, "request": {"method": "POST", "url": "Condition"}})
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-
-
-def _timed(fn, n: int = 20) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
 
 
 DEMO_TODAY = date(2026, 1, 15)
@@ -97,14 +89,14 @@ def bench_hot_paths(report) -> None:
             def order():
                 fhir.transaction(transaction_bundle(_order_entries(DEMO_PATIENT, next(counter))))
 
-            report("chart fetch (1 batch: Patient + 7 searches), median", _timed(chart), "ms")
-            report("order transaction (10 conditional creates), median", _timed(order), "ms")
+            report("chart fetch (1 batch: Patient + 7 searches), median", median_ms(chart, 20), "ms")
+            report("order transaction (10 conditional creates), median", median_ms(order, 20), "ms")
             fhir.transaction(transaction_bundle(_order_entries(DEMO_PATIENT, 0)))  # replays: all 10 match
 
             def replay():
                 fhir.transaction(transaction_bundle(_order_entries(DEMO_PATIENT, 0)))
 
-            report("same transaction replayed (10 ifNoneExist matches), median", _timed(replay), "ms")
+            report("same transaction replayed (10 ifNoneExist matches), median", median_ms(replay, 20), "ms")
             params = [("patient", DEMO_PATIENT), ("_revinclude", "Task:focus"), ("_revinclude", "Procedure:based-on")]
 
             def orders():
@@ -112,7 +104,7 @@ def bench_hot_paths(report) -> None:
                 assert len(bundle["entry"]) == 20 * 10, len(bundle["entry"])  # 20 orders, 3 Tasks + 6 Procedures each
 
             report("ServiceRequest?patient&_revinclude=Task:focus,Procedure:based-on (20 orders), median",
-                   _timed(orders), "ms")
+                   median_ms(orders, 20), "ms")
     finally:
         server.stop()
         app.extensions["fhir_massage.sandbox"]["store"].close()
@@ -148,9 +140,9 @@ def run(report) -> None:
         def coded_dated():
             s.get(f"{base}/Condition", params={"code": f"{SCT}|100005", "onset-date": "ge2015"}, timeout=60).json()
 
-        report("search 1,000 Conditions (_count=1000), median", _timed(all_conditions, 10), "ms")
-        report("search one patient's Conditions (100 patients), median", _timed(patient_conditions), "ms")
-        report("search code + onset-date over 1,000, median", _timed(coded_dated), "ms")
-        report("read one Patient, median", _timed(lambda: s.get(f"{base}/Patient/{pids[0]}", timeout=10)), "ms")
+        report("search 1,000 Conditions (_count=1000), median", median_ms(all_conditions, 10), "ms")
+        report("search one patient's Conditions (100 patients), median", median_ms(patient_conditions, 20), "ms")
+        report("search code + onset-date over 1,000, median", median_ms(coded_dated, 20), "ms")
+        report("read one Patient, median", median_ms(lambda: s.get(f"{base}/Patient/{pids[0]}", timeout=10), 20), "ms")
     finally:
         server.stop()
