@@ -679,10 +679,15 @@ def _change_from_form() -> tuple[Change | None, ChangeForm]:
     return Change(action, typed.reason, only, typed.technique, sites, schedule), typed
 
 
-def _plan_orders(client: FhirClient, key: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """The plan's orders as they are now (one search) and their fulfilment Tasks, by order ref."""
+def _plan_orders(client: FhirClient, key: str, names: dict[str, str] | None = None
+                 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The plan's orders as they are now (one search) and their fulfilment Tasks, by order ref; the names of the
+    ordering physicians go into ``names`` when given (for the covering note)."""
     found = client.search_all("ServiceRequest", [("patient", g.ctx.patient_id), ("code", f"{TECHNIQUE_SYSTEM}|"),
-                                                 ("_revinclude", "Task:focus"), ("_count", "200")])
+                                                 ("_revinclude", "Task:focus"),
+                                                 ("_include", "ServiceRequest:requester"), ("_count", "200")])
+    if names is not None:
+        names.update(person_names([r for r in found if r.get("resourceType") in ("Practitioner", "PractitionerRole")]))
     orders = [r for r in found if r.get("resourceType") == "ServiceRequest"
               and (pv.requisition_of(r) or f"ServiceRequest/{r.get('id')}") == key]
     tasks: dict[str, dict[str, Any]] = {}
@@ -721,14 +726,16 @@ def apply_change(change: Change, sr: Mapping[str, Any], *, author_ref: str, now:
 
 def change_transaction(change: Change, orders: Sequence[Mapping[str, Any]], tasks: Mapping[str, Mapping[str, Any]],
                        seen_versions: Mapping[str, str], *, author_ref: str, now: datetime,
-                       physician_refs: Sequence[str] | None = None) -> dict[str, Any]:
+                       physician_refs: Sequence[str] | None = None,
+                       names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """ONE transaction: each changed order with If-Match = the version the physician saw, each Task following its
     order with If-Match = the Task's version as read, and a Provenance (UPDATE) for all of them.
 
     Who may change an order: any physician this EHR lets update orders (a covering physician acts on a colleague's
     orders). Authorship is never moved silently: ``requester`` stays the ordering physician, the Provenance author
     is ``author_ref`` (the acting user), and an order whose requester is not among ``physician_refs`` (the acting
-    user's references; default: ``author_ref`` alone) also gets a note by the acting user saying so."""
+    user's references; default: ``author_ref`` alone) also gets a note by the acting user saying so, naming the
+    ordering physician from ``names`` (reference -> name) where known."""
     mine = set(physician_refs or [author_ref])
     entries, targets = [], []
     for sr in orders:
@@ -737,7 +744,7 @@ def change_transaction(change: Change, orders: Sequence[Mapping[str, Any]], task
         if updated is None:
             continue
         if co.ref_key(sr.get("requester")) not in mine:
-            updated = covering_note(updated, sr, change, author_ref=author_ref, now=now)
+            updated = covering_note(updated, sr, change, author_ref=author_ref, now=now, names=names)
         version = seen_versions.get(oid)
         if not version:
             raise InvalidInput("The form did not say which version of the order you saw; reload the plan.")
@@ -780,7 +787,8 @@ def action() -> Any:
         return render_plan(typed, 422)
     seen = {k[2:]: v for k, v in request.form.items() if k.startswith("v-") and v}
     client = fhir_client()
-    orders, tasks = _plan_orders(client, key)
+    names: dict[str, str] = {}
+    orders, tasks = _plan_orders(client, key, names)
     if not orders:
         abort(404, description="That plan is not in this patient's chart (any more).")
     now = _now()
@@ -788,7 +796,7 @@ def action() -> Any:
     for attempt in (1, 2):
         try:
             bundle = change_transaction(change, orders, tasks, seen, author_ref=ctx.user_ref, now=now,
-                                        physician_refs=mine)
+                                        physician_refs=mine, names=names)
         except InvalidInput as exc:  # nothing to change, or a change the order cannot take: nothing was written
             typed.problems["form"] = exc.message
             return render_plan(typed, 422)
@@ -797,7 +805,7 @@ def action() -> Any:
         except FhirConflict as exc:
             if exc.status != 412:
                 raise
-            orders, tasks = _plan_orders(client, key)
+            orders, tasks = _plan_orders(client, key, names)
             unchanged = all(seen.get(str(o.get("id"))) == str((o.get("meta") or {}).get("versionId"))
                             for o in orders)
             if attempt == 2 or not unchanged:
@@ -814,12 +822,14 @@ def action() -> Any:
 
 
 def covering_note(updated: dict[str, Any], sr: Mapping[str, Any], change: Change, *, author_ref: str,
-                  now: datetime) -> dict[str, Any]:
+                  now: datetime, names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """A change by someone other than the ordering physician says so in the order itself (R4 ServiceRequest.note,
     an Annotation with authorReference), next to the reason note if there is one: readers of the order who never
     open its Provenance still see that the order was changed by another physician."""
     who = sr.get("requester") if isinstance(sr.get("requester"), Mapping) else {}
-    name = who.get("display") if isinstance(who.get("display"), str) else co.ref_key(who) or "no one named"
+    ref = co.ref_key(who)
+    name = ((names or {}).get(ref or "") or (who.get("display") if isinstance(who.get("display"), str) else None)
+            or ref or "no one named")
     text = (f"{ACTION_LABELS[change.action]}: done by a physician other than the ordering one ({name}); the "
             "ordering physician is unchanged.")
     return {**updated, "note": list(updated.get("note") or []) + [annotation(text, author_ref=author_ref, time=now)]}
@@ -980,7 +990,7 @@ def load_panel(client: FhirClient, user_ref: str, *, today: date, now: datetime)
     """The physician's patients with active massage orders, most in need of attention first. First who the
     physician is (``my_refs``: their Practitioner and every PractitionerRole of it, since an EHR may file an order
     or a message under either); then two batches: the orders requested under any of those references (comma = OR,
-    search.html#combining) with Tasks, sessions and the patients, and the messages to any of them; then, per
+    search.html#combining) with Tasks, sessions and the patients, and the messages to and from any of them; then, per
     patient, the pain scores, findings and chart for the re-screen - all patients in the same second batch."""
     mine = my_refs(client, user_ref) or [user_ref]
     anyone = ",".join(mine)
@@ -990,6 +1000,8 @@ def load_panel(client: FhirClient, user_ref: str, *, today: date, now: datetime)
                                           ("_revinclude", "Procedure:based-on"),
                                           ("_include", "ServiceRequest:subject"), ("_count", "200")])),
         ("messages", "Communication?" + _q([("recipient", anyone), ("_count", "500")])),
+        # the physician's own replies: without them every answered thread would still read "unread"
+        ("sent", "Communication?" + _q([("sender", anyone), ("_count", "500")])),
     ]
     answers = entry_outcomes(batch_or_each(client, batch_bundle([request_entry("GET", u) for _, u in first])))
     got: dict[str, list[dict[str, Any]]] = {}
@@ -1027,7 +1039,8 @@ def load_panel(client: FhirClient, user_ref: str, *, today: date, now: datetime)
             per[pref][what] = [_outcome(what, result if isinstance(result, Exception) else Exception("?"))]
     found = found + _missing_tasks(client, found)
     others = [r for r in found if r.get("resourceType") in ("Task", "Procedure")]
-    messages = [m for m in got.get("messages", []) if m.get("resourceType") == "Communication"]
+    messages = _unique([m for m in got.get("messages", []) + got.get("sent", [])
+                        if m.get("resourceType") == "Communication"])
     out = []
     for pref, srs in by_patient.items():
         data = PlanData(patient=patients.get(pref), service_requests=srs,

@@ -17,8 +17,8 @@ from fhir_massage.fhir import FhirClient, StaticToken
 from fhir_massage.smart import default_scopes
 from smart_app import plan as plan_area
 from tests.fixtures.smart_sandbox import create_launch, get_token, start_smart_sandbox
-from tests.integration.test_plan_helpers import (DR_REF, LMT_REF, PHYSICIAN, document, message, sign_order,
-                                                 writer)
+from tests.integration.test_plan_helpers import (DR_REF, DR_ROLE_REF, LMT_REF, PHYSICIAN, document, message,
+                                                 sign_order, writer)
 
 pytestmark = pytest.mark.integration
 
@@ -365,3 +365,148 @@ def test_a_plan_of_two_techniques_counts_visits_once(sandbox, w, make_app_server
     # attention speaks of the plan's visits, once: not of myofascial release's 2 Procedures
     assert html.count("Adherence below plan: 3 sessions, 4 expected by now") == 1
     assert "2 sessions, 4 expected" not in html and "Low adherence" not in html
+
+
+# --- a mistake in a change keeps what was typed ---------------------------------------------------------------
+
+LEONOR, SANA, ALI = ("b9c29481-4cd2-4656-8fda-2b89c32722a5", "19467eb6-583c-444e-8c59-588a8abdce4f",
+                     "d00b080d-706e-4cd8-ae87-6531e798b1fd")
+
+
+def lateral_site() -> str:
+    from fhir_massage.orders_model import _sites
+
+    return next(code for code, (_name, lat) in sorted(_sites().items()) if lat)
+
+
+def field_error(html: str, name: str) -> str:
+    m = re.search(rf'<p class="field-error" id="[^"]+" data-error-for="{name}">([^<]+)</p>', html)
+    return unescape(m.group(1)) if m else ""
+
+
+@pytest.mark.parametrize("typed, field, words", [
+    ({"site": [], "add_site": ""}, "site", "at least one body site"),
+    ({"add_site": "LATERAL", "add_side": ""}, "site", "which side"),
+    ({"frequency": "9"}, "frequency", "more than one a day"),
+    ({"minutes": "500"}, "minutes", "10 to 120 minutes"),
+    ({"weeks": "six"}, "weeks", "whole number"),
+])
+def test_a_change_mistake_shows_the_page_again_with_what_was_typed(sandbox, w, make_app_server, typed, field, words):
+    plan = sign_order(w, ALI, authored=NOW - timedelta(days=4))
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, ALI)
+    html = browser.get(url, timeout=30).text
+    form = next(f for f in forms(html) if f["hidden"].get("action") == "modify" and f["hidden"]["plan"] == plan.draft_id)
+    site = re.search(r'name="site" value="([^"]+)" checked', form["body"]).group(1)
+    version = read(w, plan.order_ref)["meta"]["versionId"]
+    reason = f"Typed reason {plan.draft_id[:8]}"
+    data = {**form["hidden"], "site": [site], "frequency": "3", "weeks": "5", "minutes": "40", "reason": reason,
+            **{k: (lateral_site() if v == "LATERAL" else v) for k, v in typed.items()}}
+    r = browser.post(app.url + form["action"], data=data, timeout=30, allow_redirects=False)
+    assert r.status_code == 422, (r.status_code, r.text[:800])
+    assert words in field_error(r.text, field), (field, field_error(r.text, field), r.text[-3000:])
+    assert 'data-testid="change-problems"' in r.text and "not saved" in r.text
+    again = next(f for f in forms(r.text) if f["hidden"].get("action") == "modify"
+                 and f["hidden"]["plan"] == plan.draft_id)
+    # what was typed is in the form again, the other fields too, and the details are open
+    assert f'value="{reason}"' in again["body"]
+    for name in ("frequency", "weeks", "minutes"):
+        if name not in typed:
+            assert re.search(rf'name="{name}"[^>]* value="{data[name]}"', again["body"]), name
+    assert re.search(r'<details class="modify" open>', r.text)
+    assert (f'value="{site}" checked' in again["body"]) == bool(data["site"])
+    # nothing was written, and the form still carries the version first seen
+    assert read(w, plan.order_ref)["meta"]["versionId"] == version
+    assert again["hidden"][f"v-{plan.orders[0]['id']}"] == version
+
+
+def test_a_change_that_changes_nothing_says_so_in_the_page(sandbox, w, make_app_server):
+    plan = sign_order(w, ALI, frequency=2, weeks=6, minutes=45, authored=NOW - timedelta(days=4))
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, ALI)
+    form = next(f for f in forms(browser.get(url, timeout=30).text) if f["hidden"].get("action") == "modify"
+                and f["hidden"]["plan"] == plan.draft_id)
+    site = re.search(r'name="site" value="([^"]+)" checked', form["body"]).group(1)
+    r = post(browser, app, form, site=site, frequency="2", weeks="6", minutes="45", reason="Same as before")
+    assert r.status_code == 422 and "Nothing was changed" in r.text, r.text[:800]
+    assert 'value="Same as before"' in r.text
+
+
+# --- the physician is their Practitioner and each of its PractitionerRoles ------------------------------------
+
+
+def test_an_order_and_messages_under_the_physicians_role_are_theirs(sandbox, w, make_app_server):
+    """The order's requester and the message's recipient are PractitionerRole/dr-ada-grey-role while the user is
+    Practitioner/dr-ada-grey (fhirUser): the panel lists the patient, the message is unread, and a reply sent under
+    the role counts as the physician's own."""
+    plan = sign_order(w, LEONOR, requester=DR_ROLE_REF, authored=NOW - timedelta(days=5))
+    message(w, plan, "Her shoulder is stiffer this week.", recipient=DR_ROLE_REF, category="condition-change")
+    app = make_app_server(sandbox, registration={"scopes": USER_SCOPES})
+    browser, url = launch(sandbox, app, LEONOR)
+    r = browser.get(url + "panel", timeout=30)
+    assert r.status_code == 200, r.text[:800]
+    row = re.search(rf'data-patient="Patient/{LEONOR}"[^>]*>(.*?)</tr>', r.text, re.S)
+    assert row, "the order requested under the physician's PractitionerRole is missing from the panel"
+    assert "unread message" in row.group(1)
+    html = browser.get(url, timeout=30).text
+    assert "Awaiting your reply" in html and 'data-testid="authorship"' not in html  # their own order
+    # a reply written elsewhere under the role answers the thread: nothing awaits a reply any more
+    message(w, plan, "Noted, I will see her.", sender=DR_ROLE_REF, recipient=LMT_REF,
+            in_response_to=f"Communication/{plan.messages[0]['id']}",
+            now=datetime.now(timezone.utc) + timedelta(seconds=5))
+    html = browser.get(url, timeout=30).text
+    assert "Awaiting your reply" not in html
+    assert html.count("message--mine") == 1
+    r = browser.get(url + "panel", timeout=30)
+    row = re.search(rf'data-patient="Patient/{LEONOR}"[^>]*>(.*?)</tr>', r.text, re.S).group(1)
+    assert "unread message" not in row
+
+
+def test_a_physician_launched_as_a_practitioner_role_sees_their_practitioners_orders(sandbox, w, make_app_server):
+    """fhirUser = PractitionerRole (the sandbox can name it): orders requested as the Practitioner are found."""
+    from fhir_massage.fhir import FhirClient, StaticToken
+
+    sign_order(w, LEONOR, authored=NOW - timedelta(days=2))  # requester Practitioner/dr-ada-grey
+    tok = get_token(sandbox, "test-public", PHYSICIAN, LEONOR, scopes="launch openid fhirUser user/*.rs")
+    reader = FhirClient(sandbox.fhir_base, token_source=StaticToken(tok["access_token"]))
+    assert plan_area.my_refs(reader, DR_ROLE_REF) == [DR_ROLE_REF, DR_REF]
+    assert plan_area.my_refs(reader, DR_REF) == [DR_REF, DR_ROLE_REF]
+    data = plan_area.load(reader, LEONOR, user_ref=DR_ROLE_REF)
+    assert plan_area.physician_refs_of(data) == [DR_ROLE_REF, DR_REF]
+    assert data.people.get(DR_ROLE_REF) == data.people.get(DR_REF) and data.people.get(DR_REF)
+
+
+# --- changes by someone other than the ordering physician -----------------------------------------------------
+
+
+def test_a_covering_physician_changes_the_order_and_the_record_says_so(sandbox, w, make_app_server):
+    cover = w.create({"resourceType": "Practitioner", "active": True,
+                      "name": [{"use": "official", "family": "Okonkwo", "given": ["Ife"], "prefix": ["Dr."]}]}).resource
+    cover_ref = f"Practitioner/{cover['id']}"
+    plan = sign_order(w, SANA, requester=cover_ref, authored=NOW - timedelta(days=6))
+    mine = sign_order(w, SANA, techniques=("stretching",), authored=NOW - timedelta(days=6))
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, SANA)
+    html = browser.get(url, timeout=30).text
+    notices = re.findall(r'data-testid="authorship">(.*?)</p>', html, re.S)
+    assert len(notices) == 1, notices  # on the colleague's plan only, not on the physician's own
+    text = unescape(re.sub(r"<[^>]+>", "", notices[0]))
+    assert "Ordered by Dr. Ife Okonkwo; you are changing it as Ada Grey." in text, text
+    assert plan.draft_id in html.split('data-testid="authorship"')[0].rsplit('data-testid="plan"', 1)[1]
+
+    r = post(browser, app, status_form(html, plan.draft_id), action="hold", reason="Covering: waiting for imaging")
+    assert r.status_code == 200 and 'data-testid="done"' in r.text, r.text[:800]
+    sr = read(w, plan.order_ref)
+    assert sr["status"] == "on-hold"
+    assert sr["requester"]["reference"] == cover_ref  # authorship of the order never moves
+    assert [n.get("authorReference", {}).get("reference") for n in sr["note"][-2:]] == [DR_REF, DR_REF]
+    assert sr["note"][-2]["text"] == "On hold: Covering: waiting for imaging"
+    assert "other than the ordering one (Dr. Ife Okonkwo)" in sr["note"][-1]["text"]
+    provs = [p for p in w.search_all("Provenance", {"target": plan.order_ref})
+             if p["activity"]["coding"][0]["code"] == "UPDATE"]
+    assert len(provs) == 1 and provs[0]["agent"][0]["who"]["reference"] == DR_REF
+    # the physician's own order: no covering note
+    r = post(browser, app, status_form(browser.get(url, timeout=30).text, mine.draft_id), action="hold")
+    assert r.status_code == 200
+    assert not read(w, mine.order_ref).get("note") or all(
+        "other than the ordering one" not in n["text"] for n in read(w, mine.order_ref)["note"])

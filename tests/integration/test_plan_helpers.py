@@ -18,6 +18,7 @@ from fhir_massage.plan_view import order_sites
 PHYSICIAN = "dr-ada-grey"
 THERAPIST = "lmt-sam-reyes"
 DR_REF = "Practitioner/dr-ada-grey"
+DR_ROLE_REF = "PractitionerRole/dr-ada-grey-role"
 LMT_REF = "Practitioner/lmt-sam-reyes"
 WRITE_SCOPES = "launch openid fhirUser user/*.cruds"
 
@@ -45,9 +46,9 @@ class SeededPlan:
 
 def sign_order(client: FhirClient, patient_id: str, *, techniques: Sequence[str] = ("swedish",),
                sites: Sequence[str] = (), frequency: int = 2, weeks: int = 6, minutes: int = 45,
-               authored: datetime, findings: Sequence[dict[str, Any]] = ()) -> SeededPlan:
+               authored: datetime, findings: Sequence[dict[str, Any]] = (), requester: str = DR_REF) -> SeededPlan:
     draft_id = uuid.uuid4().hex
-    draft = OrderDraft(draft_id=draft_id, patient_ref=f"Patient/{patient_id}", requester_ref=DR_REF,
+    draft = OrderDraft(draft_id=draft_id, patient_ref=f"Patient/{patient_id}", requester_ref=requester,
                        techniques=tuple(techniques), sites=tuple(sites) or (default_site(),), frequency=frequency,
                        duration_weeks=weeks, session_minutes=minutes, authored=authored,
                        reason_text="Chronic low back pain")

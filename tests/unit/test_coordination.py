@@ -24,6 +24,7 @@ from fhir_massage.coordination import (
     attention,
     pain_trend,
     PainPoint,
+    physician_refs,
     plan_rows,
     ref_key,
     threads,
@@ -245,6 +246,43 @@ def test_threads_and_unread() -> None:
     assert found[0].categories == frozenset({"condition-change", "request"})
     answered = threads(comms[:2], physician_refs=["PractitionerRole/dr1"])
     assert [t.unread for t in answered] == [False]
+
+
+def _role(rid: str, practitioner: str | None, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"resourceType": "PractitionerRole", "id": rid, **extra}
+    if practitioner:
+        out["practitioner"] = {"reference": practitioner}
+    return out
+
+
+@pytest.mark.parametrize("user, found, expected", [
+    # a Practitioner user: their roles (an absolute reference, an inactive role too), never a colleague's
+    ("Practitioner/dr1", [_role("r1", "Practitioner/dr1"), _role("r2", "https://ehr.example/fhir/Practitioner/dr1",
+                                                                 active=False),
+                          _role("x", "Practitioner/dr2"), {"resourceType": "Practitioner", "id": "dr1"}],
+     ["Practitioner/dr1", "PractitionerRole/r1", "PractitionerRole/r2"]),
+    # a PractitionerRole user: that role first, the practitioner's other roles, then the practitioner
+    ("PractitionerRole/r1", [_role("r1", "Practitioner/dr1"), _role("r3", "Practitioner/dr1"),
+                             _role("x", "Practitioner/dr2")],
+     ["PractitionerRole/r1", "PractitionerRole/r3", "Practitioner/dr1"]),
+    # a role naming no practitioner: just the role (nothing guessed)
+    ("PractitionerRole/r1", [_role("r1", None), _role("x", "Practitioner/dr2")], ["PractitionerRole/r1"]),
+    # nothing found (no PractitionerRole access): the user's own reference
+    ("Practitioner/dr1", [], ["Practitioner/dr1"]),
+    ("https://ehr.example/fhir/Practitioner/dr1", [], ["Practitioner/dr1"]),
+    (None, [_role("r1", "Practitioner/dr1")], []),
+    ("not a reference", [], []),
+])
+def test_physician_refs(user: str | None, found: list[dict[str, Any]], expected: list[str]) -> None:
+    assert physician_refs(user, found) == expected
+
+
+def test_a_reply_under_another_of_the_physicians_references_answers_the_thread() -> None:
+    comms = [_message("a", "PractitionerRole/lmt1", 5), _message("b", "PractitionerRole/dr1", 6,
+                                                                  reply_to="Communication/a")]
+    refs = physician_refs("Practitioner/dr1", [_role("dr1", "Practitioner/dr1")])
+    assert [t.unread for t in threads(comms, physician_refs=refs)] == [False]
+    assert [t.unread for t in threads(comms, physician_refs=["Practitioner/dr1"])] == [True]
 
 
 def test_attention_orders_the_panel() -> None:

@@ -348,3 +348,28 @@ def test_task_follow_schedule_leaves_finished_tasks(status, expected_none):
 
 def test_today_is_a_date():
     assert isinstance(TODAY, date)
+
+
+@pytest.mark.parametrize("acting, refs, covering", [
+    pytest.param("Practitioner/dr", None, False, id="the ordering physician: no covering note"),
+    pytest.param("PractitionerRole/dr-role", ["PractitionerRole/dr-role", "Practitioner/dr"], False,
+                 id="the ordering physician under one of their roles: no covering note"),
+    pytest.param("Practitioner/cover", None, True, id="a covering physician: noted, requester unchanged"),
+    pytest.param("PractitionerRole/dr-role", None, True,
+                 id="a role not known to be the requester's counts as someone else (said, never hidden)"),
+])
+def test_a_change_by_someone_other_than_the_requester_is_recorded_plainly(acting, refs, covering):
+    d = draft()
+    srs = orders_of(d)
+    for action, change in (("hold", Change("hold", "", None, {}, None, None)),
+                           ("modify", Change("modify", "Shorter", None, {}, order_sites(srs[0]), Schedule(1, 4, 30)))):
+        bundle = change_transaction(change, srs, {}, {"sr1": "1"}, author_ref=acting, now=NOW, physician_refs=refs)
+        sr = bundle["entry"][0]["resource"]
+        assert sr["requester"] == srs[0]["requester"] == {"reference": "Practitioner/dr"}
+        notes = [n for n in sr.get("note") or [] if "other than the ordering one" in n["text"]]
+        assert len(notes) == (1 if covering else 0), (action, sr.get("note"))
+        if covering:
+            assert notes[0]["authorReference"] == {"reference": acting} and notes[0]["time"]
+            assert "Practitioner/dr" in notes[0]["text"] and sr["note"][-1] is notes[0]
+        prov = bundle["entry"][-1]["resource"]
+        assert prov["agent"][0]["who"] == {"reference": acting}  # the Provenance author is who acted
