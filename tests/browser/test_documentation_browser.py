@@ -17,6 +17,7 @@ import requests
 from fhir_massage.builders.order import order_transaction
 from fhir_massage.fhir import FhirClient, StaticToken
 from fhir_massage.orders_model import OrderDraft
+from tests.fixtures.app import launch_in_ehr
 from tests.fixtures.smart_sandbox import default_clients, get_token
 
 pytestmark = pytest.mark.browser
@@ -51,13 +52,7 @@ def test_note_survives_a_failed_submit_and_is_written_once(make_smart_sandbox, m
     try:
         page = context.new_page()
         page.set_default_timeout(20_000)
-        page.goto(f"{sandbox.url}/ehr")
-        page.check('input[name="user"][value="lmt-sam-reyes"]')
-        page.check(f'input[name="patient"][value="{TOM}"]')
-        page.select_option("#client_id", app.client_id)
-        page.get_by_role("button", name="Launch").click()
-
-        frame = page.frame_locator("iframe.app")
+        frame = launch_in_ehr(page, sandbox, app, "lmt-sam-reyes", TOM)
         frame.get_by_role("link", name="Document a session").first.click()
         order_card = frame.locator(f'[data-order="{order_id}"]')
         assert order_card.get_attribute("data-orders") == f"{order_id} {mfr_id}"  # one card for the plan

@@ -14,6 +14,7 @@ import pytest
 from flask import Blueprint, g, render_template_string
 
 from smart_app.launch import fhir_client, require_launch
+from tests.fixtures.app import launch_in_ehr
 
 pytestmark = pytest.mark.browser
 
@@ -42,13 +43,7 @@ def test_app_runs_inside_the_ehr_iframe_and_keeps_its_session(make_smart_sandbox
     try:
         page = context.new_page()
         page.set_default_timeout(20_000)
-        page.goto(f"{sandbox.url}/ehr")
-        page.check('input[name="user"][value="dr-ada-grey"]')
-        page.check('input[name="patient"][value="demo-dana-whitfield"]')
-        page.select_option("#client_id", app.client_id)
-        page.get_by_role("button", name="Launch").click()
-
-        frame = page.frame_locator("iframe.app")
+        frame = launch_in_ehr(page, sandbox, app, "dr-ada-grey", "demo-dana-whitfield")
         name = frame.get_by_test_id("patient-name")
         name.wait_for()
         assert name.inner_text() == "Dana Whitfield"

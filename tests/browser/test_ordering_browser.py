@@ -8,6 +8,7 @@ import requests
 import pytest
 
 from fhir_massage.builders.order import ORDER_ID_SYSTEM
+from tests.fixtures.app import launch_in_ehr
 from tests.fixtures.smart_sandbox import get_token
 
 pytestmark = pytest.mark.browser
@@ -21,13 +22,7 @@ def test_physician_orders_by_clicking_and_overrides_the_dvt_leg(smart_sandbox, m
     try:
         page = context.new_page()
         page.set_default_timeout(20_000)
-        page.goto(f"{smart_sandbox.url}/ehr")
-        page.check('input[name="user"][value="dr-ada-grey"]')
-        page.check('input[name="patient"][value="demo-dana-whitfield"]')
-        page.select_option("#client_id", app.client_id)
-        page.get_by_role("button", name="Launch").click()
-
-        frame = page.frame_locator("iframe.app")
+        frame = launch_in_ehr(page, smart_sandbox, app, "dr-ada-grey", "demo-dana-whitfield")
         frame.get_by_role("link", name="Order massage").click()
         verdict = frame.get_by_test_id("verdict")
         verdict.wait_for()

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from tests.fixtures.app import launch_in_ehr
 from tests.integration.test_plan_helpers import DR_REF, document, message, sign_order, writer
 
 pytestmark = pytest.mark.browser
@@ -31,12 +32,7 @@ def test_physician_reads_the_plan_replies_and_puts_the_order_on_hold(make_smart_
     try:
         page = context.new_page()
         page.set_default_timeout(20_000)
-        page.goto(f"{sandbox.url}/ehr")
-        page.check('input[name="user"][value="dr-ada-grey"]')
-        page.check(f'input[name="patient"][value="{PATIENT}"]')
-        page.select_option("#client_id", app.client_id)
-        page.get_by_role("button", name="Launch").click()
-        frame = page.frame_locator("iframe.app")
+        frame = launch_in_ehr(page, sandbox, app, "dr-ada-grey", PATIENT)
         frame.get_by_role("link", name="Plan").click()
 
         chart = frame.get_by_role("img", name="Pain before and after each session")
