@@ -331,7 +331,8 @@ def load(client: FhirClient, patient_id: str, *, with_chart: bool = True, user_r
     data.communications = [r for r in raw.get("messages", []) if r.get("resourceType") == "Communication"]
     # names of the message senders, the ordering physicians and the user's roles (all _include'd)
     data.people = person_names([r for r in raw.get("messages", []) + orders + data.roles
-                                if isinstance(r, dict) and r.get("resourceType") in ("Practitioner", "PractitionerRole")])
+                                if isinstance(r, dict)
+                                and r.get("resourceType") in ("Practitioner", "PractitionerRole")])
     patient = raw.get("patient", [None])[0] if raw.get("patient") else None
     data.patient = patient if isinstance(patient, dict) and patient.get("resourceType") == "Patient" else None
     if with_chart:
@@ -657,7 +658,8 @@ def _change_from_form() -> tuple[Change | None, ChangeForm]:
     if action == "modify":
         unknown = sorted({t for t in typed.technique.values() if t not in TECHNIQUES})
         if unknown:
-            problems["technique"] = f"Unknown technique {', '.join(repr(t[:40]) for t in unknown)}; pick one from the list."
+            problems["technique"] = (f"Unknown technique {', '.join(repr(t[:40]) for t in unknown)}; "
+                                     "pick one from the list.")
         picked = list(typed.sites)
         if typed.add_site:
             picked.append(f"{typed.add_site}:{typed.add_side}" if typed.add_side else typed.add_site)

@@ -4,6 +4,7 @@ counts, a reply to the therapist, putting the order on hold - and each change fo
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -72,5 +73,57 @@ def test_physician_reads_the_plan_replies_and_puts_the_order_on_hold(make_smart_
             task = w.search_all("Task", {"focus": f"ServiceRequest/{order['id']}"})[0]
             assert sr["status"] == "on-hold" and task["status"] == "on-hold"
             assert sr["note"][-1]["text"] == "On hold: Review the hips first"
+    finally:
+        context.close()
+
+
+AXE = Path(__file__).parent / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def test_a_change_mistake_comes_back_with_what_was_typed_and_the_problem_at_the_field(
+        make_smart_sandbox, make_app_server, browser):
+    """Unticking every body site passes the browser's own checks (a checkbox group has no 'required'): the page
+    comes back (422) with the form open, the reason and the new schedule as typed, the problem next to the sites,
+    and nothing serious for axe; ticking the site again saves the change."""
+    sandbox = make_smart_sandbox()
+    w = writer(sandbox, patient=PATIENT)
+    plan = sign_order(w, PATIENT, authored=datetime.now(timezone.utc) - timedelta(days=5))
+    app = make_app_server(sandbox)
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)  # bypass: axe only
+    try:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        frame = launch_in_ehr(page, sandbox, app, "dr-ada-grey", PATIENT)
+        frame.get_by_role("link", name="Plan").click()
+        frame.get_by_text("Change techniques, sites or schedule").click()
+        form = frame.get_by_test_id("modify-form")
+        site = form.locator('input[name="site"]').first
+        site.uncheck()
+        form.get_by_label("Sessions per week").fill("3")
+        form.get_by_label("Reason").fill("Shorter sessions, more often")
+        with page.expect_response(lambda r: r.url.endswith("/plan/action")) as answer:
+            form.get_by_role("button", name="Save the change").click()
+        assert answer.value.status == 422
+        frame.get_by_test_id("change-problems").wait_for()
+        form = frame.get_by_test_id("modify-form")
+        assert form.is_visible()  # the details are open again
+        error = form.locator('[data-error-for="site"]')
+        assert "at least one body site" in error.inner_text()
+        assert form.get_by_label("Reason").input_value() == "Shorter sessions, more often"
+        assert form.get_by_label("Sessions per week").input_value() == "3"
+        assert not form.locator('input[name="site"]').first.is_checked()
+        assert w.read("ServiceRequest", plan.orders[0]["id"])["meta"]["versionId"] == plan.orders[0]["meta"]["versionId"]
+        if AXE.exists():
+            app_frame = next(f for f in page.frames if f.url.startswith(app.url))
+            app_frame.add_script_tag(path=str(AXE))
+            serious = app_frame.evaluate("""async () => (await axe.run(document, {resultTypes: ['violations']}))
+                .violations.filter(v => v.impact === 'serious' || v.impact === 'critical').map(v => v.id)""")
+            assert not serious, serious
+        form.locator('input[name="site"]').first.check()
+        form.get_by_role("button", name="Save the change").click()
+        frame.get_by_text("The order was changed.").wait_for()
+        sr = w.read("ServiceRequest", plan.orders[0]["id"])
+        assert sr["occurrenceTiming"]["repeat"]["frequency"] == 3
+        assert sr["note"][-1]["text"] == "Changed: Shorter sessions, more often"
     finally:
         context.close()

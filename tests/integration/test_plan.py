@@ -396,7 +396,8 @@ def test_a_change_mistake_shows_the_page_again_with_what_was_typed(sandbox, w, m
     app = make_app_server(sandbox)
     browser, url = launch(sandbox, app, ALI)
     html = browser.get(url, timeout=30).text
-    form = next(f for f in forms(html) if f["hidden"].get("action") == "modify" and f["hidden"]["plan"] == plan.draft_id)
+    form = next(f for f in forms(html)
+                if f["hidden"].get("action") == "modify" and f["hidden"]["plan"] == plan.draft_id)
     site = re.search(r'name="site" value="([^"]+)" checked', form["body"]).group(1)
     version = read(w, plan.order_ref)["meta"]["versionId"]
     reason = f"Typed reason {plan.draft_id[:8]}"
