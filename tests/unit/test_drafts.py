@@ -25,9 +25,21 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def drafts(clock: Clock) -> DraftStore:
-    return DraftStore(SQLiteStore(":memory:", clock=clock), ttl=3600, clock=clock)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def drafts(request, clock: Clock):
+    """The same contract on every backend the app can run on (tests/unit/test_store.py does the same for the
+    raw Store): SQLite in memory, and a PostgreSQL cluster started for the test run, each test under its own
+    table prefix."""
+    if request.param == "postgres":
+        from smart_app.store import PostgresStore
+        from tests.fixtures.postgres import unique_prefix
+
+        dsn = request.getfixturevalue("postgres_dsn")
+        store = PostgresStore(dsn, table_prefix=unique_prefix(), clock=clock)
+    else:
+        store = SQLiteStore(":memory:", clock=clock)
+    yield DraftStore(store, ttl=3600, clock=clock)
+    store.close()
 
 
 def test_save_then_load_keeps_fields_and_one_draft_id(drafts, clock):
