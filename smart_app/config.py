@@ -241,12 +241,41 @@ def build_registry(items: list[Mapping[str, Any]]) -> dict[str, Registration]:
     return registry
 
 
+# Lifetimes an operator may tune from the environment (seconds, whole numbers): FHIR_MASSAGE_<KEY>.
+_ENV_SECONDS = ("DISCOVERY_TTL", "JWKS_TTL", "STATE_TTL", "SESSION_TTL", "DRAFT_TTL", "REFRESH_SKEW", "STYLE_TTL")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
 def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The create_app keys found in the environment (FHIR_MASSAGE_*); a malformed value is an InvalidInput naming it.
+
+    FHIR_MASSAGE_REGISTRATIONS names the registrations file (TOML) and becomes REGISTRATIONS;
+    FHIR_MASSAGE_TRUST_PROXY_TLS is a yes/no switch; the lifetimes in ``_ENV_SECONDS`` are whole seconds.
+    """
     env = os.environ if environ is None else environ
     out: dict[str, Any] = {}
     for key in ("SECRET_KEY", "PUBLIC_URL", "STORE_URL"):
         if env.get(f"FHIR_MASSAGE_{key}"):
             out[key] = env[f"FHIR_MASSAGE_{key}"]
+    if env.get("FHIR_MASSAGE_REGISTRATIONS"):
+        out["REGISTRATIONS"] = load_registrations_toml(env["FHIR_MASSAGE_REGISTRATIONS"])
+    if "FHIR_MASSAGE_TRUST_PROXY_TLS" in env:
+        raw = env["FHIR_MASSAGE_TRUST_PROXY_TLS"].strip().lower()
+        if raw not in _TRUE | _FALSE:
+            raise InvalidInput(f"FHIR_MASSAGE_TRUST_PROXY_TLS must be yes or no (1/0), not {raw!r}.")
+        out["TRUST_PROXY_TLS"] = raw in _TRUE
+    for key in _ENV_SECONDS:
+        raw = env.get(f"FHIR_MASSAGE_{key}")
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            value = -1
+        if value <= 0 and not (key == "REFRESH_SKEW" and value == 0):
+            raise InvalidInput(f"FHIR_MASSAGE_{key} must be a whole number of seconds above 0, not {raw!r}.")
+        out[key] = value
     return out
 
 

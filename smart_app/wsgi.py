@@ -9,8 +9,9 @@ Everything comes from the environment, so that every worker of every instance bu
   FHIR_MASSAGE_SECRET_KEY      the same value on every instance and worker (CSRF tokens must verify anywhere)
   FHIR_MASSAGE_TRUST_PROXY_TLS 1 when a TLS proxy terminates https in front (it must set X-Forwarded-Proto/Host)
 
-The first three of these (SECRET_KEY, PUBLIC_URL, STORE_URL) are read by ``smart_app.config.from_env``; the
-registrations file and the proxy switch are read here until ``from_env`` reads them too.
+All of these (and the lifetimes, e.g. FHIR_MASSAGE_DRAFT_TTL) are read by ``smart_app.config.from_env``; this
+module adds the production rules: the registrations, public URL and a strong shared secret are required.
+FHIR_MASSAGE_LOG_FORMAT=json writes one JSON object per log line (smart_app/logs.py).
 """
 
 from __future__ import annotations
@@ -21,21 +22,17 @@ from typing import Any, Mapping
 from fhir_massage.errors import InvalidInput
 
 from . import create_app
-from .config import from_env, load_registrations_toml
+from .config import from_env
 
 __all__ = ["app", "build_config"]
-
-_TRUE = {"1", "true", "yes", "on"}
 
 
 def build_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The create_app config for a production process; raises InvalidInput with one plain sentence."""
     env = os.environ if environ is None else environ
     config = from_env(env)
-    path = env.get("FHIR_MASSAGE_REGISTRATIONS")
-    if not path:
+    if not config.get("REGISTRATIONS"):
         raise InvalidInput("Set FHIR_MASSAGE_REGISTRATIONS to the EHR registrations file (docs/registrations-file.md).")
-    config["REGISTRATIONS"] = load_registrations_toml(path)
     if not config.get("PUBLIC_URL"):
         raise InvalidInput("Set FHIR_MASSAGE_PUBLIC_URL to the app's external URL (the EHRs redirect there).")
     if not config.get("SECRET_KEY"):
@@ -45,7 +42,6 @@ def build_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         # It signs the CSRF tokens: a short key can be guessed offline from one token.
         raise InvalidInput("FHIR_MASSAGE_SECRET_KEY is too short: use at least 32 random characters "
                            "(python -c 'import secrets; print(secrets.token_urlsafe(32))').")
-    config["TRUST_PROXY_TLS"] = env.get("FHIR_MASSAGE_TRUST_PROXY_TLS", "").strip().lower() in _TRUE
     return config
 
 
@@ -57,6 +53,9 @@ def __getattr__(name: str) -> Any:
     global _app
     if name == "app":
         if _app is None:
+            from . import logs
+
+            logs.configure(os.environ.get("FHIR_MASSAGE_LOG_FORMAT", "plain"))
             _app = create_app(build_config())
         return _app
     raise AttributeError(name)

@@ -9,7 +9,6 @@ Several EHRs, confidential clients:
 from __future__ import annotations
 
 import argparse
-import logging
 
 ORDER = 15
 
@@ -50,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
     from smart_app import create_app
     from smart_app.config import from_env, is_loopback_host, load_registrations_toml
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import os
+
+    from smart_app import logs
+
+    logs.configure(os.environ.get("FHIR_MASSAGE_LOG_FORMAT", "plain"))
     registrations = [_parse_ehr(v) for v in args.ehr]
     if args.registrations:
         registrations += load_registrations_toml(args.registrations)
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                            "in front and pass --trust-proxy-tls.")
     config = from_env()
     config["REGISTRATIONS"] = registrations
-    config["TRUST_PROXY_TLS"] = bool(args.trust_proxy_tls)
+    config["TRUST_PROXY_TLS"] = bool(args.trust_proxy_tls or config.get("TRUST_PROXY_TLS"))
     if args.store_url:
         config["STORE_URL"] = args.store_url
     server = make_threaded_server(args.host, args.port, _LazyApp())

@@ -70,3 +70,41 @@ def test_readiness_reports_the_store() -> None:
     assert r.status_code == 503
     assert r.get_json()["status"] == "unavailable"
     assert client.get("/healthz").status_code == 200
+
+
+def test_lifetimes_and_switches_come_from_the_environment(env: dict[str, str]) -> None:
+    env.update({"FHIR_MASSAGE_DRAFT_TTL": "3600", "FHIR_MASSAGE_SESSION_TTL": "28800",
+                "FHIR_MASSAGE_TRUST_PROXY_TLS": "no"})
+    config = _build_config(env)
+    assert config["DRAFT_TTL"] == 3600 and config["SESSION_TTL"] == 28800
+    assert config["TRUST_PROXY_TLS"] is False
+
+
+@pytest.mark.parametrize(("name", "value"), [("FHIR_MASSAGE_DRAFT_TTL", "a week"), ("FHIR_MASSAGE_STATE_TTL", "0"),
+                                             ("FHIR_MASSAGE_TRUST_PROXY_TLS", "maybe")])
+def test_malformed_environment_values_are_named(env: dict[str, str], name: str, value: str) -> None:
+    env[name] = value
+    with pytest.raises(InvalidInput, match=name):
+        _build_config(env)
+
+
+def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from smart_app import logs
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        logs.configure("json")
+        logging.getLogger("smart_app").warning("store unreachable (%s)", "OperationalError")
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        entry = json.loads(line)
+        assert entry["level"] == "warning" and entry["logger"] == "smart_app"
+        assert entry["message"] == "store unreachable (OperationalError)"
+        with pytest.raises(InvalidInput, match="LOG_FORMAT"):
+            logs.configure("xml")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
