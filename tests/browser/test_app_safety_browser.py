@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.fixtures.app import start_app_server
+from tests.fixtures.required import missing_dependency
 from tests.fixtures.smart_sandbox import create_launch, register_client, start_smart_sandbox
 from tests.integration.test_app_safety import (FEIL, PHYSICIAN, THERAPIST, do_launch, plant_hostile_text,
                                                plant_message, sign_with_overrides)
@@ -111,7 +112,7 @@ def test_no_dialog_fires_and_axe_finds_nothing_serious(browser, world, user):
     assert not dialogs, dialogs
     assert not problems, "\n".join(problems)
     if not AXE.exists():
-        pytest.skip(f"axe-core not installed ({AXE}): run `npm ci` in tests/browser; the dialog check passed")
+        missing_dependency(f"axe-core ({AXE}; the dialog check passed)", "run `make node-deps` (npm ci in tests/browser)")
 
 
 @pytest.mark.parametrize("user", [PHYSICIAN, THERAPIST])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.required import missing_dependency
 from tests.integration.test_cds_ehr_orders import ANTICOAGULANT, DVT_CRITICAL, start_cds_pair
 
 pytestmark = pytest.mark.browser
@@ -120,7 +121,7 @@ def test_accept_light_swedish_on_the_anticoagulant_card(pair, browser):
 
 def test_the_order_pages_have_no_serious_accessibility_violation(pair, browser):
     if not AXE.exists():
-        pytest.skip(f"axe-core not installed ({AXE}): run `npm ci` in tests/browser")
+        missing_dependency(f"axe-core ({AXE})", "run `make node-deps` (npm ci in tests/browser)")
     context = browser.new_context(bypass_csp=True)  # only to inject axe; the pages themselves run no script
     page = context.new_page()
     try:

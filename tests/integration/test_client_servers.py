@@ -24,10 +24,7 @@ MARK_SYSTEM = "urn:fhir-massage:test-marker"
 
 @pytest.fixture(params=SERVERS)
 def client(request: pytest.FixtureRequest):
-    try:
-        base = request.getfixturevalue(request.param)
-    except pytest.FixtureLookupError:
-        pytest.skip(f"fixture {request.param} is not defined yet (tests/fixtures/)")
+    base = request.getfixturevalue(request.param)
     with FhirClient(base, timeout=(5, 30), max_retries=0) as fhir:
         yield fhir
 
