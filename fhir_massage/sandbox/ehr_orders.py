@@ -54,6 +54,7 @@ To register the sandbox with the app's CDS service: ``{"iss": "<sandbox>/fhir", 
 
 from __future__ import annotations
 
+import functools
 import html
 import ipaddress
 import os
@@ -64,6 +65,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import parse_qsl, urlsplit
 
@@ -88,19 +90,12 @@ COMMENT_MAX = 1000
 bp = Blueprint("sandbox_ehr_orders", __name__, template_folder="templates", url_prefix="/ehr/orders")
 jwks_bp = Blueprint("sandbox_ehr_cds_jwks", __name__, url_prefix="/ehr")
 
-# Card look: served from here (the simulator's CSP allows only same-origin styles, no inline ones).
+# Card look: served from here (the simulator's CSP allows only same-origin styles, no inline ones). The page
+# basics (body, banner, fieldset, buttons, focus ring) are the simulator's own static/sandbox.css, served first;
+# what follows adds the order entry's own parts.
+SANDBOX_CSS = Path(__file__).parent / "static" / "sandbox.css"
 CARDS_CSS = """
-body { margin: 0; font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; font-size: 16px;
-       color: #1d2329; background: #f5f7f9; }
-.banner { background: #005f73; color: #fff; padding: 0.25rem 1rem; }
-main { padding: 1rem; max-width: 72rem; }
-fieldset { border: 1px solid #9aa5b1; border-radius: 4px; margin: 0 0 1rem; }
-.choice { margin: 0.25rem 0; }
-.note { color: #3e4c59; }
-.error { color: #b00020; font-weight: bold; }
-button { font-size: 1rem; padding: 0.4rem 1rem; border-radius: 4px; border: 1px solid #005f73;
-         background: #005f73; color: #fff; cursor: pointer; margin-right: 0.5rem; }
-:focus-visible { outline: 3px solid #ee9b00; outline-offset: 2px; }
+button { margin-right: 0.5rem; }
 select { font-size: 1rem; }
 .card { background: #fff; border: 1px solid #9aa5b1; border-left-width: 8px; border-radius: 4px;
         padding: 0.5rem 1rem; margin: 0 0 1rem; }
@@ -338,7 +333,12 @@ def index() -> Response:
 
 @bp.get("/cards.css")
 def cards_css() -> Response:
-    return Response(CARDS_CSS, mimetype="text/css")
+    return Response(_sandbox_css() + CARDS_CSS, mimetype="text/css")
+
+
+@functools.cache
+def _sandbox_css() -> str:
+    return SANDBOX_CSS.read_text(encoding="utf-8")
 
 
 @jwks_bp.get("/cds-jwks")
