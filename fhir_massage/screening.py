@@ -11,6 +11,12 @@ The verdict (issue 4):
   Swedish is proposed) stay in ``findings`` but do not raise the verdict.
 No techniques given = all seven; no sites given = the whole body.
 
+Rules marked ``informational`` in the knowledge base (an allergy to a massage product: nut oils, latex, fragrance)
+are not contraindications. Issue 4 asks for "an informational finding": what the therapist must know to pick the
+products, nothing the physician must clear. They never reach ``findings`` and never change the verdict (a chart
+whose only concern is a latex allergy is ``clear``); they are listed in ``Screening.information`` (JSON
+``information``), with the same keys as a finding except ``class``, so ``findings[].class`` keeps its three values.
+
 Everything is evaluated *as of* ``today``: a Condition with onset after ``today`` does not exist yet, one whose
 abatement date is after ``today`` was still active then, observations and orders after ``today`` are ignored. So a
 full chart can be screened at any date inside an episode and give the answer a clinician would have given then.
@@ -142,6 +148,9 @@ class Screening:
     patient: str
     kb_version: str
     applicable: tuple[str, ...] = ()  # rule ids of findings that apply to the proposal
+    # informational items (product allergies): never in ``findings``, never part of the verdict
+    information: tuple[Finding, ...] = ()
+    information_applicable: tuple[str, ...] = ()  # rule ids of information items about a proposed technique
 
     def to_json(self) -> dict[str, Any]:
         applicable = set(self.applicable)
@@ -151,9 +160,17 @@ class Screening:
             j = f.to_json()
             j["appliesToProposal"] = f.rule in applicable
             findings.append(j)
+        information = []
+        for f in self.information:
+            # no "class": an information item restricts no technique or site, and a value here would either
+            # claim a contraindication class it does not have or add a fourth value scripts do not expect
+            j = {k: v for k, v in f.to_json().items() if k != "class"}
+            j["appliesToProposal"] = f.rule in self.information_applicable
+            information.append(j)
         return {
             "verdict": self.verdict,
             "findings": findings,
+            "information": information,
             "needsReview": [{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in n.items()}
                             for n in self.needs_review],
             "warnings": list(self.warnings),
@@ -800,7 +817,8 @@ class _Engine:
 
     # -- run ---------------------------------------------------------------------------------------------------
 
-    def run(self) -> tuple[list[Finding], list[dict[str, str]]]:
+    def run(self) -> tuple[list[Finding], list[Finding], list[dict[str, str]]]:
+        """(findings, information items, needs-review entries)."""
         self._sites_by_ref = {}
         self._inferred = {}
         self._kw_memo: dict[tuple[str, str], str | None] = {}
@@ -810,7 +828,9 @@ class _Engine:
         self.trimester()
         self.allergies()
         self.procedures()
-        findings = self.acc.build()
+        built = self.acc.build()
+        findings = [f for f in built if not f.informational]
+        information = [f for f in built if f.informational]
         # Repeated copies of one problem (Synthea repeats conditions at every encounter) give the same reason:
         # one entry, the other resources listed under "alsoIn".
         by_reason: dict[str, list[str]] = {}
@@ -824,7 +844,7 @@ class _Engine:
                 entry["alsoIn"] = refs[1:]
             review.append(entry)
         review.sort(key=lambda r: (r["evidence"], r["reason"]))
-        return findings, review
+        return findings, information, review
 
 
 def _z3a_weeks(system: str, code: str) -> int | None:
@@ -877,6 +897,8 @@ def _verdict(findings: Sequence[Finding], techniques: tuple[str, ...], sites: tu
     applicable = []
     verdict = "clear"
     for f in findings:
+        if f.informational:
+            continue  # never part of the verdict (screen() keeps them out of findings; this guards other callers)
         applies = f.applies_to(techniques, sites, kb=kb)
         if applies:
             applicable.append(f.rule)
@@ -904,12 +926,14 @@ def screen(chart: PatientChart, *, techniques: Iterable[str] | None = None, site
     techs = normalize_techniques(techniques)
     proposed = normalize_sites(sites, kb)
     engine = _Engine(chart, kb, today)
-    findings, review = engine.run()
+    findings, information, review = engine.run()
     verdict, applicable = _verdict(findings, techs, proposed, kb, review)
     return Screening(
         verdict=verdict, findings=tuple(findings), needs_review=tuple(review),
         warnings=tuple(dict.fromkeys(engine.warnings)), techniques=techs, sites=proposed, today=today,
         patient=chart.patient.ref, kb_version=kb.version, applicable=applicable,
+        information=tuple(information),
+        information_applicable=tuple(f.rule for f in information if f.applies_to(techs, proposed, kb=kb)),
     )
 
 

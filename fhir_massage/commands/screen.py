@@ -13,6 +13,10 @@ Screen one patient's chart for massage contraindications and print the verdict (
 clear), each finding with the rule id, the techniques and body sites it concerns, the chart resources behind it,
 its evidence class and source, and anything that needs a clinician's review.
 
+Allergies to massage products (nut or plant oils, latex, fragrance, lanolin) are information for the therapist,
+not contraindications: they are listed under "For your information" (json: "information") and never change the
+verdict; a chart whose only concern is a latex allergy is clear.
+
 Input: a FHIR R4 Bundle (searchset, collection, batch or transaction) holding exactly one Patient, or a live
 server (--fhir-base URL --patient ID; the token from --token or the FHIR_MASSAGE_TOKEN environment variable).
 
@@ -25,7 +29,10 @@ fhir_massage/knowledge/body_sites.json for the list.
 Output: --format text (a report for a person; the default when stdout is a terminal) or --format json (the
 stable shape scripts read; the default when stdout is a pipe or file):
   {"verdict", "findings": [{"rule", "class", "techniques", "sites", "evidence", "message", "evidenceClass",
+  "source", ...}], "information": [{"rule", "techniques", "sites", "evidence", "message", "evidenceClass",
   "source", ...}], "needsReview": [{"evidence", "reason"}], "warnings": [...]}
+  findings[].class is absolute, relative or local; information items have the keys of a finding but no class.
+  Keys may be added to this shape, never removed or renamed.
 
 Exit status: 0 when the chart was screened, whatever the verdict; 2 with one line on stderr when the input cannot
 be used (not JSON, not a Bundle, no or several patients, unknown technique, malformed site).
@@ -150,6 +157,14 @@ def render_text(result, kb) -> str:
         lines.append(f"      techniques: {', '.join(f.techniques)}")
         lines.append(f"      sites: {', '.join(site_name(s) for s in f.sites)}")
         lines.append(f"      why: {f.message}")
+        lines.append(f"      evidence: {', '.join(f.evidence)}")
+        lines.append(f"      evidence class: {f.evidence_class}{'' if f.verified else '  (includes codes not verified)'}")
+    if result.information:
+        lines.append("")
+        lines.append("For your information (does not change the verdict):")
+    for f in result.information:
+        lines.append(f"  {f.rule} — {f.title}")
+        lines.append(f"      {f.message}")
         lines.append(f"      evidence: {', '.join(f.evidence)}")
         lines.append(f"      evidence class: {f.evidence_class}{'' if f.verified else '  (includes codes not verified)'}")
     if result.needs_review:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_screening_rules import ICD, bundle, condition, med_request, observation
+from tests.unit.test_screening_rules import ICD, allergy, bundle, condition, med_request, observation
 
 pytestmark = pytest.mark.integration
 
@@ -113,3 +113,40 @@ def test_help_documents_the_default_format():
     r = subprocess.run([sys.executable, "-m", "fhir_massage.cli", "screen", "--help"], capture_output=True, timeout=60)
     assert r.returncode == 0
     assert "default: text on a terminal, json otherwise" in " ".join(r.stdout.decode().split())
+
+
+def test_product_allergy_is_information_in_json_and_text(tmp_path):
+    # issue 4: an allergy to a massage product is "an informational finding" -> the verdict stays clear, the item
+    # is under "information" (not "findings", whose class values stay absolute/relative/local)
+    path = tmp_path / "latex.json"
+    path.write_text(json.dumps(bundle(allergy("a", "Latex allergy", "300916003"))))
+    r = cli("--bundle", str(path), "--technique", "swedish", "--today", "2024-06-01", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["verdict"] == "clear" and out["findings"] == []
+    [item] = out["information"]
+    assert item["rule"] == "allergy-massage-product" and item["evidence"] == ["AllergyIntolerance/a"]
+    assert set(item) >= {"rule", "techniques", "sites", "evidence", "message", "evidenceClass", "source"}
+    assert "class" not in item
+    r = cli("--bundle", str(path), "--technique", "swedish", "--today", "2024-06-01", "--format", "text")
+    text = r.stdout.decode()
+    assert text.startswith("Verdict: CLEAR") and "For your information" in text
+    assert "latex-free" in text and "Latex allergy" in text and "AllergyIntolerance/a" in text
+
+
+def test_product_allergy_with_a_dvt_lists_the_information_beside_the_findings(tmp_path):
+    path = tmp_path / "both.json"
+    path.write_text(json.dumps(bundle(allergy("a", "Latex"), condition("c", "I82.402", ICD, onset="2024-05-20"))))
+    r = cli("--bundle", str(path), "--technique", "swedish", "--site", "30021000:left", "--today", "2024-06-01",
+            "--format", "json")
+    out = json.loads(r.stdout)
+    assert out["verdict"] == "contraindicated"
+    assert "dvt-acute" in {f["rule"] for f in out["findings"]}
+    assert {f["class"] for f in out["findings"]} <= {"absolute", "relative", "local"}
+    assert [i["rule"] for i in out["information"]] == ["allergy-massage-product"]
+
+
+def test_help_says_allergies_are_information():
+    r = subprocess.run([sys.executable, "-m", "fhir_massage.cli", "screen", "--help"], capture_output=True, timeout=60)
+    words = " ".join(r.stdout.decode().split())
+    assert '"information"' in words and "never change the verdict" in words

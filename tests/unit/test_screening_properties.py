@@ -119,3 +119,20 @@ def test_a_site_inside_another_is_never_harsher(res, outer):
     if outer not in inner_of:
         return
     assert RANK[verdict(res, None, [inner_of[outer]]).verdict] <= RANK[verdict(res, None, [outer]).verdict]
+
+
+@_settings
+@given(resources(), st.lists(st.sampled_from(TECHNIQUES), max_size=3, unique=True),
+       st.lists(st.sampled_from(SITES), max_size=2, unique=True))
+def test_information_never_changes_the_verdict(res, techniques, sites):
+    # Informational rules (a product allergy) are for the therapist, not contraindications: taking every
+    # AllergyIntolerance out of the chart leaves the verdict and the findings as they were, and information
+    # items never appear among the findings (whose class stays absolute / relative / local).
+    t, s = techniques or None, sites or None
+    with_all = verdict(res, t, s)
+    without = verdict([r for r in res if r.get("resourceType") != "AllergyIntolerance"], t, s)
+    assert with_all.verdict == without.verdict
+    assert [f.rule for f in with_all.findings] == [f.rule for f in without.findings]
+    assert all(f.informational for f in with_all.information)
+    assert not any(f.informational for f in with_all.findings)
+    assert {f["class"] for f in with_all.to_json()["findings"]} <= {"absolute", "relative", "local"}

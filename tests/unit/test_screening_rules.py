@@ -337,10 +337,13 @@ CASES = [
      [condition("c", "E05.00", ICD)], ["lymphatic-drainage"], ["61685007"], "clear", {"thyroid-neck-mld"}, set()),
     ("rheumatoid-arthritis-stretching-caution",
      [condition("c", "69896004")], ["stretching"], None, "caution", {"ra-flare"}, set()),
-    ("nut-allergy-massage-oil-caution",
-     [allergy("a", "Allergy to peanuts", "91935009")], ["swedish"], None, "caution", {"allergy-massage-product"}, set()),
-    ("latex-allergy-by-text",
-     [allergy("a", "Latex")], ["swedish"], None, "caution", {"allergy-massage-product"}, set()),
+    # A product allergy is information for the therapist (issue 4: "an informational finding"), not a
+    # contraindication: the verdict stays clear and the rule is listed under information, never under findings
+    # (test_product_allergy_* below check that it is there).
+    ("nut-allergy-massage-oil-is-information-clear",
+     [allergy("a", "Allergy to peanuts", "91935009")], ["swedish"], None, "clear", set(), {"allergy-massage-product"}),
+    ("latex-allergy-by-text-is-information-clear",
+     [allergy("a", "Latex")], ["swedish"], None, "clear", set(), {"allergy-massage-product"}),
     ("penicillin-allergy-is-not-a-massage-product",
      [allergy("a", "Penicillin")], ["swedish"], None, "clear", set(), {"allergy-massage-product"}),
     ("text-only-blood-clot-needs-review",
@@ -362,6 +365,47 @@ def test_clinical_case(resources, techniques, sites, verdict, present, absent):
     assert result.verdict == verdict, (result.verdict, [f.to_json()["message"] for f in result.findings], result.needs_review)
     assert present <= found, found
     assert not (absent & found), found
+
+
+def information_of(result) -> set[str]:
+    return {f.rule for f in result.information}
+
+
+@pytest.mark.parametrize("res", [allergy("a", "Allergy to peanuts", "91935009"), allergy("a", "Latex")],
+                         ids=["coded-nut", "latex-text"])
+def test_product_allergy_only_is_clear_with_an_information_item(res):
+    result = run(res, techniques=["swedish"])
+    assert result.verdict == "clear" and not result.findings and not result.needs_review
+    assert information_of(result) == {"allergy-massage-product"}
+    item = result.information[0]
+    assert item.informational and item.evidence == ("AllergyIntolerance/a",)
+    assert "Allergy/intolerance" in item.message and item.evidence_class == "CONS"
+    out = result.to_json()
+    assert out["verdict"] == "clear" and out["findings"] == []
+    [j] = out["information"]
+    assert "class" not in j  # findings[].class keeps its three values; information has none
+    assert {"rule", "techniques", "sites", "evidence", "message", "evidenceClass", "source", "verified",
+            "informational", "details", "appliesToProposal"} <= set(j)
+    assert j["rule"] == "allergy-massage-product" and j["evidence"] == ["AllergyIntolerance/a"]
+    assert j["details"][0]["ref"] == "AllergyIntolerance/a" and j["appliesToProposal"] is True
+
+
+def test_product_allergy_with_a_dvt_is_contraindicated_and_still_lists_the_information():
+    result = run(allergy("a", "Latex"), condition("c", "I82.402", ICD, onset="2024-05-20"),
+                 techniques=["swedish"], sites=["30021000:left"])
+    assert result.verdict == "contraindicated"
+    assert "dvt-acute" in rules_of(result) and "allergy-massage-product" not in rules_of(result)
+    assert information_of(result) == {"allergy-massage-product"}
+    out = result.to_json()
+    assert {f["class"] for f in out["findings"]} <= {"absolute", "relative", "local"}
+    assert [i["rule"] for i in out["information"]] == ["allergy-massage-product"]
+
+
+def test_inactive_or_refuted_product_allergy_gives_no_information():
+    inactive = dict(allergy("a", "Latex"), clinicalStatus={"coding": [{"code": "inactive"}]})
+    refuted = dict(allergy("b", "Latex"), verificationStatus={"coding": [{"code": "refuted"}]})
+    result = run(inactive, refuted)
+    assert result.verdict == "clear" and not result.information and result.to_json()["information"] == []
 
 
 def test_text_only_problem_goes_to_needs_review_with_the_reference():
