@@ -664,7 +664,7 @@ def _call(hook: str, sess: OrderSession) -> HookResult:
     finally:
         if access:
             access[1]()  # the service had the token for this call only
-    cards = [c for c in answer.get("cards") or [] if isinstance(c, dict)]
+    cards = _dicts(answer, "cards")
     return HookResult(hook=hook, service_id=service["id"], service_title=service.get("title") or service["id"],
                       service_url=url, hook_instance=body["hookInstance"], cards=cards,
                       drafts_version=sess.drafts_version, fhir_access=access is not None)
@@ -697,6 +697,25 @@ def _feedback(sess: OrderSession, res: HookResult, item: dict[str, Any], *,
             access[1]()
     entries = answer.get("feedback") if isinstance(answer.get("feedback"), list) else []
     return next((e for e in entries if isinstance(e, dict) and e.get("card") == item["card"]), None) or {}
+
+
+def _send_feedback(sess: OrderSession, res: HookResult, item: dict[str, Any], *,
+                   with_fhir: bool = False) -> dict[str, Any] | None:
+    """``_feedback``, with a failed call turned into the entry the activity log and the card show."""
+    try:
+        return _feedback(sess, res, item, with_fhir=with_fhir)
+    except _CdsCallError as exc:
+        return {"status": f"not delivered ({exc})"}
+
+
+def _dicts(obj: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+    """The dict items of a JSON list (cards, suggestions, overrideReasons, links); anything else is skipped."""
+    return [x for x in obj.get(key) or [] if isinstance(x, dict)]
+
+
+def _nth(items: list[dict[str, Any]], n: str) -> dict[str, Any] | None:
+    """The item a form or query names by its index, or None for anything that is not one of them."""
+    return items[int(n)] if n.isdigit() and int(n) < len(items) else None
 
 
 def _feedback_words(entry: Mapping[str, Any] | None) -> str:
@@ -905,9 +924,8 @@ def show(sid: str) -> Response:
     for key, card in (res.keyed() if res else []):
         ind = card.get("indicator") if card.get("indicator") in ("critical", "warning", "info") else "info"
         cards.append({"key": key, "card": card, "indicator": ind, "decision": sess.decisions.get(key),
-                      "suggestions": [s for s in card.get("suggestions") or [] if isinstance(s, dict)],
-                      "reasons": [r for r in card.get("overrideReasons") or [] if isinstance(r, dict)],
-                      "links": [ln for ln in card.get("links") or [] if isinstance(ln, dict)]})
+                      "suggestions": _dicts(card, "suggestions"), "reasons": _dicts(card, "overrideReasons"),
+                      "links": _dicts(card, "links")})
     resp = current_app.make_response(render_template(
         "ehr_orders/session.html", sess=sess, result=res, cards=cards,
         drafts=[_draft_view(d) for d in sess.drafts], render_markdown=render_markdown,
@@ -971,7 +989,7 @@ def accept(sid: str) -> Response:
     with sess.lock:
         try:
             res, key, card = _current_card(sess)
-            suggestions = [s for s in card.get("suggestions") or [] if isinstance(s, dict)]
+            suggestions = _dicts(card, "suggestions")
             wanted = request.form.get("suggestion", "")
             suggestion = next((s for i, s in enumerate(suggestions) if wanted in (s.get("uuid"), f"#{i}")), None)
             if suggestion is None:
@@ -988,10 +1006,7 @@ def accept(sid: str) -> Response:
             item: dict[str, Any] = {"card": key, "outcome": "accepted", "outcomeTimestamp": _now_instant()}
             if isinstance(suggestion.get("uuid"), str):
                 item["acceptedSuggestions"] = [{"id": suggestion["uuid"]}]
-            try:
-                entry = _feedback(sess, res, item)
-            except _CdsCallError as exc:
-                entry = {"status": f"not delivered ({exc})"}
+            entry = _send_feedback(sess, res, item)
         words = _feedback_words(entry)
         sess.log(words)
         lines.append(words)
@@ -1027,9 +1042,8 @@ def override(sid: str) -> Response:
     with sess.lock:
         try:
             res, key, card = _current_card(sess)
-            reasons = [r for r in card.get("overrideReasons") or [] if isinstance(r, dict)]
-            chosen = request.form.get("reason", "")
-            reason = reasons[int(chosen)] if chosen.isdigit() and int(chosen) < len(reasons) else None
+            reasons = _dicts(card, "overrideReasons")
+            reason = _nth(reasons, request.form.get("reason", ""))
             if reasons and reason is None:
                 raise _ActionError("Choose one of the card's override reasons.")
         except _ActionError as exc:
@@ -1048,12 +1062,9 @@ def override(sid: str) -> Response:
                 over["userComment"] = comment
             if over:
                 item["overrideReason"] = over
-            try:
-                # FHIR access on the feedback is the fhir-massage service's documented extension; given only when
-                # the hook call that produced the card had it (the EHR trusted the service with data then).
-                entry = _feedback(sess, res, item, with_fhir=res.fhir_access)
-            except _CdsCallError as exc:
-                entry = {"status": f"not delivered ({exc})"}
+            # FHIR access on the feedback is the fhir-massage service's documented extension; given only when the
+            # hook call that produced the card had it (the EHR trusted the service with data then).
+            entry = _send_feedback(sess, res, item, with_fhir=res.fhir_access)
         decision.feedback = _feedback_words(entry)
         ref = (entry or {}).get("detectedIssue")
         if isinstance(ref, str) and ref.startswith("DetectedIssue/"):
@@ -1089,9 +1100,7 @@ def launch_app(sid: str) -> Response:
     if res is None or request.args.get("hook_instance") != res.hook_instance or card is None:
         return _launch_error(sess, "That card is no longer shown (the CDS service was asked again); use the link "
                                    "on a current card.")
-    links = [ln for ln in card.get("links") or [] if isinstance(ln, dict)]
-    n = request.args.get("link", "")
-    link = links[int(n)] if n.isdigit() and int(n) < len(links) else None
+    link = _nth(_dicts(card, "links"), request.args.get("link", ""))
     if link is None or link.get("type") != "smart" or not isinstance(link.get("url"), str):
         return _launch_error(sess, "That is not a smart link of the card.")
     auth = _sandbox().get("auth")
