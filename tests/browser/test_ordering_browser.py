@@ -30,8 +30,9 @@ def test_physician_orders_by_clicking_and_overrides_the_dvt_leg(smart_sandbox, m
         assert verdict.get_attribute("data-verdict") in ("caution", "contraindicated")
 
         frame.get_by_role("checkbox", name="Swedish massage").check()
-        frame.locator('.bd-region[data-key="77568009"]').count()  # back is not on the front view: use the list
-        frame.get_by_role("checkbox", name="Lower back").check()
+        # the lower back is on the diagram's back view; a click there ticks the same site in the list
+        frame.locator('.bd-view--back .bd-region[data-key="37822005"]').click()
+        assert frame.locator('input[name="site"][value="37822005"]').is_checked()
         caution = frame.locator('#screening-panel [data-verdict="caution"]')
         caution.wait_for()
 
