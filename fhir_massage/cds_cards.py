@@ -43,7 +43,7 @@ __all__ = [
     "CdsRequestError", "CdsPreconditionFailed", "FhirAccess", "HookRequest", "MassageOrder", "PrefetchResult",
     "FeedbackItem", "discovery", "prefetch_templates", "prefetch_queries", "parse_hook_request", "massage_orders",
     "prefetch_resources", "build_cards", "needs_review_card", "parse_feedback", "override_mitigation", "md_escape",
-    "code_span", "parse_fhir_access", "finding_from_json",
+    "code_span", "parse_fhir_access", "finding_from_json", "information_card",
     "summary_for", "order_sites", "resolves", "CLEARANCE_LABEL", "AppContext", "app_context", "parse_app_context",
 ]
 
@@ -958,15 +958,31 @@ def build_cards(
 
     One card per finding that applies to the order's techniques and sites (``Finding.applies_to``). A screening
     that could not decide (``needs_review``) adds one warning card per order: unreadable chart items must be
-    looked at by a person, never read as "clear"."""
+    looked at by a person, never read as "clear". Each information item (``Screening.information``: an allergy
+    to a massage product) adds one ``info`` card for the request, after the others: it concerns the patient, not
+    one order, and asks for nothing (no suggestions, no override reasons)."""
     kb = kb or _default_kb()
     cards: list[tuple[int, dict[str, Any]]] = []
     records: dict[str, dict[str, Any]] = {}
     rank = {"absolute": 0, "relative": 1, "local": 2}
+    informed: set[str] = set()
     for i, order in enumerate(orders):
         screening = screenings.get(i)
         if screening is None:
             continue
+        for item in getattr(screening, "information", None) or ():
+            rule_id = str(getattr(item, "rule", ""))
+            if rule_id in informed or not _applies(item, order):
+                continue
+            informed.add(rule_id)
+            card = information_card(item, order, kb=kb, new_uuid=new_uuid, fetched_note=fetched_note)
+            cards.append((3, card))
+            records[card["uuid"]] = {
+                "service": request.service_id, "hookInstance": request.hook_instance,
+                "patientId": request.patient_id, "userId": request.user_id, "order": order.ref, "rule": rule_id,
+                # no finding: feedback on an information card is recorded, never written as a DetectedIssue
+                "cls": "information", "summary": card["summary"], "finding": None, "suggestions": {},
+            }
         for finding in getattr(screening, "findings", None) or ():
             if not _applies(finding, order):
                 continue
@@ -1011,6 +1027,56 @@ def build_cards(
             }
     cards.sort(key=lambda rc: rc[0])
     return [c for _, c in cards], records
+
+
+def information_card(item: Any, order: MassageOrder, *, kb: KnowledgeBase | None = None,
+                     new_uuid: Callable[[], str] = lambda: str(_uuid.uuid4()),
+                     fetched_note: str | None = None) -> dict[str, Any]:
+    """The ``info`` card for one information item of a screening (screening.Screening.information): what the
+    therapist must know (e.g. a latex allergy), with its chart evidence, evidence class and source."""
+    kb = kb or _default_kb()
+    rule_id = str(getattr(item, "rule", ""))
+    title = _title(item, kb)
+    summary = f"For your information: {title}"
+    if len(summary) > SUMMARY_MAX:
+        summary = summary[: SUMMARY_MAX - 1].rstrip() + "…"
+    lines = [f"**{md_escape(title)}**: for your information, not a contraindication (it does not change the "
+             "screening verdict and needs no acknowledgement).", ""]
+    message = getattr(item, "message", "") or ""
+    if message:
+        lines += [md_escape(message), ""]
+    shown: set[str] = set()
+    for ev in getattr(item, "details", None) or ():
+        lines.append("- Chart evidence: " + _evidence_md(ev))
+        shown.add(str(getattr(ev, "ref", "")))
+    for ref in getattr(item, "evidence", None) or ():
+        if str(ref) not in shown:
+            lines.append(f"- Chart evidence: {code_span(ref)}")
+    if getattr(item, "unconfirmed", False):
+        lines.append("- The chart entry is unconfirmed")
+    ev_class = getattr(item, "evidence_class", None)
+    if ev_class:
+        lines.append(f"- Evidence class: {md_escape(EVIDENCE_LABEL.get(ev_class, ev_class))}")
+    rule = kb.rules.get(rule_id)
+    if rule is not None and rule.tag:
+        lines.append(f"- Rule evidence tag: {md_escape(rule.tag)}")
+    source = getattr(item, "source", None)
+    if source:
+        lines.append(f"- Source: {md_escape(source)}")
+    lines.append(f"- Rule: {code_span(rule_id)} (knowledge base {md_escape(kb.version)})")
+    if fetched_note:
+        lines.append(f"- {md_escape(fetched_note)}")
+    card: dict[str, Any] = {
+        "uuid": new_uuid(),
+        "summary": summary,
+        "indicator": "info",
+        "detail": "\n".join(lines),
+        "source": {"label": SOURCE_LABEL, "topic": C.coding(CARD_TOPIC_SYSTEM, rule_id, title)},
+    }
+    url = getattr(item, "reference", None) or (rule.reference if rule is not None else None)
+    if url:
+        card["source"]["url"] = url
+    return card
 
 
 def _review_items(screening: Any) -> list[str]:

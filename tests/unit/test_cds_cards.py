@@ -788,3 +788,44 @@ def test_app_context_round_trips_for_the_launch_patient():
 def test_app_context_that_is_not_ours_or_not_this_patients_is_ignored(raw, expected):
     assert cc.parse_app_context(raw, patient_id="p1") == expected
     assert cc.parse_app_context(raw, patient_id=None) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# information items (allergy to a massage product): an info card, never a contraindication card
+
+
+def _latex(pid="p1", rid="a1"):
+    return {"resourceType": "AllergyIntolerance", "id": rid, "patient": {"reference": f"Patient/{pid}"},
+            "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                                           "code": "active"}]},
+            "code": {"coding": [{"system": C.SNOMED, "code": "300916003", "display": "Latex allergy"}],
+                     "text": "Latex allergy"}}
+
+
+def test_product_allergy_gives_one_info_card_without_suggestions():
+    resources = [{"resourceType": "Patient", "id": "p1"}, _latex()]
+    # two orders in one request: the allergy concerns the patient, so one card, not one per order
+    drafts = [massage_sr(sid="d1", techniques=("swedish",), patient="p1"),
+              massage_sr(sid="d2", techniques=("deep-tissue",), sites=(("77568009", "Back", "Back"),), patient="p1")]
+    cards, records = cards_for(resources, drafts, patient="p1")
+    assert len(cards) == 1
+    card = cards[0]
+    check_card_shape(card)
+    assert card["indicator"] == "info" and card["summary"].startswith("For your information")
+    assert card["source"]["topic"]["code"] == "allergy-massage-product"
+    assert "suggestions" not in card and "overrideReasons" not in card and "links" not in card
+    assert "AllergyIntolerance/a1" in card["detail"] and "latex-free" in card["detail"]
+    assert "not a contraindication" in card["detail"] and "Evidence class" in card["detail"]
+    rec = records[card["uuid"]]
+    assert rec["rule"] == "allergy-massage-product" and rec["finding"] is None and rec["cls"] == "information"
+
+
+def test_product_allergy_with_a_dvt_info_card_comes_after_the_critical_one():
+    resources = hand_made_resources("demo-dana-whitfield", TODAY) + [_latex("demo-dana-whitfield")]
+    cards, _ = cards_for(resources, [massage_sr()])
+    topics = [c["source"]["topic"]["code"] for c in cards]
+    assert topics[0] == "dvt-acute" and cards[0]["indicator"] == "critical"
+    assert topics[-1] == "allergy-massage-product" and cards[-1]["indicator"] == "info"
+    assert topics.count("allergy-massage-product") == 1
+    for card in cards:
+        check_card_shape(card)
