@@ -51,12 +51,22 @@ def _norm_system(system: Any) -> str:
         return "rxnorm"
     if system in _LOINC_SYSTEMS:
         return "loinc"
-    return system if isinstance(system, str) else ""
+    return system
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Facts
 
+
+def _display(text: str | None, codings: tuple[Coded, ...], missing: str) -> str:
+    """What a fact is called on a page: its text, else the first coding's display, else the first code, else
+    ``missing`` (a fact with neither code nor text)."""
+    if text:
+        return text
+    for _, _, d in codings:
+        if d:
+            return d
+    return codings[0][1] if codings else missing
 
 @dataclass(frozen=True, slots=True)
 class BodySite:
@@ -99,12 +109,7 @@ class ConditionFact:
 
     @property
     def display(self) -> str:
-        if self.text:
-            return self.text
-        for _, _, d in self.codings:
-            if d:
-                return d
-        return self.codings[0][1] if self.codings else "(no code or text)"
+        return _display(self.text, self.codings, "(no code or text)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +143,7 @@ class MedicationFact:
 
     @property
     def display(self) -> str:
-        if self.text:
-            return self.text
-        for _, _, d in self.codings:
-            if d:
-                return d
-        return self.codings[0][1] if self.codings else "(medication without code or text)"
+        return _display(self.text, self.codings, "(medication without code or text)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,12 +176,7 @@ class ProcedureFact:
 
     @property
     def display(self) -> str:
-        if self.text:
-            return self.text
-        for _, _, d in self.codings:
-            if d:
-                return d
-        return self.codings[0][1] if self.codings else "(procedure without code or text)"
+        return _display(self.text, self.codings, "(procedure without code or text)")
 
 
 @dataclass(frozen=True)
