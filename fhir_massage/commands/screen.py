@@ -41,6 +41,11 @@ Examples:
   fhir-massage screen --bundle chart.json --technique deep-tissue --site 30021000:left --today 2024-05-01
   fhir-massage screen --bundle chart.json --format json | jq .verdict
   FHIR_MASSAGE_TOKEN=... fhir-massage screen --fhir-base https://ehr.example.org/fhir --patient 123
+
+A chart to try: run the sandbox without authorization (`fhir-massage sandbox --open --port 8090`, in another
+terminal) and screen a demo patient live, or save the chart as a Bundle file first:
+  fhir-massage screen --fhir-base http://127.0.0.1:8090/fhir --patient demo-dana-whitfield --technique deep-tissue
+  curl -s 'http://127.0.0.1:8090/fhir/Patient?_id=demo-dana-whitfield&_revinclude=Condition:patient&_revinclude=MedicationRequest:patient&_revinclude=Observation:patient' > chart.json
 """
 
 
