@@ -1,9 +1,11 @@
 """The contract between the sandbox's FHIR API and whoever decides what a request may do.
 
 The FHIR API asks its ``Authorizer`` for a ``Grant`` per request and enforces it: the interaction on the resource
-type (403 otherwise, with an OperationOutcome), and, when ``patient`` is set, the patient compartment (searches are
-limited to that patient's data; reading another patient's resource is a 403 with no data). The SMART authorization
-server (auth.py) turns bearer tokens into grants; ``--open`` mode uses ``OPEN``.
+type (403 otherwise, with an OperationOutcome), and the patient compartment: when ``patient`` is set (patient/
+scopes: the launch patient), or ``patients`` is (user/ scopes: the patients the user may access, e.g. the patients
+on whose active CareTeam the user is), searches are limited to those patients' data and reading or writing another
+patient's resource is a 403 with no data. The SMART authorization server (auth.py) turns bearer tokens into grants;
+``--open`` mode uses ``OPEN``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,26 @@ class Grant:
     patient: str | None = None  # set for patient/ scopes: only this patient's compartment
     user: str | None = None  # e.g. "Practitioner/123" for user/ scopes
     client_id: str | None = None
+    # user/ scopes without a patient in context: only these patients' compartments (None = no limit, e.g. OPEN).
+    patients: frozenset[str] | None = None
+
+    def compartments(self) -> frozenset[str] | None:
+        """The patients whose compartments this grant may reach, or None for no limit. A patient in context wins
+        (patient/ scopes, and mixed user/ + patient/ grants, are held to the launch patient)."""
+        if self.patient is not None:
+            return frozenset((self.patient,))
+        return self.patients
+
+    def may_access_patient(self, patient_id: str) -> bool:
+        limit = self.compartments()
+        return limit is None or patient_id in limit
+
+    def limit_text(self) -> str:
+        """How the grant is limited, for a 403's words (no patient data: ids only)."""
+        if self.patient is not None:
+            return f"This access token is limited to Patient/{self.patient}"
+        who = self.user or "this user"
+        return f"This access token is limited to the patients {who} may access (their care teams)"
 
     def allows(self, resource_type: str, interaction: str) -> bool:
         for key in (resource_type, "*"):

@@ -14,8 +14,10 @@ Strict where real EHRs are strict: exact redirect URIs, PKCE S256 only and requi
 single-use launch ids, single-use 60-second codes (a replay revokes what the code issued), rotating refresh tokens
 (reuse revokes the family), private_key_jwt with RS384/ES384, ``jti`` replay and ``exp`` at most 5 minutes ahead.
 
-Sandbox simplifications (said so on the pages): no passwords, every demo user may see every patient (so user/
-scopes are not narrowed per patient), consent is implied.
+Sandbox simplifications (said so on the pages): no passwords, consent is implied. A user may access the patients
+whose active CareTeam lists them (or their PractitionerRole) as a participant, or who name them as
+generalPractitioner (``SandboxAuth.accessible_patients``); user/ scopes are held to those patients, the EHR
+simulator and the standalone patient picker offer only them.
 
 ``config.auth`` keys: clients (list of registrations, see auth_clients), discovery ("both" | "capability-only"),
 fhir_user ("absolute" | "relative" fhirUser claim), users / patients (override demo.DEMO_USERS / DEMO_PATIENTS),
@@ -419,6 +421,13 @@ class SandboxAuth:
 
         return list(demo.DEMO_PATIENTS)
 
+    def accessible_patients(self, user: dict[str, Any]) -> frozenset[str]:
+        """The patients ``user`` may access, read from the FHIR data (CareTeam / generalPractitioner): see
+        service.FhirService.accessible_patients. Call inside a request (the FHIR base is the request's)."""
+        refs = [user.get("fhirUser"), user.get("practitionerRole")]
+        service = current_app.extensions[EXT]["service"]
+        return service.accessible_patients(self.fhir_base(), [r for r in refs if isinstance(r, str)])
+
     def find_user(self, key: str | None) -> dict[str, Any] | None:
         for u in self.users():
             if key and key in (u.get("id"), u.get("fhirUser")):
@@ -675,8 +684,10 @@ def _valid_id(value: str) -> bool:
 # --- the Authorizer the FHIR API calls ------------------------------------------------------------------------
 
 class TokenAuthorizer:
-    """Bearer token -> access.Grant. In the sandbox every demo user may see every patient, so user/ scopes are
-    limited only by their resource types and letters; patient/ scopes confine the grant to the launch patient."""
+    """Bearer token -> access.Grant. patient/ scopes confine the grant to the launch patient (a mixed user/ +
+    patient/ grant too: the patient in context wins, as the whole grant has one compartment); user/ scopes without
+    a patient confine it to the patients the user may access, looked up per request (cached until the next write),
+    so a CareTeam change shows at once, as in an EHR."""
 
     def __init__(self, auth: SandboxAuth) -> None:
         self.auth = auth
@@ -697,11 +708,16 @@ class TokenAuthorizer:
             raise access.Unauthorized("The access token has expired.")
         granted = tok.scope.split()
         perms, has_patient, _has_user = scopes.permissions(granted)
+        patient = tok.context.get("patient") if has_patient else None
+        # Every clinical grant without a patient is held to the user's patients (a token without user/ scopes
+        # has no compartment types in its permissions, so the set changes nothing for it).
+        patients = self.auth.accessible_patients(tok.user) if patient is None else None
         return access.Grant(
             permissions=perms,
-            patient=tok.context.get("patient") if has_patient else None,
+            patient=patient,
             user=tok.user.get("fhirUser"),
             client_id=tok.client_id,
+            patients=patients,
         )
 
 
@@ -785,11 +801,14 @@ def authorize():
     patient = None
     if needs_patient:
         patient = request.form.get("sandbox_patient") if ticket.get("step") == "patient" else None
-        known = {p["id"] for p in auth.patients()}
-        if patient not in known:
+        # Only the user's patients are offered (and accepted): an EHR's patient search shows a clinician the
+        # patients they may open.
+        mine = auth.accessible_patients(user)
+        offered = [p for p in auth.patients() if p["id"] in mine]
+        if patient not in {p["id"] for p in offered}:
             t = auth.new_ticket({"step": "patient", "user": user["id"]})
             resp = current_app.make_response(render_template(
-                "auth/patient.html", patients=auth.patients(), params=params, ticket=t, user=user,
+                "auth/patient.html", patients=offered, params=params, ticket=t, user=user,
                 client=grant.request.client))
             return _csp(resp, form_targets=form_targets)
     context = {"launch": False, "patient": patient, "need_patient_banner": True, "smart_style_url": None}

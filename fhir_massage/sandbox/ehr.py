@@ -2,10 +2,13 @@
 an EHR embeds a SMART app (SMART App Launch 2.2 "EHR launch": the EHR opens the app's launch URL with ``iss`` and
 an opaque ``launch``).
 
-- ``GET /ehr``: the picker.
+- ``GET /ehr[?user=..]``: the picker. Each patient says who may open the chart (the users on the patient's active
+  CareTeam, or the generalPractitioner: ``SandboxAuth.accessible_patients``); with ``user`` only that user's
+  patients are offered.
 - ``GET /ehr/launch?client_id=..&user=..&patient=..[&intent=..][&encounter=..][&embed=0|1]``: creates a launch;
   ``embed=1`` (default) shows the EHR frame with the app inside, ``embed=0`` redirects straight to the app's launch
-  URL (tests and demos that need no clicks).
+  URL (tests and demos that need no clicks). A patient the user may not access is refused (403 page), as an EHR
+  does not open a chart outside the user's care relationships.
 - ``GET /ehr/smart-style.json``: the SMART styling document (SMART 2.2 "Styling", ``smart_style_url``).
 """
 
@@ -58,8 +61,17 @@ def _secure(resp, frame_src: str = "'none'"):
 def index():
     auth = _auth()
     clients = [c for c in auth.all_clients() if c.launch_url]
+    users = auth.users()
+    access = {u["id"]: auth.accessible_patients(u) for u in users}
+    # Who may open each chart, shown next to the patient: the simulator has no scripts to filter on a click.
+    care = {p["id"]: [u["name"] for u in users if p["id"] in access[u["id"]]] for p in auth.patients()}
+    chosen = auth.find_user(request.args.get("user"))
+    patients = auth.patients()
+    if chosen is not None:
+        patients = [p for p in patients if p["id"] in access[chosen["id"]]]
     resp = current_app.make_response(render_template(
-        "ehr/index.html", users=auth.users(), patients=auth.patients(), clients=clients, error=None))
+        "ehr/index.html", users=users, patients=patients, clients=clients, error=None, care=care,
+        chosen=chosen, counts={k: len(v) for k, v in access.items()}))
     return _secure(resp)
 
 
@@ -72,6 +84,10 @@ def launch():
         return _error("No registered app with a launch URL has that client_id.")
     patient = args.get("patient") or None
     known = {p["id"]: p for p in auth.patients()}
+    user = auth.find_user(args.get("user"))
+    if user is not None and patient is not None and patient not in auth.accessible_patients(user):
+        return _error(f"{user['name']} may not open this patient's chart: they are not on the patient's care team"
+                      " (nor the patient's primary care provider).", status=403)
     try:
         out = auth.create_launch(client.client_id, args.get("user", ""), patient, encounter=args.get("encounter") or None,
                                  intent=args.get("intent") or None)
@@ -79,7 +95,6 @@ def launch():
         return _error(exc.message)
     if args.get("embed", "1") == "0":
         return redirect(out["launch_url"], code=302)
-    user = auth.find_user(args.get("user"))
     origin = urlsplit(out["launch_url"])
     resp = current_app.make_response(render_template(
         "ehr/frame.html", app_url=out["launch_url"], client=client, user=user,
@@ -95,7 +110,7 @@ def smart_style():
     return resp
 
 
-def _error(message: str):
+def _error(message: str, status: int = 400):
     resp = current_app.make_response((render_template("auth/error.html", title="Cannot launch the app",
-                                                      message=message), 400))
+                                                      message=message), status))
     return _secure(resp)

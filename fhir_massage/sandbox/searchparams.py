@@ -41,6 +41,8 @@ SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
         "given": _p("string", "name.given"),
         "birthdate": _p("date", "birthDate"),
         "gender": _p("token", "gender"),
+        "general-practitioner": _p("reference", "generalPractitioner",
+                                   targets=("Organization", "Practitioner", "PractitionerRole")),
     },
     "Condition": {
         "identifier": _p("token", "identifier"),
@@ -196,6 +198,7 @@ SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
     "CareTeam": {
         "identifier": _p("token", "identifier"),
         "patient": _p("reference", "subject", targets=PATIENT),
+        "participant": _p("reference", "participant.member"),  # also who may access the patient (user/ scopes)
         "status": _p("token", "status"),
     },
     "Goal": {"identifier": _p("token", "identifier"), "patient": _p("reference", "subject", targets=PATIENT)},

@@ -6,10 +6,11 @@ methods per Bundle entry.
 
 Access rules (the contract in access.py):
 - the interaction on the type must be granted, else 403;
-- with ``grant.patient`` set, types in the Patient compartment (searchparams.PATIENT_COMPARTMENT) are limited to
-  that patient's compartment: a search naming another patient (patient=/subject=) is 403, any other search is
-  silently narrowed to the patient; reading another patient's resource is 403 (not 404: the sandbox does not hide
-  that the id exists, it only refuses its data); creating/updating/deleting outside the compartment is 403.
+- with ``grant.patient`` set (patient/ scopes), or ``grant.patients`` (user/ scopes: the patients the user may
+  access, see ``accessible_patients``), types in the Patient compartment (searchparams.PATIENT_COMPARTMENT) are
+  limited to those patients' compartments: a search naming another patient (patient=/subject=) is 403, any other
+  search is silently narrowed to them; reading another patient's resource is 403 (not 404: the sandbox does not
+  hide that the id exists, it only refuses its data); creating/updating/deleting outside them is 403.
   Types outside the compartment (Practitioner, Organization, Location, Device, Medication, ...) follow the type
   permission only. _include/_revinclude results the grant may not read are left out.
 """
@@ -100,12 +101,14 @@ def check_id(rid: str) -> None:
 # SQL and arguments, so by the grant's restriction too) until the next write, for its next pages and the total.
 ID_CACHE_SEARCHES = 32
 ID_CACHE_MAX_IDS = 10_000  # a bigger result is paged with LIMIT/OFFSET and counted, uncached
+ACCESS_CACHE_USERS = 64  # users whose accessible patients are kept until the next write
 
 
 class FhirService:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._ids: OrderedDict[tuple[Any, ...], tuple[int, list[str]]] = OrderedDict()  # guarded by the store lock
+        self._access: OrderedDict[tuple[Any, ...], tuple[int, frozenset[str]]] = OrderedDict()  # same lock
 
     # -- access --------------------------------------------------------------------------------------------------
 
@@ -135,16 +138,66 @@ class FhirService:
                         out |= compartment_patients(rec.body)
         return out
 
+    def accessible_patients(self, base: str, user_refs: list[str] | tuple[str, ...]) -> frozenset[str]:
+        """Ids of the patients a user may access, from the data (what a real EHR keeps as care relationships):
+        the patients of every active CareTeam that has one of ``user_refs`` (e.g. "Practitioner/x",
+        "PractitionerRole/x-role") as a participant member, and the patients naming one as generalPractitioner.
+        A ``Patient/x`` user ref (a patient or proxy signed in) gives that patient. References may be relative or
+        absolute on this server (``base``).
+
+        Two indexed lookups (search_index, ix_si_ref2 / ix_si_code2), kept until the next write: the FHIR API asks
+        on every request of a user/ grant. CareTeam.period is not read: status is what says a team is active."""
+        refs = sorted({r for r in user_refs if isinstance(r, str) and r})
+        key = (base, tuple(refs))
+        with self.store.snapshot():
+            hit = self._access.get(key)
+            if hit is not None and hit[0] == self.store.generation and not self.store.in_transaction:
+                self._access.move_to_end(key)
+                return hit[1]
+            out: set[str] = set()
+            wanted: list[str] = []
+            for ref in refs:
+                _, t, rid = parse_reference(ref)
+                if t is None or rid is None:
+                    continue
+                if t == "Patient":
+                    out.add(rid)
+                wanted += [f"{t}/{rid}", f"{base}/{t}/{rid}"]
+            if wanted:
+                marks = ",".join("?" * len(wanted))
+                out.update(rid for (rid,) in self.store.query(
+                    "SELECT p.rtid FROM search_index p WHERE p.rtype = 'CareTeam' AND p.param = 'patient'"
+                    " AND p.rtid IS NOT NULL AND p.rtarget = 'Patient'"
+                    " AND p.rid IN (SELECT m.rid FROM search_index m WHERE m.rtype = 'CareTeam'"
+                    f" AND m.param = 'participant' AND m.rref IS NOT NULL AND m.rref IN ({marks}))"
+                    " AND p.rid IN (SELECT st.rid FROM search_index st WHERE st.rtype = 'CareTeam'"
+                    " AND st.param = 'status' AND st.code IS NOT NULL AND st.code = 'active')",
+                    wanted,
+                ))
+                out.update(rid for (rid,) in self.store.query(
+                    "SELECT g.rid FROM search_index g WHERE g.rtype = 'Patient' AND g.param = 'general-practitioner'"
+                    f" AND g.rref IS NOT NULL AND g.rref IN ({marks})",
+                    wanted,
+                ))
+            result = frozenset(out)
+            if not self.store.in_transaction:  # uncommitted data must not outlive a rollback in the cache
+                self._access[key] = (self.store.generation, result)
+                self._access.move_to_end(key)
+                while len(self._access) > ACCESS_CACHE_USERS:
+                    self._access.popitem(last=False)
+            return result
+
     def may_see(self, grant: Grant, resource: dict[str, Any]) -> bool:
-        if grant.patient is None or resource.get("resourceType") not in PATIENT_COMPARTMENT:
+        limit = grant.compartments()
+        if limit is None or resource.get("resourceType") not in PATIENT_COMPARTMENT:
             return True
-        return grant.patient in self.compartment_of(resource)
+        return not limit.isdisjoint(self.compartment_of(resource))
 
     def require_compartment(self, grant: Grant, resource: dict[str, Any], verb: str) -> None:
         if not self.may_see(grant, resource):
+            whose = "that patient's record" if grant.patient is not None else "those patients' records"
             raise forbidden(
-                f"This access token is limited to Patient/{grant.patient}; it may not {verb} a"
-                f" {resource.get('resourceType')} outside that patient's record."
+                f"{grant.limit_text()}; it may not {verb} a {resource.get('resourceType')} outside {whose}."
             )
 
     # -- referential integrity ------------------------------------------------------------------------------------
@@ -370,19 +423,25 @@ class FhirService:
     # -- search --------------------------------------------------------------------------------------------------
 
     def _restrict(self, grant: Grant, q: Search) -> None:
-        if grant.patient is None or q.resource_type not in PATIENT_COMPARTMENT:
+        limit = grant.compartments()
+        if limit is None or q.resource_type not in PATIENT_COMPARTMENT:
             return
-        others = {p for p in q.named_patients if p != grant.patient}
+        others = sorted(p for p in q.named_patients if p not in limit)
         if others:
             raise forbidden(
-                f"This access token is limited to Patient/{grant.patient}; it may not search another patient's"
-                f" {q.resource_type} resources."
+                f"{grant.limit_text()}; it may not search the {q.resource_type} resources of Patient/{others[0]}."
             )
+        if not limit:
+            q.where.append("0")  # a user with no patients: nothing in any compartment
+            return
+        # One IN list: the compartment index (ix_si_rtid2) is probed once per patient. SQLite binds up to 32,766
+        # values, far beyond a care-team panel.
+        marks = ",".join("?" * len(limit))
         q.where.append(
             f"r.rid IN (SELECT s.rid FROM search_index s WHERE s.rtype = ? AND s.param = '{COMPARTMENT}'"
-            " AND s.rtid IS NOT NULL AND s.rtid = ?)"
+            f" AND s.rtid IS NOT NULL AND s.rtid IN ({marks}))"
         )
-        q.args.extend([q.resource_type, grant.patient])
+        q.args.extend([q.resource_type, *sorted(limit)])
 
     @staticmethod
     def _where(q: Search) -> tuple[str, list[Any]]:
@@ -521,7 +580,7 @@ class FhirService:
         # One read per type for all of them, not one per resource (a page of orders pulls in hundreds).
         out: list[tuple[tuple[str, str], Any]] = []
         for key, body in self.store.get_many_raw(wanted):
-            unchecked = grant.patient is None or key[0] not in PATIENT_COMPARTMENT  # may_see needs no content
+            unchecked = grant.compartments() is None or key[0] not in PATIENT_COMPARTMENT  # may_see needs no content
             if raw and unchecked:
                 out.append((key, orjson.Fragment(body)))
                 continue

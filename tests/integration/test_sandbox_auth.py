@@ -416,11 +416,106 @@ def test_narrowed_scopes_are_reported_and_enforced(smart_sandbox):
     assert fhir_get(sb, "Condition", tok["access_token"], patient=PATIENT_A).status_code == 403
 
 
-def test_user_scopes_see_every_patient_in_the_sandbox(smart_sandbox):
+# --- user/ scopes: the patients the user may access (active CareTeam / generalPractitioner) -----------------------
+
+CHEN = "dr-lee-chen"  # demo physician with a two-patient panel (demo.CARE_TEAMS)
+CHEN_PANEL = {"demo-tom-becker", "demo-dana-whitfield"}
+OUTSIDE = "demo-maria-santos"  # on Dr. Grey's and Sam Reyes's care teams, not Dr. Chen's
+USER_READ = "launch openid fhirUser user/Patient.rs user/Condition.rs user/Observation.rs user/Practitioner.rs"
+
+
+def _ids(bundle: dict) -> set[str]:
+    return {e["resource"]["id"] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"}
+
+
+def _subjects(bundle: dict) -> set[str]:
+    return {e["resource"]["subject"]["reference"] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"}
+
+
+def test_user_scopes_hold_a_user_to_their_care_team_patients(smart_sandbox):
     sb = smart_sandbox
-    tok = get_token(sb, "test-public", scopes="launch user/Patient.rs user/Practitioner.rs")["access_token"]
+    tok = get_token(sb, "test-public", CHEN, "demo-tom-becker", scopes=USER_READ)["access_token"]
+    patients = fhir_get(sb, "Patient", tok, _count="100").json()
+    assert _ids(patients) == CHEN_PANEL and patients["total"] == 2
+    assert _subjects(fhir_get(sb, "Condition", tok, _count="1000").json()) == {f"Patient/{p}" for p in CHEN_PANEL}
+    assert fhir_get(sb, "Condition", tok, patient="demo-dana-whitfield").status_code == 200
     assert fhir_get(sb, f"Patient/{PATIENT_B}", tok).status_code == 200
+    # Outside the panel: a read or a search that names the patient is refused, with no data.
+    refused = fhir_get(sb, f"Patient/{OUTSIDE}", tok)
+    assert refused.status_code == 403 and refused.json()["resourceType"] == "OperationOutcome"
+    assert "Maria" not in refused.text
+    assert fhir_get(sb, f"Condition/{OUTSIDE}-high-risk-pregnancy", tok).status_code == 403
+    named = fhir_get(sb, "Observation", tok, patient=OUTSIDE)
+    assert named.status_code == 403 and "dr-lee-chen" in named.json()["issue"][0]["diagnostics"]
+    # Types outside the Patient compartment follow the scopes only.
     assert fhir_get(sb, "Practitioner/dr-ada-grey", tok).status_code == 200
+    # Dr. Grey is on every demo patient's team: she sees them all.
+    grey = get_token(sb, "test-public", "dr-ada-grey", "demo-tom-becker", scopes=USER_READ)["access_token"]
+    assert _ids(fhir_get(sb, "Patient", grey, _count="100").json()) == {p["id"] for p in DEMO_PATIENTS}
+    assert fhir_get(sb, f"Patient/{OUTSIDE}", grey).status_code == 200
+
+
+def test_user_scopes_write_only_into_the_users_patients(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-public", CHEN, "demo-tom-becker",
+                    scopes="launch openid fhirUser user/Condition.cruds")["access_token"]
+    headers = {"Authorization": f"Bearer {tok}", "Content-Type": "application/fhir+json"}
+
+    def condition(pid: str) -> dict:
+        return {"resourceType": "Condition", "code": {"text": "neck stiffness"}, "subject": {"reference": f"Patient/{pid}"}}
+
+    refused = requests.post(f"{sb.fhir_base}/Condition", json=condition(OUTSIDE), headers=headers, timeout=10)
+    assert refused.status_code == 403, refused.text
+    made = requests.post(f"{sb.fhir_base}/Condition", json=condition("demo-tom-becker"), headers=headers, timeout=10)
+    assert made.status_code == 201, made.text
+    cid = made.json()["id"]
+    moved = requests.put(f"{sb.fhir_base}/Condition/{cid}", json={**condition(OUTSIDE), "id": cid}, headers=headers,
+                         timeout=10)
+    assert moved.status_code == 403
+    assert requests.delete(f"{sb.fhir_base}/Condition/{OUTSIDE}-high-risk-pregnancy", headers=headers,
+                           timeout=10).status_code == 403
+    assert requests.delete(f"{sb.fhir_base}/Condition/{cid}", headers=headers, timeout=10).status_code == 200
+
+
+def test_a_care_team_change_applies_to_the_next_request(make_smart_sandbox):
+    sb = make_smart_sandbox()
+    chen = get_token(sb, "test-public", CHEN, "demo-tom-becker", scopes=USER_READ)["access_token"]
+    assert fhir_get(sb, f"Patient/{OUTSIDE}", chen).status_code == 403
+    admin = get_token(sb, "test-public", "dr-ada-grey", "demo-tom-becker",
+                      scopes="launch openid fhirUser user/CareTeam.rus")["access_token"]
+    team = fhir_get(sb, f"CareTeam/{OUTSIDE}-care-team", admin).json()
+    team["participant"].append({"member": {"reference": "Practitioner/dr-lee-chen"}})
+    put = requests.put(f"{sb.fhir_base}/CareTeam/{team['id']}", json=team, timeout=10,
+                       headers={"Authorization": f"Bearer {admin}", "Content-Type": "application/fhir+json"})
+    assert put.status_code == 200, put.text
+    assert fhir_get(sb, f"Patient/{OUTSIDE}", chen).status_code == 200
+    team["status"] = "inactive"  # an ended team gives no access
+    requests.put(f"{sb.fhir_base}/CareTeam/{team['id']}", json=team, timeout=10,
+                 headers={"Authorization": f"Bearer {admin}", "Content-Type": "application/fhir+json"})
+    assert fhir_get(sb, f"Patient/{OUTSIDE}", chen).status_code == 403
+    assert fhir_get(sb, f"Patient/{OUTSIDE}", admin).status_code == 403  # Dr. Grey was on that team too
+
+
+def test_patient_scopes_are_still_the_launch_patient_only(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-public", CHEN, "demo-tom-becker",
+                    scopes="launch openid fhirUser patient/Patient.rs patient/Condition.rs")["access_token"]
+    assert fhir_get(sb, "Patient/demo-tom-becker", tok).status_code == 200
+    # Dana is on Dr. Chen's panel, but a patient/ token is held to the launch patient.
+    assert fhir_get(sb, "Patient/demo-dana-whitfield", tok).status_code == 403
+    assert _ids(fhir_get(sb, "Patient", tok).json()) == {"demo-tom-becker"}
+
+
+def test_mixed_user_and_patient_scopes_are_held_to_the_launch_patient(smart_sandbox):
+    sb = smart_sandbox
+    tok = get_token(sb, "test-public", CHEN, "demo-tom-becker",
+                    scopes="launch openid fhirUser patient/Patient.rs user/Condition.rs user/Practitioner.rs")
+    assert tok["patient"] == "demo-tom-becker"
+    at = tok["access_token"]
+    assert _subjects(fhir_get(sb, "Condition", at).json()) == {"Patient/demo-tom-becker"}
+    assert fhir_get(sb, "Condition", at, patient="demo-dana-whitfield").status_code == 403
+    assert fhir_get(sb, f"Condition/{OUTSIDE}-high-risk-pregnancy", at).status_code == 403
+    assert fhir_get(sb, "Practitioner/dr-lee-chen", at).status_code == 200
 
 
 # --- standalone launch ------------------------------------------------------------------------------------------
@@ -457,6 +552,38 @@ def test_standalone_launch_login_and_patient_picker(smart_sandbox):
     again = requests.post(f"{sb.url}/auth/authorize", allow_redirects=False, timeout=10,
                           data=fields + [("sandbox_user", "dr-ada-grey"), ("sandbox_action", "allow")])
     assert again.status_code == 200 and "Sign in" in again.text
+
+
+def test_standalone_patient_picker_offers_only_the_users_patients(smart_sandbox):
+    sb = smart_sandbox
+    verifier, challenge = pkce_pair()
+    page = authorize(sb, "test-public", "openid fhirUser launch/patient patient/Patient.rs",
+                     verifier_challenge=(verifier, challenge))
+    login = requests.post(f"{sb.url}/auth/authorize", allow_redirects=False, timeout=10,
+                          data=_form_fields(page.text) + [("sandbox_user", CHEN), ("sandbox_action", "allow")])
+    offered = set(re.findall(r'name="sandbox_patient" value="([^"]+)"', login.text))
+    assert offered == CHEN_PANEL
+    # A patient outside the panel, posted anyway, is not accepted: the picker comes back.
+    forced = requests.post(f"{sb.url}/auth/authorize", allow_redirects=False, timeout=10,
+                           data=_form_fields(login.text) + [("sandbox_patient", OUTSIDE), ("sandbox_action", "allow")])
+    assert forced.status_code == 200 and set(re.findall(r'name="sandbox_patient" value="([^"]+)"', forced.text)) \
+        == CHEN_PANEL
+    pick = requests.post(f"{sb.url}/auth/authorize", allow_redirects=False, timeout=10,
+                         data=_form_fields(forced.text) + [("sandbox_patient", "demo-dana-whitfield"),
+                                                           ("sandbox_action", "allow")])
+    tok = exchange(sb, "test-public", redirect_params(pick)["code"], verifier).json()
+    assert tok["patient"] == "demo-dana-whitfield"
+
+
+def test_standalone_picker_for_a_user_with_no_patients(make_smart_sandbox):
+    sb = make_smart_sandbox(seed=False, auth={
+        "users": [{"id": "u1", "name": "Dr. Nobody", "role": "physician", "fhirUser": "Practitioner/u1"}],
+        "patients": [{"id": "p1", "name": "Pat One", "birthDate": "1970-01-01", "gender": "other", "story": "x"}]})
+    page = authorize(sb, "test-public", "openid fhirUser launch/patient patient/Patient.rs")
+    login = requests.post(f"{sb.url}/auth/authorize", allow_redirects=False, timeout=10,
+                          data=_form_fields(page.text) + [("sandbox_user", "u1"), ("sandbox_action", "allow")])
+    assert login.status_code == 200 and 'data-testid="no-patients"' in login.text
+    assert 'name="sandbox_patient"' not in login.text and 'value="deny"' in login.text
 
 
 def test_standalone_deny_is_access_denied(smart_sandbox):
@@ -530,6 +657,24 @@ def test_ehr_simulator_pages(smart_sandbox):
     assert exchange(sb, "test-public", params["code"], verifier).json()["patient"] == PATIENT_B
     bad = requests.get(f"{sb.url}/ehr/launch", params={"client_id": "nope", "user": "x"}, timeout=10)
     assert bad.status_code == 400
+
+
+def test_ehr_simulator_offers_a_user_only_their_patients(smart_sandbox):
+    sb = smart_sandbox
+    everyone = requests.get(f"{sb.url}/ehr", timeout=10).text
+    assert len(re.findall(r'name="patient" value=', everyone)) == len(DEMO_PATIENTS)
+    teams = re.findall(r'data-testid="care-team">Care team: ([^<]*)</span>', everyone)
+    assert len(teams) == len(DEMO_PATIENTS) and sum("Lee Chen" in t for t in teams) == 2
+    assert all("Ada Grey" in t and "Sam Reyes" in t for t in teams)
+    chen = requests.get(f"{sb.url}/ehr", params={"user": CHEN}, timeout=10).text
+    assert set(re.findall(r'name="patient" value="([^"]+)"', chen)) == CHEN_PANEL
+    assert re.search(rf'name="user" value="{CHEN}" checked', chen)
+    refused = requests.get(f"{sb.url}/ehr/launch", allow_redirects=False, timeout=10, params={
+        "client_id": "test-public", "user": CHEN, "patient": OUTSIDE, "embed": "0"})
+    assert refused.status_code == 403 and "care team" in refused.text
+    ok = requests.get(f"{sb.url}/ehr/launch", allow_redirects=False, timeout=10, params={
+        "client_id": "test-public", "user": CHEN, "patient": "demo-dana-whitfield", "embed": "0"})
+    assert ok.status_code == 302
 
 
 def test_simulator_escapes_text(make_smart_sandbox):

@@ -151,7 +151,10 @@ def test_demo_users_match_their_fhir_resources(bundles: list[dict]) -> None:
     res = _by_key(bundles)
     roles = {u["role"] for u in DEMO_USERS}
     assert roles == {"physician", "therapist"}
-    expected_taxonomy = {"physician": "207Q00000X", "therapist": C.NUCC_MASSAGE_THERAPIST}
+    # Family medicine (Dr. Grey), internal medicine (Dr. Chen): both in the NUCC "Allopathic & Osteopathic
+    # Physicians" grouping (207*) the app reads as physician.
+    expected_taxonomy = {"dr-ada-grey": "207Q00000X", "dr-lee-chen": "207R00000X",
+                         "lmt-sam-reyes": C.NUCC_MASSAGE_THERAPIST}
     for user in DEMO_USERS:
         practitioner = res[user["fhirUser"]]
         (npi,) = [i["value"] for i in practitioner["identifier"] if i["system"] == "http://hl7.org/fhir/sid/us-npi"]
@@ -160,9 +163,45 @@ def test_demo_users_match_their_fhir_resources(bundles: list[dict]) -> None:
         assert role["practitioner"]["reference"] == user["fhirUser"]
         assert role["organization"]["reference"] in res
         for concept in (role["code"][0], role["specialty"][0]):
-            assert C.has_code(concept, C.NUCC, [expected_taxonomy[user["role"]]])
-    assert [u["id"] for u in DEMO_USERS] == ["dr-ada-grey", "lmt-sam-reyes"]
+            assert C.has_code(concept, C.NUCC, [expected_taxonomy[user["id"]]])
+    assert [u["id"] for u in DEMO_USERS] == ["dr-ada-grey", "lmt-sam-reyes", "dr-lee-chen"]
     assert res["Practitioner/lmt-sam-reyes"] and res["PractitionerRole/lmt-sam-reyes-role"]
+
+
+# --------------------------------------------------------------------------------------------- who may access whom
+
+
+def _care_teams(bundles: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in _resources(bundles):
+        if r["resourceType"] == "CareTeam":
+            out.setdefault(r["subject"]["reference"], []).append(r)
+    return out
+
+
+def test_every_demo_patient_has_one_active_care_team_in_its_own_bundle(bundles: list[dict]) -> None:
+    teams = _care_teams(bundles)
+    assert set(teams) == {f"Patient/{p['id']}" for p in DEMO_PATIENTS}
+    for b in bundles[1:]:
+        (patient,) = [e["resource"] for e in b["entry"] if e["resource"]["resourceType"] == "Patient"]
+        (team,) = [e["resource"] for e in b["entry"] if e["resource"]["resourceType"] == "CareTeam"]
+        assert team["subject"]["reference"] == f"Patient/{patient['id']}"
+        assert team["id"] == f"{patient['id']}-care-team" and team["status"] == "active"
+        for part in team["participant"]:
+            assert part["role"][0]["coding"][0]["system"] == C.NUCC and part["member"]["reference"]
+
+
+def _members(team: dict) -> set[str]:
+    return {p["member"]["reference"] for p in team["participant"]}
+
+
+def test_grey_and_reyes_may_access_every_patient_chen_only_a_small_panel(bundles: list[dict]) -> None:
+    teams = {ref: ts[0] for ref, ts in _care_teams(bundles).items()}
+    grey, reyes, chen = "Practitioner/dr-ada-grey", "Practitioner/lmt-sam-reyes", "Practitioner/dr-lee-chen"
+    assert all({grey, reyes} <= _members(t) for t in teams.values())
+    panel = sorted(ref for ref, t in teams.items() if chen in _members(t))
+    assert panel == ["Patient/demo-dana-whitfield", "Patient/demo-tom-becker"]
+    assert set(demo.CARE_TEAMS) == {"demo-tom-becker", "demo-dana-whitfield", "*"}
 
 
 # --------------------------------------------------------------------------------------------- patients list
@@ -413,6 +452,6 @@ def test_package_data_patterns_ship_the_demo_files() -> None:
 def test_hand_made_resources_match_the_seeded_bundle(bundles: list[dict]) -> None:
     resources = demo.hand_made_resources("demo-tom-becker", TODAY)
     (bundle,) = [b for b in bundles if b["entry"][0]["resource"]["id"] == "demo-tom-becker"]
-    assert resources == [e["resource"] for e in bundle["entry"]]
+    assert resources + [demo.care_team("demo-tom-becker", "Tom Becker")] == [e["resource"] for e in bundle["entry"]]
     with pytest.raises(KeyError):
         demo.hand_made_resources("demo-nobody", TODAY)

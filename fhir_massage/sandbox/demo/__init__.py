@@ -27,7 +27,8 @@ from typing import Any, Callable
 from fhir_massage import codes as C
 
 __all__ = [
-    "DEMO_USERS", "DEMO_PATIENTS", "HAND_MADE", "demo_bundles", "hand_made_resources", "synthea_bundle", "synthea_manifest",
+    "DEMO_USERS", "DEMO_PATIENTS", "HAND_MADE", "CARE_TEAMS", "care_team", "demo_bundles", "hand_made_resources",
+    "synthea_bundle", "synthea_manifest",
 ]  # fmt: skip
 
 # Namespace for the entries' urn:uuid fullUrls of hand-made resources (ids are readable slugs, fullUrls must be
@@ -118,9 +119,58 @@ DEMO_USERS: list[dict] = [
         "taxonomyDisplay": "Massage Therapist",
         "roleText": "Licensed massage therapist",
     },
+    # A physician with a small panel (CARE_TEAMS): user/ scopes show only these patients, so the limit of a real
+    # EHR (a clinician sees the patients they have a care relationship with) is visible and testable.
+    {
+        "id": "dr-lee-chen",
+        "name": "Dr. Lee Chen, MD",
+        "role": "physician",
+        "fhirUser": "Practitioner/dr-lee-chen",
+        "practitionerRole": "PractitionerRole/dr-lee-chen-role",
+        "npi": "1647382914",
+        "given": "Lee",
+        "family": "Chen",
+        "suffix": "MD",
+        "taxonomy": "207R00000X",
+        "taxonomyDisplay": "Internal Medicine Physician",
+        "roleText": "Internal medicine physician",
+    },
 ]
 
+# Who may access which patient, as data: one active CareTeam per patient (built by ``care_team``) listing these
+# users as participants. The sandbox's FHIR API holds user/ scopes to the patients whose active CareTeam names the
+# user (or their PractitionerRole), or whose generalPractitioner the user is (fhir_massage/sandbox/service.py
+# FhirService.accessible_patients). Dr. Grey and Sam Reyes are on every demo patient's team, so the demo keeps
+# working for them; Dr. Chen only on two hand-made patients'. Keys are patient ids; "*" is every other patient.
+CARE_TEAMS: dict[str, tuple[str, ...]] = {
+    "demo-tom-becker": ("dr-ada-grey", "lmt-sam-reyes", "dr-lee-chen"),
+    "demo-dana-whitfield": ("dr-ada-grey", "lmt-sam-reyes", "dr-lee-chen"),
+    "*": ("dr-ada-grey", "lmt-sam-reyes"),
+}
+
 DR = "Practitioner/dr-ada-grey"
+
+
+def care_team(patient_id: str, patient_name: str) -> dict:
+    """The patient's CareTeam (FHIR R4 CareTeam, US Core CareTeam): status active, the users of CARE_TEAMS as
+    participants, each with their PractitionerRole's NUCC taxonomy as role (US Core binds participant.role to
+    Care Team Member Function, which includes the NUCC provider taxonomy)."""
+    users = {u["id"]: u for u in DEMO_USERS}
+    members = CARE_TEAMS.get(patient_id, CARE_TEAMS["*"])
+    return {
+        "resourceType": "CareTeam",
+        "id": f"{patient_id}-care-team",
+        "meta": {"profile": [US_CORE + "us-core-careteam"]},
+        "status": "active",
+        "name": f"Care team of {patient_name}",
+        "subject": {"reference": f"Patient/{patient_id}", "display": patient_name},
+        "participant": [{
+            "role": [{"coding": [C.coding(C.NUCC, users[uid]["taxonomy"], users[uid]["taxonomyDisplay"])]}],
+            "member": {"reference": users[uid]["fhirUser"], "display": users[uid]["name"]},
+            "onBehalfOf": {"reference": f"Organization/{ORG_ID}"},
+        } for uid in members],
+        "managingOrganization": [{"reference": f"Organization/{ORG_ID}"}],
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -525,22 +575,36 @@ def _transaction(resources_: list[dict]) -> dict:
 
 
 def hand_made_resources(patient_id: str, today: _dt.date) -> list[dict]:
-    """The resources of one hand-made patient for ``today`` (for tests that want plain lists)."""
+    """The clinical resources of one hand-made patient for ``today`` (for tests that want plain lists; the
+    CareTeam, who may access the patient, is ``care_team``)."""
     for pid, _name, _birth, _gender, builder, _story in HAND_MADE:
         if pid == patient_id:
             return builder(_Dates(today))
     raise KeyError(f"no hand-made demo patient {patient_id!r}")
 
 
+def _with_care_team(bundle: dict, patient_id: str, name: str) -> dict:
+    team = care_team(patient_id, name)
+    bundle["entry"].append({
+        "fullUrl": "urn:uuid:" + str(uuid.uuid5(_NS, "CareTeam/" + team["id"])),
+        "resource": team,
+        "request": {"method": "PUT", "url": f"CareTeam/{team['id']}"},
+    })  # fmt: skip
+    return bundle
+
+
 def demo_bundles(today: _dt.date) -> list[dict]:
     """All demo data as FHIR R4 transaction Bundles of PUTs with fixed ids: the organization and users first
-    (patients reference them), then one Bundle per hand-made patient, then one per Synthea patient."""
+    (patients reference them), then one Bundle per hand-made patient, then one per Synthea patient; each patient's
+    Bundle ends with its CareTeam (CARE_TEAMS: who may access the patient)."""
     if not isinstance(today, _dt.date):
         raise TypeError("today must be a datetime.date")
     if isinstance(today, _dt.datetime):
         today = today.date()
     d = _Dates(today)
     bundles = [_transaction(_user_resources())]
-    bundles += [_transaction(builder(d)) for _pid, _n, _b, _g, builder, _s in HAND_MADE]
-    bundles += [json.loads(_synthea_text(item["file"])) for item in synthea_manifest()]
+    bundles += [_transaction(builder(d) + [care_team(pid, name)]) for pid, name, _b, _g, builder, _s in HAND_MADE]
+    # The Synthea files stay as trimmed; each patient's CareTeam (who may access it) is added here.
+    bundles += [_with_care_team(json.loads(_synthea_text(item["file"])), item["patientId"], item["name"])
+                for item in synthea_manifest()]
     return bundles  # fresh objects on every call: callers may mutate them
