@@ -33,6 +33,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from .errors import MassageError
+from .loopback import is_loopback_host
 
 __all__ = ["CdsAuthError", "CdsIssuer", "CdsCaller", "issuers_from_registrations", "verify_cds_jwt",
            "DEFAULT_ALGORITHMS"]
@@ -226,12 +227,4 @@ def is_https_or_loopback(url: str) -> bool:
         return True
     if parts.scheme != "http" or not parts.hostname:
         return False
-    host = parts.hostname.lower()
-    if host == "localhost":
-        return True
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(parts.hostname)

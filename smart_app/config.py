@@ -63,6 +63,7 @@ from urllib.parse import urlsplit
 
 from fhir_massage import smart
 from fhir_massage.errors import InvalidInput
+from fhir_massage.loopback import is_loopback_host  # noqa: F401  (re-exported: create_app and the commands ask config)
 
 DEFAULTS: dict[str, Any] = {
     "SECRET_KEY": None,
@@ -277,17 +278,3 @@ def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             raise InvalidInput(f"FHIR_MASSAGE_{key} must be a whole number of seconds above 0, not {raw!r}.")
         out[key] = value
     return out
-
-
-def is_loopback_host(host: str | None) -> bool:
-    if not host:
-        return False
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

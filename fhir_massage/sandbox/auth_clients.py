@@ -8,7 +8,6 @@ v2-only scope dialect).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 import requests
 
 from fhir_massage.errors import InvalidInput
+from fhir_massage.loopback import is_loopback_host
 
 AUTH_METHODS = ("none", "client_secret_basic", "private_key_jwt")
 DIALECTS = ("v1", "v2", "both")
@@ -90,17 +90,6 @@ class Client:
         return data
 
 
-def _loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def client_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> Client:
     """Check one registration and build a Client; raises InvalidInput with a plain message on any mistake."""
     unknown = set(data) - _KEYS
@@ -130,7 +119,7 @@ def client_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> C
     if jwks_uri:
         parts = urlsplit(jwks_uri)
         # SMART 2.2: jwks_uri over TLS; loopback http is allowed for local testing only.
-        if not (parts.scheme == "https" or (parts.scheme == "http" and _loopback(parts.hostname))):
+        if not (parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname))):
             raise InvalidInput(f"client {cid}: jwks_uri must be https (or http on a loopback address)")
     if method == "client_secret_basic" and not data.get("client_secret"):
         raise InvalidInput(f"client {cid}: client_secret_basic needs a client_secret")

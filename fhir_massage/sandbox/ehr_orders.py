@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import html
-import ipaddress
 import os
 import re
 import secrets
@@ -76,6 +75,7 @@ from joserfc.jwk import ECKey
 from markupsafe import Markup, escape
 
 from fhir_massage import codes as C
+from fhir_massage.loopback import is_loopback_addr
 
 __all__ = ["install", "render_markdown", "EXT"]
 
@@ -346,16 +346,9 @@ def cds_jwks() -> Response:
     return jsonify(_state().public_jwks())
 
 
-def _is_loopback(addr: str | None) -> bool:
-    try:
-        return addr is not None and ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        return False
-
-
 @bp.post("/settings")
 def settings() -> Response:
-    if not _is_loopback(request.remote_addr):
+    if not is_loopback_addr(request.remote_addr):
         return jsonify({"error": "forbidden", "message": "Settings answer loopback callers only."}), 403
     data = request.get_json(silent=True)
     url = data.get("cds_base_url") if isinstance(data, dict) else None

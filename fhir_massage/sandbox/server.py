@@ -12,7 +12,6 @@ Unless ``open`` is set, ``fhir_massage.sandbox.auth.install(app, config)`` adds 
 from __future__ import annotations
 
 import importlib.util
-import ipaddress
 import logging
 import traceback
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from fhir_massage.errors import MassageError
+from fhir_massage.loopback import is_loopback_addr
 from fhir_massage.sandbox.access import OPEN, OpenAuthorizer
 from fhir_massage.sandbox.faults import FaultConfig, FaultInjector
 from fhir_massage.sandbox.fhir_api import EXT, bp as fhir_bp, fhir_json, problem_response
@@ -81,19 +81,12 @@ def _seed(app: Flask) -> int:
     return len(bundles)
 
 
-def _is_loopback(addr: str | None) -> bool:
-    try:
-        return addr is not None and ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        return False
-
-
 admin = Blueprint("sandbox_admin", __name__, url_prefix="/_sandbox")
 
 
 @admin.before_request
 def _loopback_only() -> Response | None:
-    if not _is_loopback(request.remote_addr):
+    if not is_loopback_addr(request.remote_addr):
         return fhir_json(403, outcome(issue("forbidden", "The sandbox admin endpoints answer loopback callers only.")))
     return None
 
