@@ -85,6 +85,12 @@ MAX_SESSION_MINUTES = 240
 _TERMINAL_TASK = frozenset({"completed", "cancelled", "failed", "rejected", "entered-in-error"})
 
 
+def _whole_minutes(start: datetime, end: datetime | None) -> int:
+    """A visit's length in whole minutes (the CPT time-unit count starts from it); 0 without an end."""
+    if end is None:
+        return 0
+    return max(0, int((end - start).total_seconds() // 60))
+
 @dataclass(frozen=True)
 class VisitOrder:
     """One technique's order of the plan: its ServiceRequest and fulfilment Task."""
@@ -123,9 +129,7 @@ class VisitNote:
 
     @property
     def minutes(self) -> int:
-        if self.end is None:
-            return 0
-        return max(0, int((self.end - self.start).total_seconds() // 60))
+        return _whole_minutes(self.start, self.end)
 
     def used_orders(self) -> tuple[VisitOrder, ...]:
         """The orders this visit writes against: the techniques used, in the plan's order; all of them when the
@@ -167,9 +171,7 @@ class SessionNote:
 
     @property
     def minutes(self) -> int:
-        if self.end is None:
-            return 0
-        return max(0, int((self.end - self.start).total_seconds() // 60))
+        return _whole_minutes(self.start, self.end)
 
     def as_visit(self) -> VisitNote:
         return VisitNote(
