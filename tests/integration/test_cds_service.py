@@ -21,6 +21,7 @@ from fhir_massage import cds_cards as cc
 from fhir_massage import codes as C
 from fhir_massage.fhir import FhirClient, StaticToken
 from fhir_massage.serving import serve_in_thread, wait_ready
+from fhir_massage.validation import errors, validate_resource
 from tests.fixtures.app import start_app_server
 from tests.fixtures.sandbox import start_sandbox
 from tests.fixtures.smart_sandbox import get_token
@@ -387,6 +388,9 @@ def test_feedback_is_recorded_and_an_override_becomes_a_detected_issue(app_serve
     assert issue["patient"]["reference"] == f"Patient/{PATIENT}"
     assert issue["mitigation"][0]["action"]["coding"][0]["code"] == "clearance-obtained"
     assert "Cleared by vascular surgery" in issue["mitigation"][0]["action"]["text"]
+    # what landed in the sandbox holds to its profile (read back, not the builder's dict)
+    problems = errors(validate_resource(issue))
+    assert problems == [], [str(p) for p in problems]
     # the same feedback again (a retry) finds the same DetectedIssue (If-None-Exist on the card identifier)
     r = call(fb_url, override, signer.token(fb_url))
     assert r.json()["feedback"][0]["detectedIssue"] == result["detectedIssue"]

@@ -38,3 +38,16 @@ Description: "What a therapist-physician message is about; sent next to the HL7 
 * #progress "Progress report" "The therapist reports progress (sessions done, outcomes)."
 * #condition-change "Change in condition" "Something changed that the physician should know (new symptom, adverse event)."
 * #request "Request" "A question or request to the other party (clearance, plan change)."
+
+CodeSystem: CdsOverrideReason
+Id: cds-override-reason
+Title: "CDS override reason"
+Description: "Why a clinician went ahead despite a fhir-massage CDS card: the card's overrideReasons (CDS Hooks 2.0 'Card': overrideReasons are Codings) and the code of the DetectedIssue.mitigation.action written from an 'overridden' feedback. Codes and displays are fhir_massage/cds_cards.py OVERRIDE_REASONS."
+* ^status = #draft
+* ^experimental = false
+* ^caseSensitive = true
+* ^content = #complete
+* #clearance-obtained "Physician clearance obtained and documented" "A physician cleared the patient for this massage; the clearance is documented."
+* #benefit-outweighs-risk "Benefit outweighs risk (e.g. palliative care)" "The expected benefit outweighs the flagged risk, e.g. in palliative care."
+* #patient-declined-alternative "Patient declined the suggested alternative" "The patient declined the technique or site the card suggested instead."
+* #not-applicable "Not applicable: chart data outdated or incorrect" "The chart data behind the card is outdated or incorrect."
