@@ -174,7 +174,8 @@ class Action:
 
 def required_actions(screening: Any, form: Any) -> list[Action]:
     """One Action per finding of ``screening`` that applies to the proposed order (its rule id in ``applicable``),
-    filled from the form. Informational findings need nothing."""
+    filled from the form. Information items (``screening.information``: allergies to massage products) are not
+    findings and need nothing; the ``informational`` test below guards screenings built by other code."""
     form = as_form(form)
     applicable = set(screening.applicable)
     out: list[Action] = []
@@ -237,11 +238,19 @@ def technique_label(key: str) -> str:
 def finding_issues(draft: OrderDraft, screening: Any, actions: Sequence[Action], now: datetime) -> list[dict[str, Any]]:
     """One DetectedIssue (MassageContraindication) per finding of the screening, each with the physician's
     mitigation when there was one. Every finding is written, also those outside this order's sites or techniques:
-    the therapist must know of a DVT in the left leg even when the order is for the back."""
+    the therapist must know of a DVT in the left leg even when the order is for the back.
+
+    Information items (``screening.information``, an allergy to a massage product) are not written: the issue asks
+    for one DetectedIssue per *finding* and these are not findings (no contraindication, nothing the physician
+    mitigates); the AllergyIntolerance already is the record, and the therapist's re-screen reads it live, so a
+    copy would only go stale when the allergy is corrected. Orders signed before this change may carry one; the
+    re-screen treats it as a known finding that no longer fires, which changes nothing."""
     when = now.isoformat().replace("+00:00", "Z")
     by_rule = {a.rule: a for a in actions}
     out = []
     for f in screening.findings:
+        if getattr(f, "informational", False):
+            continue  # see above: information is never written as a DetectedIssue
         action = by_rule.get(f.rule)
         issue = detected_issue(
             f, patient_ref=draft.patient_ref, now=now, author_ref=draft.requester_ref,

@@ -279,6 +279,8 @@ class _Evaluation:
         return {
             "verdict": self.screening.verdict, "verdict_text": VERDICT_TEXT[self.screening.verdict],
             "findings": finding_views(self.screening, self.actions), "needs_review": self.screening.needs_review,
+            # allergies to massage products: shown as information, no acknowledgement (required_actions skips them)
+            "information": self.screening.information,
             "warnings": self.screening.warnings, "override_reasons": forms.OVERRIDE_REASONS,
             "problems": self.action_problems, "screened_all_techniques": self.techniques is None,
             "screened_on": self.screening.today.isoformat(), "sign_status": self.sign_status(),
@@ -382,6 +384,8 @@ def screen_json() -> Response:
                       "action": fv["action"].kind if fv["action"] else None,
                       "actionDone": bool(fv["action"] and fv["action"].done)} for fv in summary["findings"]],
         "needsReview": [dict(n) for n in ev.screening.needs_review],
+        "information": [{"rule": i.rule, "title": i.title or i.rule, "message": i.message,
+                         "evidence": list(i.evidence)} for i in ev.screening.information],
         "markedSites": ev.marked, "problems": ev.parsed.problems, "signStatus": summary["sign_status"],
         "html": html,
     }), mimetype="application/json")

@@ -420,6 +420,9 @@ class Rescreen:
     stop: tuple[screening_mod.Finding, ...] = ()  # applicable absolute/local findings: do not do the session as ordered
     warnings: tuple[str, ...] = ()
     error: str | None = None
+    # for the therapist, whatever the order says: an allergy to a massage product (latex, nut oils, fragrance) from
+    # the chart as it is now (screening.information); never "new", never a reason to stop
+    information: tuple[screening_mod.Finding, ...] = ()
 
     @property
     def clear(self) -> bool:
@@ -460,9 +463,10 @@ def rescreen(screening: screening_mod.Screening, order: OrderSummary | PlanSumma
     known = known_findings(issues, order.finding_refs)
     new: list[tuple[screening_mod.Finding, str]] = []
     old: list[screening_mod.Finding] = []
+    information = list(getattr(screening, "information", ()) or ())
     for f in screening.findings:
-        if f.informational:
-            old.append(f)
+        if f.informational:  # screen() lists these under information; a screening built elsewhere may not
+            information.append(f)
             continue
         later = []
         for ev in f.details:
@@ -483,7 +487,7 @@ def rescreen(screening: screening_mod.Screening, order: OrderSummary | PlanSumma
                  and not f.informational)
     new.sort(key=lambda p: (p[0] not in stop, p[0].cls != "absolute"))
     return Rescreen(screening=screening, new=tuple(new), known=tuple(old), stop=stop,
-                    warnings=tuple(screening.warnings))
+                    warnings=tuple(screening.warnings), information=tuple(information))
 
 
 def finding_message_text(findings: Sequence[screening_mod.Finding], order: OrderSummary | PlanSummary,

@@ -308,6 +308,7 @@ def test_fever_after_the_order_is_flagged_and_session_recorded_not_done(sandbox,
               if c["resourceType"] == "Communication" and c["payload"][0]["contentString"] == "Understood, holding."]
     assert len(answer) == 1 and answer[0]["inResponseTo"] == [{"reference": hidden["in_response_to"]}]
     assert answer[0]["recipient"] == [{"reference": "Practitioner/dr-ada-grey"}]
+    assert_valid(answer[0])  # the reply as it landed in the sandbox, against its profile
 
 
 def test_failed_submit_keeps_the_draft_and_the_retry_writes_once(sandbox, app):
@@ -687,3 +688,32 @@ def test_visit_retry_after_a_lost_answer_counts_each_task_once(sandbox, flask_co
     for sr, _ in plan.values():
         assert len(session_resources(client, sr)["Procedure"]) == 1
     assert len([o for o in session_resources(client, plan["swedish"][0])["Observation"]]) == 2
+
+
+KARLA = "6f5557bb-1c8b-438a-a774-06a5cdf8cbab"  # Karla Kessler, clear chart, used by no other test here
+
+
+def test_latex_allergy_is_shown_to_the_therapist_as_information_not_as_new(sandbox, app):
+    # issue 4: an allergy to a massage product is information the therapist needs (gloves, oils), recorded after
+    # the order or not; it never counts as a new finding, never stops the session, never asks the physician
+    order_id, _ = post_order(sandbox, KARLA)
+    tok = get_token(sandbox, "test-public", PHYSICIAN, KARLA,
+                    scopes="launch openid fhirUser patient/AllergyIntolerance.cruds")
+    client = FhirClient(sandbox.fhir_base, token_source=StaticToken(tok["access_token"]), max_retries=0)
+    today = datetime.now(timezone.utc).date().isoformat()
+    created = client.create({
+        "resourceType": "AllergyIntolerance", "patient": {"reference": f"Patient/{KARLA}"}, "recordedDate": today,
+        "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                                       "code": "active"}]},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "300916003", "display": "Latex allergy"}],
+                 "text": "Latex allergy"}})
+    t = Therapist(sandbox, app, KARLA)
+    page = t.page(order_id)
+    assert page.status_code == 200
+    html = unescape(page.text)
+    assert 'data-testid="information"' in html and "For your information" in html
+    assert "latex-free" in html and f"AllergyIntolerance/{created.id}" in html
+    assert 'data-testid="nothing-new"' in html and 'data-testid="new-finding"' not in html
+    assert 'data-testid="stop"' not in html
+    # shown inside the re-screen, before the note form
+    assert html.index('data-testid="rescreen"') < html.index('data-testid="information"') < html.index('id="note"')

@@ -305,3 +305,53 @@ def test_a_problem_entered_while_the_form_is_open_is_screened_before_signing(mak
     signed = browser.post(sign_url(page), data=data, timeout=60)
     assert signed.status_code == 422, signed.url
     assert 'name="override-dvt-acute"' in signed.text
+
+
+def test_allergy_only_patient_signs_without_acknowledgements_and_sees_the_information(make_smart_sandbox,
+                                                                                       make_app_server):
+    # issue 4: an allergy to a massage product is "an informational finding": the page shows it calmly under
+    # "For your information", the verdict stays clear, signing needs no acknowledgement, no DetectedIssue is written
+    sandbox = make_smart_sandbox()  # its own sandbox: this test adds a latex allergy to Tom Becker's chart
+    app = make_app_server(sandbox, None, AREAS=("orders",), ORDERS_VALIDATE=True)
+    tok = get_token(sandbox, "test-public", PHYSICIAN, TOM,
+                    scopes="launch openid fhirUser patient/AllergyIntolerance.cruds")
+    latex = {"resourceType": "AllergyIntolerance", "patient": {"reference": f"Patient/{TOM}"},
+             "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                                            "code": "active"}]},
+             "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification",
+                                                "code": "confirmed"}]},
+             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "300916003", "display": "Latex allergy"}],
+                      "text": "Latex allergy"}}
+    r = requests.post(f"{sandbox.fhir_base}/AllergyIntolerance", json=latex, timeout=10,
+                      headers={"Authorization": f"Bearer {tok['access_token']}",
+                               "Content-Type": "application/fhir+json"})
+    assert r.status_code == 201, r.text[:500]
+    allergy_ref = f"AllergyIntolerance/{r.json()['id']}"
+
+    browser, landing = launch(sandbox, app)
+    page = open_order_form(browser, landing)
+    text = unescape(page.text)
+    assert 'data-verdict="clear"' in page.text
+    assert 'data-testid="information"' in page.text and "For your information" in text
+    assert "latex-free" in text and allergy_ref in text
+    assert 'name="ack-allergy-massage-product"' not in page.text
+    assert 'data-rule="allergy-massage-product"' in page.text and 'class="finding finding--' not in page.text
+
+    screen_url = page.url.split("/orders/")[0] + "/orders/screen"
+    data = form_fields(page, technique=["swedish"], site=[LOWER_BACK])
+    live = browser.post(screen_url, data={k: v for k, v in data.items() if k != "csrf_token"},
+                        headers={"X-CSRF-Token": data["csrf_token"], "Accept": "application/json"}, timeout=30)
+    body = live.json()
+    assert body["verdict"] == "clear" and body["findings"] == [] and body["signStatus"] == "Ready to sign."
+    assert [i["rule"] for i in body["information"]] == ["allergy-massage-product"]
+    assert "For your information" in body["html"]
+
+    draft_id = hidden(page.text, "draft_id")
+    signed = browser.post(sign_url(page), data=data, timeout=60)  # no ack-* field at all
+    assert signed.status_code == 200 and "/orders/done/" in signed.url, signed.text[:1500]
+    reader_tok = get_token(sandbox, "test-public", PHYSICIAN, TOM, scopes="launch openid fhirUser patient/*.rs")
+    issues = requests.get(f"{sandbox.fhir_base}/DetectedIssue", params={"patient": TOM}, timeout=10,
+                          headers={"Authorization": f"Bearer {reader_tok['access_token']}"}).json()
+    mine = [e["resource"] for e in issues.get("entry") or []
+            if any(i["value"].startswith(draft_id) for i in e["resource"].get("identifier") or [])]
+    assert mine == []  # information is never written as a DetectedIssue

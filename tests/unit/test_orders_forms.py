@@ -161,3 +161,36 @@ def test_signed_bundle_for_the_dvt_override_is_valid_and_idempotent():
     assert "Vascular surgery cleared" in dvt["resource"]["mitigation"][0]["action"]["text"]
     assert "mitigation" not in issues["dvt-acute-mld"]["resource"]  # not part of this order: nothing to mitigate
     assert forms.order_bundle(parsed.draft, s, actions, NOW) == bundle  # same draft, same Bundle
+
+
+LATEX = {"resourceType": "AllergyIntolerance", "id": "latex", "patient": {"reference": "Patient/demo-tom-becker"},
+         "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                                        "code": "active"}]},
+         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "300916003"}], "text": "Latex allergy"}}
+
+
+def test_product_allergy_is_information_no_action_and_no_detected_issue():
+    # issue 4: an allergy to a massage product is informational -> clear, nothing to acknowledge, and not written
+    # as a DetectedIssue (those are one per finding; the AllergyIntolerance is the record)
+    chart = from_resources(hand_made_resources("demo-tom-becker", TODAY) + [dict(LATEX)])
+    s = screen(chart, techniques=["swedish"], sites=["37822005"], today=TODAY)
+    assert s.verdict == "clear" and [i.rule for i in s.information] == ["allergy-massage-product"]
+    assert forms.required_actions(s, {}) == []
+    parsed = parse()
+    issues = forms.finding_issues(parsed.draft, s, [], NOW)
+    assert issues == []
+    bundle = forms.order_bundle(parsed.draft, s, [], NOW)
+    assert not errors(validate_resource(bundle))
+    assert "DetectedIssue" not in [e["resource"]["resourceType"] for e in bundle["entry"]]
+
+
+def test_product_allergy_beside_a_dvt_writes_only_the_findings():
+    chart = from_resources(hand_made_resources("demo-dana-whitfield", TODAY)
+                           + [dict(LATEX, patient={"reference": "Patient/demo-dana-whitfield"})])
+    s = screen(chart, techniques=["deep-tissue"], sites=["30021000:left"], today=TODAY)
+    assert s.verdict == "contraindicated" and [i.rule for i in s.information] == ["allergy-massage-product"]
+    actions = forms.required_actions(s, {})
+    assert "allergy-massage-product" not in {a.rule for a in actions}
+    issues = forms.finding_issues(parse().draft, s, actions, NOW)
+    rules = {i["identifier"][1]["value"] for i in issues}
+    assert len(issues) == len(s.findings) and "allergy-massage-product" not in rules and "dvt-acute" in rules

@@ -137,6 +137,24 @@ def test_rescreen_with_the_real_engine_flags_a_fever_after_the_order():
     assert "38.9" in text and "I have not given the session as ordered" in text
 
 
+def test_rescreen_shows_a_product_allergy_as_information_never_new_or_stop():
+    # the therapist must know of a latex allergy (gloves, oils) even when the order says nothing about it; it is
+    # information, so the re-screen stays clear and nothing asks the physician
+    sr, task = make_order()
+    order = order_summary(sr, task)
+    chart = from_resources([
+        {"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01", "gender": "female"},
+        {"resourceType": "AllergyIntolerance", "id": "latex", "patient": {"reference": "Patient/p1"},
+         "recordedDate": "2026-11-27",
+         "clinicalStatus": {"coding": [{"code": "active"}]}, "code": {"text": "Latex"}},
+    ])
+    s = screen(chart, techniques=[order.technique], sites=list(order.sites), today=date(2026, 11, 28))
+    result = rescreen(s, order, [])
+    assert [f.rule for f in result.information] == ["allergy-massage-product"]
+    assert result.new == () and result.stop == () and result.known == () and result.clear
+    assert result.information[0].evidence == ("AllergyIntolerance/latex",)
+
+
 BASE_FIELDS = {"status": "completed", "techniques": ["swedish"], "sites": ["37822005"], "date": "2026-11-28",
                "start": "09:00", "end": "09:38", "tz": "0", "pain_before": "6", "pain_after": "2"}
 
