@@ -138,13 +138,7 @@ class Registration:
             if data.get("private_key") is not None:
                 key_src: Any = data["private_key"]
             elif data.get("private_key_file"):
-                path = Path(str(data["private_key_file"]))
-                if not path.is_absolute() and base_dir is not None:
-                    path = base_dir / path
-                try:
-                    key_src = path.read_text()
-                except OSError as exc:
-                    raise InvalidInput(f"Cannot read the private key file for {iss} ({exc.strerror}).") from None
+                key_src = _read_key_file(data["private_key_file"], base_dir, f"the private key file for {iss}")
             else:
                 raise InvalidInput(f"{iss} uses private_key_jwt but no private_key_file is set.")
             try:
@@ -158,13 +152,7 @@ class Registration:
                 raise InvalidInput(f"next_public_key_file for {iss} only makes sense with private_key_jwt.")
             src = data.get("next_public_key")
             if src is None:
-                path = Path(str(data["next_public_key_file"]))
-                if not path.is_absolute() and base_dir is not None:
-                    path = base_dir / path
-                try:
-                    src = path.read_text()
-                except OSError as exc:
-                    raise InvalidInput(f"Cannot read the next public key file for {iss} ({exc.strerror}).") from None
+                src = _read_key_file(data["next_public_key_file"], base_dir, f"the next public key file for {iss}")
             try:
                 next_jwk = smart.public_jwk(src, alg=data.get("private_key_alg"))
             except Exception as exc:
@@ -185,6 +173,17 @@ class Registration:
         return cls(iss=iss, client_id=client_id, client_auth=auth, name=str(data.get("name") or urlsplit(iss).netloc),
                    scope_dialect=dialect, scopes=scopes or None, frame_ancestors=tuple(checked),
                    next_public_jwk=next_jwk)
+
+
+def _read_key_file(name: Any, base_dir: Path | None, what: str) -> str:
+    """A key file named in a registration; a relative name is read beside the registrations file."""
+    path = Path(str(name))
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise InvalidInput(f"Cannot read {what} ({exc.strerror}).") from None
 
 
 # A host is DNS labels or a bracketed IPv6 literal; anything else (";", spaces, quotes, "*") would change the
