@@ -37,7 +37,7 @@ from fhir_massage.validation import errors, validate_resource
 from smart_app.drafts import DraftKey, DraftStore
 from smart_app.launch import NS_TOKENS
 from smart_app.sessions import write_session, write_visit
-from tests.fixtures.smart_sandbox import create_launch, get_token, start_smart_sandbox
+from tests.fixtures.smart_sandbox import FhirCallCounter, create_launch, get_token, start_smart_sandbox
 
 pytestmark = pytest.mark.integration
 
@@ -513,23 +513,10 @@ def test_form_problems_are_shown_next_to_fields_and_nothing_is_written(sandbox, 
     assert "08:30" in t.page(order_id).text  # what was typed is kept
 
 
-class _Counter:
-    """WSGI middleware on the sandbox: counts FHIR API round trips (paths under /fhir)."""
-
-    def __init__(self, app):
-        self.app = app
-        self.calls: list[tuple[str, str]] = []
-
-    def __call__(self, environ, start_response):
-        if environ.get("PATH_INFO", "").startswith("/fhir"):
-            self.calls.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
-        return self.app(environ, start_response)
-
-
 def test_round_trips_one_batch_per_page_and_two_for_a_submit(sandbox, app):
     order_id, _ = post_order(sandbox, TOM)
     t = Therapist(sandbox, app, TOM)
-    counter = _Counter(sandbox.app.wsgi_app)
+    counter = FhirCallCounter(sandbox.app.wsgi_app)
     sandbox.app.wsgi_app = counter
     try:
         assert t.http.get(f"{t.base}/", timeout=30).status_code == 200

@@ -11,7 +11,7 @@ from html import unescape
 import pytest
 import requests
 
-from tests.fixtures.smart_sandbox import start_smart_sandbox
+from tests.fixtures.smart_sandbox import FhirCallCounter, start_smart_sandbox
 from tests.integration.test_documentation import Therapist, note_fields
 from tests.integration.test_ordering import (LOWER_BACK, PHYSICIAN, TOM, form_fields, hidden, launch,
                                              open_order_form, sign_url)
@@ -19,23 +19,10 @@ from tests.integration.test_ordering import (LOWER_BACK, PHYSICIAN, TOM, form_fi
 pytestmark = pytest.mark.integration
 
 
-class _Counter:
-    """WSGI middleware on the sandbox: FHIR API requests (method, path)."""
-
-    def __init__(self, app):
-        self.app = app
-        self.calls: list[tuple[str, str]] = []
-
-    def __call__(self, environ, start_response):
-        if environ.get("PATH_INFO", "").startswith("/fhir"):
-            self.calls.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
-        return self.app(environ, start_response)
-
-
 @pytest.fixture(scope="module")
 def sandbox():
     sb = start_smart_sandbox(transactions=False, batch=False)
-    counter = _Counter(sb.app.wsgi_app)
+    counter = FhirCallCounter(sb.app.wsgi_app)
     sb.app.wsgi_app = counter
     sb.counter = counter
     yield sb
