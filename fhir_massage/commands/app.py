@@ -1,9 +1,16 @@
-"""`fhir-massage app`: run the SMART app.
+"""`fhir-massage app`: run the SMART app: the pages an EHR opens inside its chart, and the CDS Hooks service.
 
-Quick start (one public client, stable interface that scripts use):
-    fhir-massage app --host 127.0.0.1 --port 8081 --ehr http://127.0.0.1:8080/fhir=fhir-massage
-Several EHRs, confidential clients:
-    fhir-massage app --registrations ehrs.toml --public-url https://massage.example.org --trust-proxy-tls
+It serves only the EHRs it is told about (--ehr for a quick public client, --registrations for a file). Each EHR
+opens it at <public URL>/launch and must have <public URL>/callback registered as the redirect URI.
+
+Examples:
+  fhir-massage sandbox --port 8080 --client fhir-massage=http://127.0.0.1:8081/callback,http://127.0.0.1:8081/launch
+  fhir-massage app --port 8081 --ehr http://127.0.0.1:8080/fhir=fhir-massage
+        the app for that sandbox (a public client); open http://127.0.0.1:8080/ehr to launch it
+  fhir-massage app --registrations ehrs.toml --public-url https://massage.example.org --trust-proxy-tls
+        several EHRs, confidential clients, behind a TLS proxy
+
+The registrations file: docs/registrations-file.md. Production (gunicorn, PostgreSQL, proxy): docs/deployment.md.
 """
 
 from __future__ import annotations

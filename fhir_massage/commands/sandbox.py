@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
     p.add_argument("--data-dir", type=Path, default=None, help="keep data in DIR/sandbox.sqlite3 (default: memory)")
-    p.add_argument("--seed", action=argparse.BooleanOptionalAction, default=True, help="load the demo patients")
+    p.add_argument("--seed", action=argparse.BooleanOptionalAction, default=True, help="load the demo patients (default: on)")
     p.add_argument("--open", action="store_true", help="no authorization: every request may do everything")
     p.add_argument("--today", type=date.fromisoformat, default=None, help="the demo data's today (YYYY-MM-DD)")
     p.add_argument("--public-base", default=None, help="FHIR base URL to advertise (behind a proxy)")
