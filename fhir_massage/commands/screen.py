@@ -171,7 +171,8 @@ def render_text(result, kb) -> str:
         lines.append(f"  {f.rule} — {f.title}")
         lines.append(f"      {f.message}")
         lines.append(f"      evidence: {', '.join(f.evidence)}")
-        lines.append(f"      evidence class: {f.evidence_class}{'' if f.verified else '  (includes codes not verified)'}")
+        unverified = "" if f.verified else "  (includes codes not verified)"
+        lines.append(f"      evidence class: {f.evidence_class}{unverified}")
     if result.needs_review:
         lines.append("")
         lines.append("Needs a clinician's review:")

@@ -315,11 +315,10 @@ def test_allergy_only_patient_signs_without_acknowledgements_and_sees_the_inform
     app = make_app_server(sandbox, None, AREAS=("orders",), ORDERS_VALIDATE=True)
     tok = get_token(sandbox, "test-public", PHYSICIAN, TOM,
                     scopes="launch openid fhirUser patient/AllergyIntolerance.cruds")
+    cs = "http://terminology.hl7.org/CodeSystem/allergyintolerance-"
     latex = {"resourceType": "AllergyIntolerance", "patient": {"reference": f"Patient/{TOM}"},
-             "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
-                                            "code": "active"}]},
-             "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification",
-                                                "code": "confirmed"}]},
+             "clinicalStatus": {"coding": [{"system": cs + "clinical", "code": "active"}]},
+             "verificationStatus": {"coding": [{"system": cs + "verification", "code": "confirmed"}]},
              "code": {"coding": [{"system": "http://snomed.info/sct", "code": "300916003", "display": "Latex allergy"}],
                       "text": "Latex allergy"}}
     r = requests.post(f"{sandbox.fhir_base}/AllergyIntolerance", json=latex, timeout=10,

@@ -796,8 +796,8 @@ def test_app_context_that_is_not_ours_or_not_this_patients_is_ignored(raw, expec
 
 def _latex(pid="p1", rid="a1"):
     return {"resourceType": "AllergyIntolerance", "id": rid, "patient": {"reference": f"Patient/{pid}"},
-            "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
-                                           "code": "active"}]},
+            "clinicalStatus": {"coding": [{"code": "active", "system":
+                                           "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"}]},
             "code": {"coding": [{"system": C.SNOMED, "code": "300916003", "display": "Latex allergy"}],
                      "text": "Latex allergy"}}
 
