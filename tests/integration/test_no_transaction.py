@@ -12,7 +12,7 @@ import requests
 
 from fhir_massage.fhir import FhirClient, StaticToken, request_entry, transaction_bundle
 from fhir_massage.writes import supports_transactions, write_bundle
-from tests.fixtures.smart_sandbox import get_token, start_smart_sandbox
+from tests.fixtures.smart_sandbox import get_token, sandbox_faults, start_smart_sandbox
 from tests.integration.test_ordering import (DANA, LEFT_LOWER_LEG, LOWER_BACK, PHYSICIAN, TOM, form_fields,
                                              hidden, launch, open_order_form, search, sign_url)
 
@@ -114,14 +114,9 @@ def test_failure_half_way_says_what_was_saved_and_signing_again_finishes(smart_s
     draft_id = hidden(page.text, "draft_id")
     data = form_fields(page, technique=["swedish"], site=[LOWER_BACK], **{"ack-anticoagulant": "yes",
                                                                             "ack-dvt-acute-elsewhere": "yes"})
-    fault = requests.post(f"{smart_sandbox.url}/_sandbox/faults", json={
-        "fail_every_n": 1, "fail_status": 500, "fail_methods": ["POST"], "fail_paths": ["/fhir/DetectedIssue"]},
-        timeout=10)
-    assert fault.status_code == 200, fault.text
-    try:
+    with sandbox_faults(smart_sandbox, {"fail_every_n": 1, "fail_status": 500, "fail_methods": ["POST"],
+                                        "fail_paths": ["/fhir/DetectedIssue"]}):
         r = browser.post(sign_url(page), data=data, timeout=60)
-    finally:
-        requests.delete(f"{smart_sandbox.url}/_sandbox/faults", timeout=10)
     text = unescape(r.text)
     assert r.status_code == 502, text[:1500]
     (sr,) = search(reader, DANA, "ServiceRequest", draft_id)
@@ -144,12 +139,9 @@ def test_no_answer_to_the_first_write_says_part_may_be_saved_and_signing_again_f
     page = open_order_form(browser, landing)
     draft_id = hidden(page.text, "draft_id")
     data = form_fields(page, technique=["swedish"], site=[LOWER_BACK])
-    requests.post(f"{smart_sandbox.url}/_sandbox/faults", json={
-        "drop_every_n": 1, "fail_methods": ["POST"], "fail_paths": ["/fhir/ServiceRequest"]}, timeout=10)
-    try:
+    with sandbox_faults(smart_sandbox, {"drop_every_n": 1, "fail_methods": ["POST"],
+                                        "fail_paths": ["/fhir/ServiceRequest"]}):
         r = browser.post(sign_url(page), data=data, timeout=60)
-    finally:
-        requests.delete(f"{smart_sandbox.url}/_sandbox/faults", timeout=10)
     text = unescape(r.text)
     assert r.status_code == 502, text[:1500]
     assert "The EHR did not answer, so part of the order may have been saved." in text
@@ -224,13 +216,10 @@ def test_session_failing_half_way_says_what_was_saved_and_a_retry_finishes(smart
     client = _client(smart_sandbox, SUZI)
     order_id, task = _order_with_task(client, SUZI)
     note, now = _note(order_id, task, SUZI)
-    requests.post(f"{smart_sandbox.url}/_sandbox/faults", json={
-        "fail_every_n": 1, "fail_status": 500, "fail_methods": ["PUT"], "fail_paths": ["/fhir/Task"]}, timeout=10)
-    try:
+    with sandbox_faults(smart_sandbox, {"fail_every_n": 1, "fail_status": 500, "fail_methods": ["PUT"],
+                                        "fail_paths": ["/fhir/Task"]}):
         with pytest.raises(PartialWrite) as caught:
             write_session(client, note, task, now)
-    finally:
-        requests.delete(f"{smart_sandbox.url}/_sandbox/faults", timeout=10)
     words = caught.value.message
     procs = client.search_all("Procedure", [("based-on", f"ServiceRequest/{order_id}")])
     assert len(procs) == 1
@@ -285,12 +274,9 @@ def test_plan_hold_without_transactions_task_follows_and_a_failure_says_what_was
         task = w.read("Task", plan.tasks[0]["id"])
         assert order["status"] == "on-hold" and task["status"] == "on-hold"
 
-        requests.post(f"{smart_sandbox.url}/_sandbox/faults", json={
-            "fail_every_n": 1, "fail_status": 500, "fail_methods": ["PUT"], "fail_paths": ["/fhir/Task"]}, timeout=10)
-        try:
+        with sandbox_faults(smart_sandbox, {"fail_every_n": 1, "fail_status": 500, "fail_methods": ["PUT"],
+                                            "fail_paths": ["/fhir/Task"]}):
             r = post(browser, app, status_form(browser.get(url, timeout=30).text, plan.draft_id), action="resume")
-        finally:
-            requests.delete(f"{smart_sandbox.url}/_sandbox/faults", timeout=10)
         words = unescape(r.text)
         assert r.status_code == 502, words[:1500]
         assert f"Saved in the chart: ServiceRequest/{order['id']}." in words

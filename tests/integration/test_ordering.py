@@ -16,7 +16,7 @@ import requests
 
 from fhir_massage.builders.order import ORDER_ID_SYSTEM, REQUISITION_ID_SYSTEM
 from fhir_massage.validation import errors, validate_resource
-from tests.fixtures.smart_sandbox import create_launch, get_token
+from tests.fixtures.smart_sandbox import create_launch, get_token, sandbox_faults
 
 pytestmark = pytest.mark.integration
 
@@ -212,13 +212,8 @@ def test_fault_writes_nothing_keeps_draft_and_retry_writes_once(smart_sandbox, a
     page = open_order_form(browser, landing)
     draft_id = hidden(page.text, "draft_id")
     data = form_fields(page, technique=["swedish"], site=[LOWER_BACK], notes="Keep it gentle")
-    fault = requests.post(f"{smart_sandbox.url}/_sandbox/faults", json={
-        "fail_every_n": 1, "fail_status": status, "fail_methods": ["POST"]}, timeout=10)
-    assert fault.status_code in (200, 201, 204), fault.text
-    try:
+    with sandbox_faults(smart_sandbox, {"fail_every_n": 1, "fail_status": status, "fail_methods": ["POST"]}):
         r = browser.post(sign_url(page), data=data, timeout=60)
-    finally:
-        requests.delete(f"{smart_sandbox.url}/_sandbox/faults", timeout=10)
     assert r.status_code == (503 if status == 503 else 502)
     assert (f"The EHR did not accept the order (it answered {status}). Nothing was saved. Your order is kept here: "
             "try again.") in unescape(r.text)
