@@ -147,6 +147,19 @@ def _unauthorized(exc: CdsAuthError) -> Response:
     return _error(401, exc.code, exc.message, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
+def _caller(service_id: str) -> CdsCaller | Response:
+    """The EHR calling a service of ours (its JWT checked), or the 404/401 answer."""
+    if service_id not in cards.SERVICES:
+        return _error(404, "cds-unknown-service", "There is no CDS service with that id here.")
+    try:
+        return _authenticate()
+    except CdsAuthError as exc:
+        return _unauthorized(exc)
+
+
+def _request_error(exc: cards.CdsRequestError) -> Response:
+    return _error(413 if exc.code == "cds-too-large" else 400, exc.code, exc.message)
+
 def _body() -> Any:
     if (request.content_length or 0) > MAX_BODY:
         raise cards.CdsRequestError("The request body is too large.", code="cds-too-large")
@@ -179,12 +192,9 @@ def discovery() -> Response:
 
 @bp.post("/cds-services/<service_id>")
 def hook(service_id: str) -> Response:
-    if service_id not in cards.SERVICES:
-        return _error(404, "cds-unknown-service", "There is no CDS service with that id here.")
-    try:
-        caller = _authenticate()
-    except CdsAuthError as exc:
-        return _unauthorized(exc)
+    caller = _caller(service_id)
+    if isinstance(caller, Response):
+        return caller
     try:
         req = cards.parse_hook_request(_body(), service_id)
         _check_fhir_server(req.fhir, caller)
@@ -194,8 +204,7 @@ def hook(service_id: str) -> Response:
         resources, note = _chart_resources(req)
         return _json({"cards": _screen_cards(req, orders, resources, caller, note)})
     except cards.CdsRequestError as exc:
-        status = 413 if exc.code == "cds-too-large" else 400
-        return _error(status, exc.code, exc.message)
+        return _request_error(exc)
     except cards.CdsPreconditionFailed as exc:
         return _error(412, exc.code, exc.message)
     except FhirError as exc:
@@ -292,19 +301,16 @@ def _screen_cards(req: cards.HookRequest, orders: list[cards.MassageOrder], reso
 
 @bp.post("/cds-services/<service_id>/feedback")
 def feedback(service_id: str) -> Response:
-    if service_id not in cards.SERVICES:
-        return _error(404, "cds-unknown-service", "There is no CDS service with that id here.")
-    try:
-        caller = _authenticate()
-    except CdsAuthError as exc:
-        return _unauthorized(exc)
+    caller = _caller(service_id)
+    if isinstance(caller, Response):
+        return caller
     try:
         body = _body()
         items = cards.parse_feedback(body)
         access = cards.parse_fhir_access(body)
         _check_fhir_server(access, caller)
     except cards.CdsRequestError as exc:
-        return _error(413 if exc.code == "cds-too-large" else 400, exc.code, exc.message)
+        return _request_error(exc)
     store = _store()
     ttl = float(current_app.config.get("CDS_CARD_TTL", 30 * 24 * 3600))
     results = []
