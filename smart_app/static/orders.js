@@ -16,6 +16,7 @@
     var screenUrl = form.getAttribute("data-screen-url");
     var lastVerdict = panel ? panel.getAttribute("data-verdict") : null;
     var touched = {};
+    var touchedActions = {};  // override / acknowledgement inputs the physician has used (names)
     var timer = null;
     var seq = 0;
 
@@ -111,7 +112,19 @@
         kept[el.name] = el.type === "checkbox" ? el.checked : el.value;
       });
       var focused = document.activeElement && panel.contains(document.activeElement) ? document.activeElement.name : null;
+      var shown = {};
+      $all(".finding__action .field-error", panel).forEach(function (p) { shown[p.id] = true; });
       panel.innerHTML = html;
+      // An override or acknowledgement message appears once the physician has used that input, or after a refused
+      // sign (the server renders it then): a live re-screen after a click on the diagram must not greet them with
+      // red errors for boxes they have not reached yet. The sign status line already says what is missing.
+      $all(".finding__action .field-error", panel).forEach(function (p) {
+        var name = p.id.replace(/^err-/, "");
+        if (shown[p.id] || touchedActions[name]) { return; }
+        var input = panel.querySelector('[aria-describedby="' + p.id + '"]');
+        if (input) { input.removeAttribute("aria-invalid"); input.removeAttribute("aria-describedby"); }
+        p.parentNode.removeChild(p);
+      });
       $all("input, select, textarea", panel).forEach(function (el) {
         if (!Object.prototype.hasOwnProperty.call(kept, el.name)) { return; }
         if (el.type === "checkbox") { el.checked = kept[el.name]; } else { el.value = kept[el.name]; }
@@ -159,7 +172,7 @@
       var el = ev.target;
       if (!el || !el.name) { return; }
       // override/ack inputs: re-screen on change only (the sign status follows), never while typing
-      if (panel && panel.contains(el)) { if (ev.type === "change") { schedule(0); } return; }
+      if (panel && panel.contains(el)) { touchedActions[el.name] = true; if (ev.type === "change") { schedule(0); } return; }
       touched[fieldKey(el)] = true;
       if (el.name === "site" || el.name.indexOf("side-") === 0) { syncDiagram(); }
       schedule(ev.type === "input" && el.type !== "checkbox" ? 300 : 0);
