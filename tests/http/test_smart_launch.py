@@ -116,21 +116,29 @@ def test_standalone_launch_asks_for_patient_context(fake_ehr, app_factory):
     assert client.get(cb.path + "?" + cb.query).status_code == 303
 
 
+def _with_orders_stand_in(app):
+    """Registers a stand-in orders area (an "orders" blueprint), so the landing page can link it."""
+    from flask import Blueprint
+
+    orders = Blueprint("orders", __name__, url_prefix="/p/<lsid>/orders")
+    orders.add_url_rule("/", "index", lambda: "orders")
+    app.register_blueprint(orders)
+    return app
+
+
+def _area(page: str, name: str) -> str:
+    """The landing page's list item for one area."""
+    return re.search(rf'data-area="{name}">(.*?)</li>', page, re.S).group(1)
+
 def test_trimmed_scopes_show_ordering_unavailable(fake_ehr, app_factory):
     """Oracle Health trims scopes silently (reference vendor table): the app reads the granted scope."""
     ehr, rsps = fake_ehr
     ehr.granted_scope = ("launch openid fhirUser patient/Patient.rs patient/Condition.rs user/Practitioner.rs "
                          "user/PractitionerRole.rs")
     ehr.install(rsps)
-    app = app_factory(ehr)
-    from flask import Blueprint
-
-    orders = Blueprint("orders", __name__, url_prefix="/p/<lsid>/orders")
-    orders.add_url_rule("/", "index", lambda: "orders")
-    app.register_blueprint(orders)
-    client = app.test_client()
+    client = _with_orders_stand_in(app_factory(ehr)).test_client()
     page = client.get(smart_launch(client, ehr).headers["Location"]).get_data(as_text=True)
-    block = re.search(r'data-area="orders">(.*?)</li>', page, re.S).group(1)
+    block = _area(page, "orders")
     assert "unavailable" in block
     assert "permission to create ServiceRequest" in block
     assert "href" not in block
@@ -140,20 +148,14 @@ def test_trimmed_scopes_show_ordering_unavailable(fake_ehr, app_factory):
 def test_granted_scopes_link_installed_area(fake_ehr, app_factory):
     ehr, rsps = fake_ehr
     ehr.install(rsps)
-    app = app_factory(ehr)
-    from flask import Blueprint
-
-    orders = Blueprint("orders", __name__, url_prefix="/p/<lsid>/orders")
-    orders.add_url_rule("/", "index", lambda: "orders")
-    app.register_blueprint(orders)
-    client = app.test_client()
+    client = _with_orders_stand_in(app_factory(ehr)).test_client()
     location = smart_launch(client, ehr).headers["Location"]
     page = client.get(location).get_data(as_text=True)
     lsid = _lsid(location)
-    block = re.search(r'data-area="orders">(.*?)</li>', page, re.S).group(1)
+    block = _area(page, "orders")
     assert f'href="/p/{lsid}/orders/"' in block
     # the therapist area is not for a physician
-    sessions = re.search(r'data-area="sessions">(.*?)</li>', page, re.S).group(1)
+    sessions = _area(page, "sessions")
     assert "unavailable" in sessions
 
 
