@@ -266,7 +266,7 @@ def test_therapist_is_not_offered_ordering(smart_sandbox, app):
 
 @pytest.mark.parametrize("patient,words", [
     ("demo-helen-brooks", "Couldn't code this problem: review it."),
-    ("demo-ray-okafor", "Some codes behind this finding are not verified"),
+    ("demo-ray-okafor", "Some codes behind this finding are not verified against a published code list"),
 ])
 def test_review_items_and_unverified_codes_are_said_plainly(smart_sandbox, app, patient, words):
     browser, landing = launch(smart_sandbox, app, patient=patient)
