@@ -382,6 +382,16 @@ def _ray(d: _Dates) -> list[dict]:
                                               text="Second-degree burn, back of left hand"),
                    d(-3), body_site=_cc(_sct("85562004", "Hand"), text="Left hand")),
         _temp(pid, "temp", d(-2), 36.9),
+        # For information only (it never changes the verdict): the therapist uses latex-free gloves.
+        {"resourceType": "AllergyIntolerance", "id": f"{pid}-latex-allergy",
+         "clinicalStatus": _cc(C.coding("http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                                        "active")),
+         "verificationStatus": _cc(C.coding(
+             "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "confirmed")),
+         "type": "allergy", "category": ["environment"],
+         "code": _cc(_sct("111088007", "Latex (substance)"), text="Latex"),
+         "patient": {"reference": f"Patient/{pid}"}, "recordedDate": d(-400),
+         "reaction": [{"manifestation": [_cc(text="Hives")]}]},
     ]  # fmt: skip
 
 
@@ -477,7 +487,7 @@ HAND_MADE: list[tuple[str, str, str, str, Callable[[_Dates], list[dict]], str]] 
      "defer until obstetric clearance."),
     ("demo-ray-okafor", "Ray Okafor", "1990-01-15", "male", _ray,
      "Laceration of the right forearm 2 days ago (ICD-10-CM only) and a 3-day-old second-degree burn of the "
-     "left hand: avoid both sites, treat elsewhere."),
+     "left hand: avoid both sites, treat elsewhere; a latex allergy shows as information (latex-free gloves)."),
     ("demo-eleanor-price", "Eleanor Price", "1944-11-30", "female", _eleanor,
      "Severe osteoporosis with a current vertebral fracture (M8008XA, no dot): no deep pressure on spine, ribs "
      "or hips, no joint mobilization."),
