@@ -62,11 +62,6 @@ class Site:
         return f"{self.laterality.capitalize()} {self.display.lower()}"
 
 
-def site_display(code: str) -> str | None:
-    known = _sites().get(code)
-    return known[0] if known else None
-
-
 def is_lateralizable(code: str) -> bool:
     known = _sites().get(code)
     return bool(known and known[1])

@@ -894,9 +894,3 @@ def _write_probe(obs: Observations, client: FhirClient, patient: str) -> None:
     if not made:
         problems.append("the server did not say which id it gave the test resource.")
     obs.write_cleanup = LiveProbe("cleanup", "Communication", not problems, None, None, " ".join(problems))
-
-
-def run_check(fhir_base: str, **kwargs: Any) -> Report:
-    """gather + build_report."""
-    return build_report(gather(fhir_base, **kwargs))
-

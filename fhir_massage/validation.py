@@ -291,10 +291,6 @@ def _values(container: dict[str, Any], name: str) -> list[tuple[str, Any]]:
     return [(name, container[name])] if name in container else []
 
 
-def _as_list(val: Any) -> list[Any]:
-    return val if isinstance(val, list) else [val]
-
-
 def _matches_pattern(value: Any, pattern: Any) -> bool:
     """FHIR pattern[x] semantics: every element of the pattern is present in the value (arrays: each pattern item
     matched by some value item)."""

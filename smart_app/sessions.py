@@ -698,14 +698,6 @@ def visit_minutes_and_units(note: VisitNote | None) -> Units:
     return Units(note.minutes, cpt_units(note.minutes), codes, per_code)
 
 
-def minutes_and_units(note: VisitNote | SessionNote | None) -> tuple[int, int, str | None]:
-    """(minutes, CPT units, the code when there is one) of a note."""
-    if isinstance(note, SessionNote):
-        note = note.as_visit()
-    u = visit_minutes_and_units(note)
-    return u.minutes, u.units, u.codes[0] if len(u.codes) == 1 else None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Pure helpers: message threads
 

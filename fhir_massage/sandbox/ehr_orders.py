@@ -161,10 +161,6 @@ class _State:
                 del self.sessions[oldest.id]
             self.sessions[sess.id] = sess
 
-    def drop_session(self, sid: str) -> None:
-        with self._lock:
-            self.sessions.pop(sid, None)
-
     def public_jwks(self) -> dict[str, Any]:
         pub = self.key.as_dict(private=False)
         pub.update({"kid": self.key.kid, "alg": "ES384", "use": "sig"})
