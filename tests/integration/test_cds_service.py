@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -410,3 +411,61 @@ def test_feedback_for_an_unknown_card_or_from_another_ehr_is_not_recorded(app_se
     assert r.status_code == 400
     r = call(fb_url, body, None)
     assert r.status_code == 401
+
+
+def _whole_store(store: Any) -> tuple[set[str], str]:
+    """(namespaces, text of every row of every table) of the app's SQLite store: the whole store, not the keys
+    a test knows about (the Store protocol has no listing, so the tables are read directly)."""
+    tables = [row[0] for row in store._exec("SELECT name FROM sqlite_master WHERE type='table'")]
+    assert "kv" in tables, tables
+    namespaces = {row[0] for row in store._exec("SELECT DISTINCT ns FROM kv")}
+    text = "\n".join(repr(row) for t in tables for row in store._exec(f'SELECT * FROM "{t}"'))
+    return namespaces, text
+
+
+def test_fhir_authorization_tokens_are_never_stored_or_logged(app_server, signer, rsa_signer, sandbox, smart_sandbox,
+                                                              caplog):
+    """CDS Hooks 2.0 "FHIR Resource Access": the token is the EHR's, for this call. After hooks, a refused token
+    and feedback that all carried fhirAuthorization, no table of the app's store and no log line holds one."""
+    caplog.set_level(logging.DEBUG)
+    open_token = f"cds-open-token-{secrets.token_hex(16)}"  # the open sandbox takes any bearer token
+    refused_token = f"cds-refused-token-{secrets.token_hex(16)}"
+    real_token = get_token(smart_sandbox, "test-public", patient=PATIENT, scopes=SCOPES)["access_token"]
+    tokens = {"open": open_token, "refused": refused_token, "real": real_token}
+
+    url = service_url(app_server)
+    r = call(url, hook_body(fhir=(sandbox.fhir_base, open_token)), signer.token(url))
+    assert r.status_code == 200, r.text
+    cards = r.json()["cards"]
+    critical = next(c for c in cards if c["indicator"] == "critical")
+    warning = next(c for c in cards if c["indicator"] == "warning" and c.get("suggestions"))
+    select = service_url(app_server, "massage-order-select")
+    r = call(select, hook_body(fhir=(smart_sandbox.fhir_base, real_token), hook="order-select",
+                               selections=["ServiceRequest/draft-dt-1"]), rsa_signer.token(select))
+    assert r.status_code == 200, r.text
+    r = call(select, hook_body(fhir=(smart_sandbox.fhir_base, refused_token), hook="order-select",
+                               selections=["ServiceRequest/draft-dt-1"]), rsa_signer.token(select))
+    assert r.status_code == 412 and r.json()["error"] == "fhir-auth"
+
+    fb_url = url + "/feedback"
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    access = {"fhirServer": sandbox.fhir_base,
+              "fhirAuthorization": {"access_token": open_token, "token_type": "Bearer", "scope": SCOPES,
+                                    "subject": "cds-open"}}
+    r = call(fb_url, {**access, "feedback": [
+        {"card": warning["uuid"], "outcome": "accepted", "outcomeTimestamp": now,
+         "acceptedSuggestions": [{"id": warning["suggestions"][0]["uuid"]}]},
+        {"card": critical["uuid"], "outcome": "overridden", "outcomeTimestamp": now,
+         "overrideReason": {"reason": critical["overrideReasons"][0], "userComment": "Cleared"}}]},
+        signer.token(fb_url))
+    assert r.status_code == 200, r.text
+    assert [x["status"] for x in r.json()["feedback"]] == ["recorded", "recorded"]
+    assert r.json()["feedback"][1]["detectedIssue"].startswith("DetectedIssue/")  # the token was used to write
+
+    namespaces, text = _whole_store(app_server.store)
+    # the dump does see what these calls stored (the test could fail): the cards and the feedback on them
+    assert {"cds-card", "cds-feedback"} <= namespaces, namespaces
+    assert critical["uuid"] in text and warning["uuid"] in text
+    for kind, token in tokens.items():
+        assert token not in text, f"the {kind} fhirAuthorization token is in the app's store"
+        assert token not in caplog.text, f"the {kind} fhirAuthorization token is in a log line"
