@@ -26,7 +26,6 @@ code_lifetime (s, 60), launch_lifetime (s, 600).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import re
@@ -51,6 +50,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, RSAKey
 
 from fhir_massage.errors import InvalidInput
+from fhir_massage.loopback import is_loopback_addr
 from fhir_massage.sandbox import access, scopes
 from fhir_massage.sandbox.auth_clients import Client, client_from_dict
 from fhir_massage.sandbox.auth_store import AuthCode, AuthStore, Launch, Token, new_secret
@@ -74,13 +74,6 @@ def _cfg(config: Any, name: str, default: Any = None) -> Any:
     if isinstance(config, dict):
         return config.get(name, default)
     return getattr(config, name, default)
-
-
-def _is_loopback(addr: str | None) -> bool:
-    try:
-        return bool(addr) and ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        return False
 
 
 def current() -> "SandboxAuth":
@@ -881,7 +874,7 @@ def openid_configuration():
 
 @bp.post("/_sandbox/launches")
 def create_launch():
-    if not _is_loopback(request.remote_addr):
+    if not is_loopback_addr(request.remote_addr):
         abort(403)
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
@@ -902,7 +895,7 @@ def create_launch():
 @bp.post("/_sandbox/clients")
 def add_client():
     """Register a client at run time (loopback only): tests and demos that start their app after the sandbox."""
-    if not _is_loopback(request.remote_addr):
+    if not is_loopback_addr(request.remote_addr):
         abort(403)
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
