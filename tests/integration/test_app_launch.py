@@ -146,14 +146,13 @@ def test_private_key_jwt_with_inline_jwks(sandbox, app_for):
     assert banner_name(ehr_launch(requests.Session(), sandbox, app).text) == TOM[1]
 
 
-def test_expired_token_is_refreshed(sandbox, app_for):
-    app = app_for({"access_token_lifetime": 1})
+def test_expired_token_is_refreshed(sandbox, app_for, token_time):
+    app = app_for()
     browser = requests.Session()
     r = ehr_launch(browser, sandbox, app)
     lsid = lsid_of(r.url)
-    first = app.store.get(NS_TOKENS, lsid)
-    # Wait for the 1-second token to expire on the sandbox's clock (a clock wait, not a server readiness wait).
-    time.sleep(max(0.0, first["expires_at"] - time.time()) + 0.3)
+    # the token's lifetime passes for the EHR and the app (moved clocks, tests/fixtures/token_time.py)
+    first = token_time.expire_session_token(sandbox, app, lsid)
     assert browser.get(f"{app.url}/p/{lsid}/probe/patient", timeout=10).text == "Becker"
     second = app.store.get(NS_TOKENS, lsid)
     assert second["access_token"] != first["access_token"]
@@ -172,12 +171,12 @@ def test_token_rejected_by_ehr_is_refreshed_once(sandbox, app_for):
     assert app.store.get(NS_TOKENS, lsid)["access_token"] not in ("no-longer-valid", rec["access_token"])
 
 
-def test_refresh_refused_ends_the_session_with_a_clear_page(sandbox, app_for):
-    app = app_for({"refresh": False, "access_token_lifetime": 1})
+def test_refresh_refused_ends_the_session_with_a_clear_page(sandbox, app_for, token_time):
+    app = app_for({"refresh": False})
     browser = requests.Session()
     lsid = lsid_of(ehr_launch(browser, sandbox, app).url)
-    rec = app.store.get(NS_TOKENS, lsid)
-    time.sleep(max(0.0, rec["expires_at"] - time.time()) + 0.3)  # clock wait for the 1-second token
+    assert not app.store.get(NS_TOKENS, lsid).get("refresh_token")  # the EHR gave no way to renew it
+    token_time.expire_session_token(sandbox, app, lsid)
     r = browser.get(f"{app.url}/p/{lsid}/probe/patient", timeout=10)
     assert r.status_code == 401
     assert "session has ended" in r.text and "open fhir-massage again" in r.text

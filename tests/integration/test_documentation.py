@@ -12,7 +12,6 @@ the last session completes the Task; messages thread with inResponseTo.
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from html import unescape
@@ -413,15 +412,14 @@ def test_task_conflict_on_retry_does_not_double_count(sandbox, flask_context):
                       dict(after, status="in-progress", restriction={"repetitions": 9}), now)
 
 
-def test_token_expiry_mid_note_refreshes_and_submits(sandbox, make_app_server):
-    app = make_app_server(sandbox, {"access_token_lifetime": 1})
+def test_token_expiry_mid_note_refreshes_and_submits(sandbox, make_app_server, token_time):
+    app = make_app_server(sandbox)
     order_id, _ = post_order(sandbox, TOM)
     t = Therapist(sandbox, app, TOM)
     page = t.page(order_id)
     assert t.autosave(order_id, page.text, note_fields()).status_code == 200
-    first = app.store.get(NS_TOKENS, t.lsid)
-    # wait for the 1-second token to expire on the sandbox's clock (a clock wait, not a readiness wait)
-    time.sleep(max(0.0, first["expires_at"] - time.time()) + 0.3)
+    # the token's lifetime passes while the note is written (moved clocks, tests/fixtures/token_time.py)
+    first = token_time.expire_session_token(sandbox, app, t.lsid)
     r = t.submit(order_id, page.text, note_fields(subjective="Written after the token expired"))
     assert "Session recorded" in r.text, r.text[:800]
     assert app.store.get(NS_TOKENS, t.lsid)["access_token"] != first["access_token"]
@@ -429,18 +427,22 @@ def test_token_expiry_mid_note_refreshes_and_submits(sandbox, make_app_server):
     assert len(procs) == 1 and any("Written after the token expired" in n["text"] for n in procs[0]["note"])
 
 
-def test_refresh_refused_keeps_the_draft_for_a_new_launch(sandbox, make_app_server):
-    app = make_app_server(sandbox, {"access_token_lifetime": 1, "refresh": False})
+def test_refresh_refused_keeps_the_draft_for_a_new_launch(sandbox, make_app_server, token_time):
+    app = make_app_server(sandbox, {"refresh": False})
     order_id, _ = post_order(sandbox, TOM)
     t = Therapist(sandbox, app, TOM)
     page = t.page(order_id)
     assert t.autosave(order_id, page.text, note_fields(subjective="Before the session ended")).status_code == 200
-    time.sleep(max(0.0, app.store.get(NS_TOKENS, t.lsid)["expires_at"] - time.time()) + 0.3)  # clock wait
+    assert not app.store.get(NS_TOKENS, t.lsid).get("refresh_token")  # the EHR gave no way to renew it
+    token_time.expire_session_token(sandbox, app, t.lsid)
     r = t.submit(order_id, page.text, note_fields(subjective="Before the session ended"))
     assert r.status_code == 401
     words = unescape(r.text)
     assert "Your session with the EHR has ended" in words and "saved as a draft on this server" in words
-    t2 = Therapist(sandbox, app, TOM)  # a new launch finds the draft
+    # a new launch finds the draft; the EHR's clock is back in step with the app's first (the app checks the new
+    # id_token's iat and exp against its own clock, which token_time cannot move)
+    token_time.restore()
+    t2 = Therapist(sandbox, app, TOM)
     assert "Before the session ended" in t2.page(order_id).text
 
 

@@ -296,22 +296,26 @@ def test_wrong_code_verifier_is_refused(smart_sandbox):
 
 
 def test_access_token_expiry_and_refresh(make_smart_sandbox):
+    # A configured lifetime (not the default 3600) and a moved clock: a 1-second token could expire on a busy
+    # machine before the first read below, and waiting for it would make the test slow and timing-dependent.
     clients = [{"client_id": "short", "redirect_uris": [REDIRECT_URI], "launch_url": LAUNCH_URL,
-                "access_token_lifetime": 1}]
+                "access_token_lifetime": 900}]
     sb = make_smart_sandbox(clients=clients)
     store = sb.app.extensions["fhir_massage.sandbox"]["auth"].store
     tok = get_token(sb, "short", patient=PATIENT_A)
-    assert tok["expires_in"] == 1
+    assert tok["expires_in"] == 900
     assert fhir_get(sb, f"Patient/{PATIENT_A}", tok["access_token"]).status_code == 200
     real = store.clock
-    store.clock = lambda: real() + 2  # two seconds later, without waiting for them
+    store.clock = lambda: real() + 899  # still live one second before its end
+    assert fhir_get(sb, f"Patient/{PATIENT_A}", tok["access_token"]).status_code == 200
+    store.clock = lambda: real() + 901  # and refused once the lifetime has passed, without waiting for it
     expired = fhir_get(sb, f"Patient/{PATIENT_A}", tok["access_token"])
     assert expired.status_code == 401
     assert 'error="invalid_token"' in expired.headers["WWW-Authenticate"]
     fresh = token_request(sb, "short", {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"]})
     assert fresh.status_code == 200, fresh.text
     body = fresh.json()
-    assert body["patient"] == PATIENT_A and body["expires_in"] == 1
+    assert body["patient"] == PATIENT_A and body["expires_in"] == 900
     assert fhir_get(sb, f"Patient/{PATIENT_A}", body["access_token"]).status_code == 200
 
 
