@@ -638,18 +638,7 @@ def _detail(finding: Any, order: MassageOrder, kb: KnowledgeBase, fetched_note: 
             lines.append(f"- Chart evidence: {code_span(ref)}")
     if getattr(finding, "unconfirmed", False):
         lines.append("- The chart entry is unconfirmed (provisional or differential diagnosis)")
-    ev = getattr(finding, "evidence_class", None)
-    if ev:
-        lines.append(f"- Evidence class: {md_escape(EVIDENCE_LABEL.get(ev, ev))}")
-    rule = kb.rules.get(rule_id)
-    if rule is not None and rule.tag:
-        lines.append(f"- Rule evidence tag: {md_escape(rule.tag)}")
-    source = getattr(finding, "source", None)
-    if source:
-        lines.append(f"- Source: {md_escape(source)}")
-    lines.append(f"- Rule: {code_span(rule_id)} (knowledge base {md_escape(kb.version)})")
-    if fetched_note:
-        lines.append(f"- {md_escape(fetched_note)}")
+    lines += _rule_lines(finding, rule_id, kb, fetched_note)
     return "\n".join(lines)
 
 
@@ -666,6 +655,24 @@ def _technique_code(resource: Mapping[str, Any], techniques: Sequence[str]) -> d
     return {"coding": [C.coding(C.CPT, c, C.CPT_DISPLAY.get(c)) for c in cpts]
             + [C.coding(C.TECHNIQUE_SYSTEM, t, C.TECHNIQUE_DISPLAY[t]) for t in techniques] + other}
 
+
+def _rule_lines(item: Any, rule_id: str, kb: KnowledgeBase, fetched_note: str | None) -> list[str]:
+    """The closing lines of a card's detail, for a finding and an information item alike: the evidence class,
+    the rule's evidence tag, the clinical source, the rule id with the knowledge base version, the fetch note."""
+    lines: list[str] = []
+    ev_class = getattr(item, "evidence_class", None)
+    if ev_class:
+        lines.append(f"- Evidence class: {md_escape(EVIDENCE_LABEL.get(ev_class, ev_class))}")
+    rule = kb.rules.get(rule_id)
+    if rule is not None and rule.tag:
+        lines.append(f"- Rule evidence tag: {md_escape(rule.tag)}")
+    source = getattr(item, "source", None)
+    if source:
+        lines.append(f"- Source: {md_escape(source)}")
+    lines.append(f"- Rule: {code_span(rule_id)} (knowledge base {md_escape(kb.version)})")
+    if fetched_note:
+        lines.append(f"- {md_escape(fetched_note)}")
+    return lines
 
 def _is_detail(d: Any, code_prefix: str) -> bool:
     return isinstance(d, dict) and any(c.get("system") == C.ORDER_DETAIL_SYSTEM
@@ -1054,18 +1061,7 @@ def information_card(item: Any, order: MassageOrder, *, kb: KnowledgeBase | None
             lines.append(f"- Chart evidence: {code_span(ref)}")
     if getattr(item, "unconfirmed", False):
         lines.append("- The chart entry is unconfirmed")
-    ev_class = getattr(item, "evidence_class", None)
-    if ev_class:
-        lines.append(f"- Evidence class: {md_escape(EVIDENCE_LABEL.get(ev_class, ev_class))}")
-    rule = kb.rules.get(rule_id)
-    if rule is not None and rule.tag:
-        lines.append(f"- Rule evidence tag: {md_escape(rule.tag)}")
-    source = getattr(item, "source", None)
-    if source:
-        lines.append(f"- Source: {md_escape(source)}")
-    lines.append(f"- Rule: {code_span(rule_id)} (knowledge base {md_escape(kb.version)})")
-    if fetched_note:
-        lines.append(f"- {md_escape(fetched_note)}")
+    lines += _rule_lines(item, rule_id, kb, fetched_note)
     card: dict[str, Any] = {
         "uuid": new_uuid(),
         "summary": summary,
@@ -1073,6 +1069,7 @@ def information_card(item: Any, order: MassageOrder, *, kb: KnowledgeBase | None
         "detail": "\n".join(lines),
         "source": {"label": SOURCE_LABEL, "topic": C.coding(CARD_TOPIC_SYSTEM, rule_id, title)},
     }
+    rule = kb.rules.get(rule_id)
     url = getattr(item, "reference", None) or (rule.reference if rule is not None else None)
     if url:
         card["source"]["url"] = url
