@@ -143,6 +143,7 @@ def test_demo_runs_the_ehr_launch_to_the_patient_page_and_the_cds_order_entry(de
     assert hops == [(demo.sandbox_url, "/ehr/launch"), (demo.app_url, "/launch"),
                     (demo.sandbox_url, "/auth/authorize"), (demo.app_url, "/callback")], hops
     assert r.url.startswith(f"{demo.app_url}/p/")
+    landing_path = urlsplit(r.url).path  # /p/<launch session id>/
     assert re.search(r'data-testid="patient-name">Dana Whitfield<', r.text), r.text[:1500]
     assert "Ada Grey" in r.text and "role-badge--physician" in r.text
     # the physician's areas: ordering and the plan open, session notes are the therapist's
@@ -165,6 +166,9 @@ def test_demo_runs_the_ehr_launch_to_the_patient_page_and_the_cds_order_entry(de
     code, stderr = demo.stop()
     assert code == 0, stderr[-2000:]
     assert "Stopping" in stderr and "Traceback" not in stderr
+    # the demo's request log held no authorization code, state, launch session or patient (queries are elided)
+    assert "code=" not in stderr and "state=" not in stderr and "launch=" not in stderr, stderr[-3000:]
+    assert "Whitfield" not in stderr and DANA not in stderr and landing_path not in stderr, stderr[-3000:]
 
 
 def _busy_port() -> socket.socket:
