@@ -36,7 +36,8 @@ from fhir_massage.validation import errors, validate_resource
 from smart_app.drafts import DraftKey, DraftStore
 from smart_app.launch import NS_TOKENS
 from smart_app.sessions import write_session, write_visit
-from tests.fixtures.smart_sandbox import FhirCallCounter, create_launch, get_token, start_smart_sandbox
+from tests.fixtures.smart_sandbox import (FhirCallCounter, create_launch, get_token, sandbox_faults,
+                                     start_smart_sandbox)
 
 pytestmark = pytest.mark.integration
 
@@ -317,14 +318,12 @@ def test_failed_submit_keeps_the_draft_and_the_retry_writes_once(sandbox, app):
     saved = t.autosave(order_id, page.text, note_fields(subjective="Typed before the EHR failed"))
     assert saved.status_code == 200 and saved.json()["saved"]
     # the page's batch read passes, the transaction (the next POST to /fhir) gets a 500
-    requests.post(f"{sandbox.url}/_sandbox/faults", json={"fail_every_n": 2, "fail_status": 500,
-                                                          "fail_methods": ["POST"]}, timeout=10)
-    r = t.submit(order_id, page.text, note_fields(subjective="Typed before the EHR failed"))
+    with sandbox_faults(sandbox, {"fail_every_n": 2, "fail_status": 500, "fail_methods": ["POST"]}):
+        r = t.submit(order_id, page.text, note_fields(subjective="Typed before the EHR failed"))
     assert r.status_code == 503
     words = unescape(r.text)
     assert "The EHR answered with an error (500)." in words
     assert "Your note is saved as a draft on this server" in words and "nothing was written to the chart" in words
-    requests.delete(f"{sandbox.url}/_sandbox/faults", timeout=10)
     client = ehr_client(sandbox, SUZI)
     assert session_resources(client, order_id)["Procedure"] == []
     # reopen: the draft is there
@@ -351,10 +350,9 @@ def test_timeout_on_submit_keeps_the_draft_and_a_retry_writes_once(sandbox, make
     t = Therapist(sandbox, app, FEIL)
     page = t.page(order_id)
     # every POST to the FHIR API now answers after the app stopped waiting; the EHR may still act on it
-    requests.post(f"{sandbox.url}/_sandbox/faults", json={"latency_ms": 1500, "fail_methods": ["POST"]}, timeout=10)
-    r = t.submit(order_id, page.text, note_fields(subjective="Written while the EHR was slow",
-                                                  status="completed", pain_before="", pain_after=""))
-    requests.delete(f"{sandbox.url}/_sandbox/faults", timeout=10)
+    with sandbox_faults(sandbox, {"latency_ms": 1500, "fail_methods": ["POST"]}):
+        r = t.submit(order_id, page.text, note_fields(subjective="Written while the EHR was slow",
+                                                      status="completed", pain_before="", pain_after=""))
     assert r.status_code == 503
     words = unescape(r.text)
     assert "The EHR did not answer (timeout)." in words
