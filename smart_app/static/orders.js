@@ -93,6 +93,10 @@
     }
 
     function markSites(keys) {
+      // the back view's outline parts (limbs, head) are hatched with their site; they are not choosable there
+      $all("[data-outline-key]").forEach(function (part) {
+        part.classList.toggle("bd-region--marked", keys.indexOf(part.getAttribute("data-outline-key")) >= 0);
+      });
       $all(".bd-region").forEach(function (region) {
         var key = region.getAttribute("data-key");
         var label = region.getAttribute("data-label");
