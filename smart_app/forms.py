@@ -11,24 +11,28 @@ Field names (the template and orders.js use the same):
 * ``frequency`` (sessions a week), ``duration_weeks``, ``session_minutes``;
 * ``pressure``, ``pressure_note``, ``positioning`` (one precaution a line), ``notes``;
 * ``override-<rule>`` (a reason code of ``OVERRIDE_REASONS``) and ``override-note-<rule>`` (free text) for a finding
-  that blocks signing; ``ack-<rule>`` for a relative finding the physician acknowledges.
+  that blocks signing; ``ack-<rule>`` for a relative finding the physician acknowledges;
+* ``ack-review-<key>`` for a chart entry the engine could not screen (``screening.needs_review``, e.g. a text-only
+  "hx of blood clot in leg"): the physician confirms having read it (``review_key`` makes the key).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from fhir_massage.builders.detected_issue import detected_issue
-from fhir_massage.builders.order import FINDING_ID_SYSTEM, meta, order_transaction
+from fhir_massage.builders.order import FINDING_ID_SYSTEM, annotation, meta, order_transaction
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUES
 from fhir_massage.orders_model import OrderDraft, is_lateralizable, order_problems
 
 __all__ = [
     "DEFAULTS", "OVERRIDE_REASONS", "FORM_FIELDS", "FormData", "ParsedForm", "parse_order_form", "fields_from_form",
     "Action", "required_actions", "action_problems", "mitigation", "screen_inputs", "finding_issues", "order_bundle",
+    "review_key", "review_label", "review_notes",
 ]
 
 # Sensible defaults (issue 6): once a week for six weeks, one-hour sessions.
@@ -163,13 +167,32 @@ def parse_order_form(data: Any, *, draft_id: str, patient_ref: str, requester_re
 @dataclass(frozen=True)
 class Action:
     """A finding that needs the physician before signing: ``kind`` override (absolute or local finding that applies
-    to the order: blocks signing) or acknowledge (relative finding that applies)."""
+    to the order: blocks signing), acknowledge (relative finding that applies) or review (a chart entry the engine
+    could not screen; ``rule`` is then ``review-<review_key>``, ``item`` the needs-review entry)."""
 
     rule: str
-    kind: str  # "override" | "acknowledge"
+    kind: str  # "override" | "acknowledge" | "review"
     reason: str | None = None  # override reason code
     note: str = ""
     done: bool = False
+    item: Mapping[str, Any] | None = None  # the needs-review entry ({"evidence", "reason"}) for kind "review"
+
+
+def review_key(item: Mapping[str, Any]) -> str:
+    """A stable form key for a needs-review entry (they have no rule id): 12 hex digits of a hash of its chart
+    reference and reason, so the same entry keeps its checkbox across re-screens and a changed entry asks again."""
+    raw = f"{item.get('evidence', '')}\n{item.get('reason', '')}".encode()
+    return hashlib.sha256(raw).hexdigest()[:12]
+
+
+_QUOTED_RE = re.compile(r"'([^']{1,120})'")
+
+
+def review_label(item: Mapping[str, Any]) -> str:
+    """The chart entry's own words (the quoted display in the engine's reason), else the reason itself."""
+    reason = str(item.get("reason") or "")
+    m = _QUOTED_RE.search(reason)
+    return m.group(1) if m else reason[:200]
 
 
 def required_actions(screening: Any, form: Any) -> list[Action]:
@@ -190,6 +213,13 @@ def required_actions(screening: Any, form: Any) -> list[Action]:
         else:
             ack = (form.get(f"ack-{f.rule}") or "").strip() in ("yes", "on", "1")
             out.append(Action(f.rule, "acknowledge", done=ack))
+    # A chart entry the engine could not screen (text only, unknown code, stale result...) may hide exactly the
+    # contraindication the screen exists for (a text-only "hx of blood clot in leg"): signing asks the physician
+    # to confirm having read each one, like a relative finding.
+    for item in getattr(screening, "needs_review", None) or ():
+        rule = f"review-{review_key(item)}"
+        ack = (form.get(f"ack-{rule}") or "").strip() in ("yes", "on", "1")
+        out.append(Action(rule, "review", done=ack, item=item))
     return out
 
 
@@ -205,6 +235,9 @@ def action_problems(actions: Sequence[Action]) -> dict[str, str]:
                 out[f"override-{a.rule}"] = "This finding blocks signing: choose why you order anyway."
             if not a.note:
                 out[f"override-note-{a.rule}"] = "Say in a few words how the risk is handled."
+        elif a.kind == "review":
+            out[f"ack-{a.rule}"] = ("The app could not screen this chart entry: read it in the chart and confirm "
+                                    "before signing.")
         else:
             out[f"ack-{a.rule}"] = "Acknowledge this finding before signing."
     return out
@@ -215,6 +248,8 @@ def mitigation(action: Action, *, author_ref: str, when: str) -> dict[str, Any] 
     mitigation with date and author)."""
     if not action.done:
         return None
+    if action.kind == "review":
+        return None  # not a finding: recorded in the order's note (review_notes), see finding_issues
     if action.kind == "override":
         text = f"Overridden by the ordering physician: {_OVERRIDE[action.reason or '']}. {action.note}".strip()
     else:
@@ -244,7 +279,17 @@ def finding_issues(draft: OrderDraft, screening: Any, actions: Sequence[Action],
     for one DetectedIssue per *finding* and these are not findings (no contraindication, nothing the physician
     mitigates); the AllergyIntolerance already is the record, and the therapist's re-screen reads it live, so a
     copy would only go stale when the allergy is corrected. Orders signed before this change may carry one; the
-    re-screen treats it as a known finding that no longer fires, which changes nothing."""
+    re-screen treats it as a known finding that no longer fires, which changes nothing.
+
+    Chart entries the engine could not screen (``screening.needs_review``) are not written as DetectedIssues either:
+    their acknowledgement goes in the ServiceRequest's ``note`` (``review_notes``, added by ``order_bundle``), one
+    annotation per entry: "Reviewed by the physician before signing: 'hx of blood clot in leg' (Condition/…) — not
+    screened automatically". Why the note and not a DetectedIssue: a MassageContraindication asserts a
+    contraindication of the knowledge base (its code is a rule of ours, with class, evidence and source), and these
+    entries are exactly what the engine could not classify; a DetectedIssue with code "needs review" would be read by
+    the therapist's re-screen and by other apps as a finding it is not. The note travels with the order itself (the
+    therapist's worklist and the Task show it), carries the physician as author and the signing time, and is plain
+    R4 (ServiceRequest.note, Annotation), so the order stays valid against our profiles."""
     when = now.isoformat().replace("+00:00", "Z")
     by_rule = {a.rule: a for a in actions}
     out = []
@@ -263,7 +308,28 @@ def finding_issues(draft: OrderDraft, screening: Any, actions: Sequence[Action],
     return out
 
 
+def review_notes(actions: Sequence[Action]) -> list[str]:
+    """The acknowledgement of each needs-review entry the physician confirmed, as note texts for the order."""
+    out = []
+    for a in actions:
+        if a.kind == "review" and a.done and a.item is not None:
+            ref = str(a.item.get("evidence") or "")
+            where = f" ({ref})" if ref else ""
+            out.append(f"Reviewed by the physician before signing: '{review_label(a.item)}'{where} — not screened "
+                       "automatically.")
+    return out
+
+
 def order_bundle(draft: OrderDraft, screening: Any, actions: Sequence[Action], now: datetime, *,
                  app_version: str | None = None) -> dict[str, Any]:
-    """The ONE transaction that signs the draft (builders.order.order_transaction) with its findings."""
-    return order_transaction(draft, finding_issues(draft, screening, actions, now), now, app_version=app_version)
+    """The ONE transaction that signs the draft (builders.order.order_transaction) with its findings; every
+    ServiceRequest of it carries the physician's review of the chart entries the engine could not screen
+    (``review_notes``; why a note, see ``finding_issues``)."""
+    bundle = order_transaction(draft, finding_issues(draft, screening, actions, now), now, app_version=app_version)
+    notes = [annotation(t, author_ref=draft.requester_ref, time=now) for t in review_notes(actions)]
+    if notes:
+        for entry in bundle.get("entry") or []:
+            resource = entry.get("resource") or {}
+            if resource.get("resourceType") == "ServiceRequest":
+                resource["note"] = list(resource.get("note") or []) + [dict(n) for n in notes]
+    return bundle

@@ -238,6 +238,13 @@ def finding_views(screening: Any, actions: list[forms.Action]) -> list[dict[str,
     return views
 
 
+def review_views(actions: list[forms.Action]) -> list[dict[str, Any]]:
+    """The needs-review entries with their acknowledgement checkbox (``ack-review-<key>``)."""
+    return [{"field": f"ack-{a.rule}", "label": forms.review_label(a.item or {}),
+             "reason": (a.item or {}).get("reason"), "evidence": (a.item or {}).get("evidence"), "done": a.done}
+            for a in actions if a.kind == "review"]
+
+
 class _Evaluation:
     """One pass over the form: parsed draft, screening, required actions, messages."""
 
@@ -264,12 +271,16 @@ class _Evaluation:
     def sign_status(self) -> str:
         blocking = sum(1 for a in self.actions if a.kind == "override" and not a.done)
         acks = sum(1 for a in self.actions if a.kind == "acknowledge" and not a.done)
+        reviews = sum(1 for a in self.actions if a.kind == "review" and not a.done)
         parts = []
         if blocking:
             parts.append(f"Signing is blocked: {_n(blocking, 'finding needs', 'findings need')} an override with a "
                          "reason.")
         if acks:
             parts.append(f"Acknowledge {_n(acks, 'finding', 'findings')} before signing.")
+        if reviews:
+            parts.append(f"Confirm you have reviewed {_n(reviews, 'chart entry', 'chart entries')} the app could not "
+                         "screen.")
         missing = list(dict.fromkeys(FIELD_WORDS.get(k, k) for k in self.parsed.problems))
         if missing:
             parts.append("Still to complete: " + ", ".join(missing) + ".")
@@ -279,6 +290,7 @@ class _Evaluation:
         return {
             "verdict": self.screening.verdict, "verdict_text": VERDICT_TEXT[self.screening.verdict],
             "findings": finding_views(self.screening, self.actions), "needs_review": self.screening.needs_review,
+            "review_items": review_views(self.actions),
             # allergies to massage products: shown as information, no acknowledgement (required_actions skips them)
             "information": self.screening.information,
             "warnings": self.screening.warnings, "override_reasons": forms.OVERRIDE_REASONS,

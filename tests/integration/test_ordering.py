@@ -349,3 +349,42 @@ def test_allergy_only_patient_signs_without_acknowledgements_and_sees_the_inform
     mine = [e["resource"] for e in issues.get("entry") or []
             if any(i["value"].startswith(draft_id) for i in e["resource"].get("identifier") or [])]
     assert mine == []  # information is never written as a DetectedIssue
+
+
+def test_needs_review_entry_must_be_acknowledged_and_is_recorded_on_the_order(smart_sandbox, app, reader):
+    # Helen Brooks has a text-only "hx of blood clot in leg": the engine cannot code it, so it is a needs-review
+    # entry; signing must not be "Ready" until the physician confirms having read it, and the confirmation is
+    # written on the order (ServiceRequest.note, forms.finding_issues says why not a DetectedIssue)
+    helen = "demo-helen-brooks"
+    browser, landing = launch(smart_sandbox, app, patient=helen)
+    page = open_order_form(browser, landing)
+    draft_id = hidden(page.text, "draft_id")
+    ack_names = sorted(set(re.findall(r'name="(ack-review-[0-9a-f]{12})"', page.text)))
+    assert ack_names, "no acknowledgement checkbox for the needs-review entry"
+    base = form_fields(page, technique=["swedish"], site=[LOWER_BACK])
+    screen_url = page.url.split("/orders/")[0] + "/orders/screen"
+    live = browser.post(screen_url, data={k: v for k, v in base.items() if k != "csrf_token"},
+                        headers={"X-CSRF-Token": base["csrf_token"], "Accept": "application/json"}, timeout=30)
+    body = live.json()
+    assert body["signStatus"] != "Ready to sign." and "could not screen" in body["signStatus"]
+
+    refused = browser.post(sign_url(page), data=base, timeout=30)
+    assert refused.status_code == 422
+    assert "The app could not screen this chart entry" in unescape(refused.text)
+    assert search(reader, helen, "ServiceRequest", draft_id) == []
+
+    # everything the refused page asks for (the review boxes, and any relative finding of Helen's chart)
+    asked = set(re.findall(r'name="(ack-[a-z0-9\-]+)"', refused.text))
+    assert set(ack_names) <= asked
+    assert not re.search(r'<select name="override-', refused.text), "Helen's lower back should not be blocked"
+    signed = browser.post(sign_url(page), data=dict(base, **{n: "yes" for n in asked}), timeout=60)
+    assert signed.status_code == 200 and "/orders/done/" in signed.url, signed.text[:1500]
+    orders = search(reader, helen, "ServiceRequest", draft_id)
+    assert len(orders) == 1
+    sr = orders[0]
+    assert_valid(sr)
+    notes = [n for n in sr.get("note") or [] if n["text"].startswith("Reviewed by the physician before signing")]
+    assert len(notes) == len(ack_names)
+    clot = next(n for n in notes if "hx of blood clot in leg" in n["text"])
+    assert re.search(r"\(Condition/[^)]+\) — not screened automatically\.$", clot["text"]), clot["text"]
+    assert clot["authorReference"] == {"reference": f"Practitioner/{PHYSICIAN}"} and clot.get("time")

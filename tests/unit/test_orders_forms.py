@@ -194,3 +194,41 @@ def test_product_allergy_beside_a_dvt_writes_only_the_findings():
     issues = forms.finding_issues(parse().draft, s, actions, NOW)
     rules = {i["identifier"][1]["value"] for i in issues}
     assert len(issues) == len(s.findings) and "allergy-massage-product" not in rules and "dvt-acute" in rules
+
+
+def test_needs_review_entries_need_a_confirmation_that_lands_in_the_order_note():
+    chart = from_resources(hand_made_resources("demo-helen-brooks", TODAY))
+    s = screen(chart, techniques=["swedish"], sites=["37822005"], today=TODAY)
+    clot = [n for n in s.needs_review if "hx of blood clot in leg" in n["reason"]]
+    assert clot, s.needs_review
+    field = f"ack-review-{forms.review_key(clot[0])}"
+    assert forms.review_key(clot[0]) == forms.review_key(dict(clot[0]))  # stable across re-screens
+    others = {a.rule: "yes" for a in forms.required_actions(s, {}) if a.kind != "review"}
+    actions = forms.required_actions(s, {f"ack-{r}": [v] for r, v in others.items()})
+    problems = forms.action_problems(actions)
+    assert "could not screen this chart entry" in problems[field]
+    review = next(a for a in actions if f"ack-{a.rule}" == field)
+    assert review.kind == "review" and not review.done
+    assert forms.mitigation(review, author_ref="Practitioner/dr1", when="") is None
+    parsed = parse()
+    bundle = forms.order_bundle(parsed.draft, s, actions, NOW)
+    srs = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
+    assert not any("Reviewed by the physician" in n["text"] for sr in srs for n in sr.get("note") or [])
+
+    fields = {f"ack-{r}": ["yes"] for r in others} | {field: ["yes"]}
+    actions = forms.required_actions(s, fields)
+    assert field not in forms.action_problems(actions)
+    bundle = forms.order_bundle(parsed.draft, s, actions, NOW)
+    srs = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
+    assert srs
+    for sr in srs:
+        texts = [n["text"] for n in sr["note"]]
+        assert (f"Reviewed by the physician before signing: 'hx of blood clot in leg' ({clot[0]['evidence']}) — not "
+                "screened automatically.") in texts
+        note = next(n for n in sr["note"] if "hx of blood clot" in n["text"])
+        assert note["authorReference"] == {"reference": "Practitioner/dr1"} and note["time"] == "2026-11-28T10:00:00Z"
+        assert not errors(validate_resource(sr))
+    # no DetectedIssue is written for a needs-review entry (it is not a finding)
+    issue_ids = [i["value"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DetectedIssue"
+                 for i in e["resource"]["identifier"] if i["system"] == FINDING_ID_SYSTEM]
+    assert not any(":review-" in v for v in issue_ids)
