@@ -15,26 +15,31 @@ blank, never an exception).
   name (a second DVT, a new platelet count), is new. Recorded = a DetectedIssue of the patient that implicates one
   of the plan's orders or that an order lists in ``supportingInfo``, with the rule id in its identifier
   (detected_issue.RULE_IDENTIFIER_SYSTEM).
-* Open = a recorded finding with no ``mitigation`` (R4 DetectedIssue.mitigation: "an action taken ... to reduce or
-  eliminate the risk") that is not cancelled or entered in error.
+* Open = a recorded finding that APPLIES to the plan's techniques and sites and has no ``mitigation`` (R4
+  DetectedIssue.mitigation: "an action taken ... to reduce or eliminate the risk"), not cancelled or entered in error.
+  At signing every finding in the chart is written as a DetectedIssue, also those about other techniques or sites
+  (a left-leg DVT on a shoulder order), and only those the physician acted on carry a mitigation: so a finding
+  that does not apply is "elsewhere in the chart", never an open issue of this plan (``split_issues``).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any, Iterable, Mapping, Sequence
 
 from .builders.detected_issue import RULE_IDENTIFIER_SYSTEM, detected_issue
 from .builders.order import business_status, instant, sessions_done
-from .codes import SNOMED, TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
+from .codes import ORDER_DETAIL_SYSTEM, SNOMED, TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
 from .coordination import PainPoint, PainTrend, PlanRow, pain_trend, parse_date, ref_key, requisition_key
 from .orders_model import Schedule, is_lateralizable
 
 __all__ = [
     "PlanGroup", "OpenIssue", "DiffRow", "group_plans", "order_sites", "order_techniques", "recorded_issues",
-    "open_issues", "new_findings", "describe_order", "version_diff", "task_follow_schedule", "requisition_of",
+    "open_issues", "new_findings", "IssueSplit", "issue_applies", "split_issues", "StatusNote", "status_note",
+    "order_precautions", "with_rescreen", "describe_order", "version_diff", "task_follow_schedule", "requisition_of",
 ]
 
 _DEAD = frozenset({"cancelled", "entered-in-error"})
@@ -47,6 +52,7 @@ class OpenIssue:
     text: str
     identified: date | None
     version: str | None = None  # meta.versionId, for an update with If-Match
+    mitigation: str = ""  # what was done (the latest mitigation's action), for an addressed finding
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,10 @@ class PlanGroup:
     sessions_per_week: float | None = None
     gaps: tuple[Any, ...] = ()  # coordination.Gap between visits
     technique_visits: tuple[tuple[str, int], ...] = ()  # (technique, visits it was given in)
+    elsewhere_issues: tuple[OpenIssue, ...] = ()  # recorded with the order, not about its techniques/sites
+    addressed_issues: tuple[OpenIssue, ...] = ()  # apply, and were overridden or acknowledged (a mitigation)
+    status_note: "StatusNote | None" = None  # why the plan is in its current status, who said so and when
+    precautions: tuple[str, ...] = ()  # pressure and positioning, as ordered
 
     @property
     def order_refs(self) -> tuple[str, ...]:
@@ -178,6 +188,167 @@ def open_issues(recorded: Iterable[Mapping[str, Any]]) -> tuple[OpenIssue, ...]:
     return tuple(out)
 
 
+def _as_issue(i: Mapping[str, Any]) -> OpenIssue:
+    text = str(i.get("detail") or (i.get("code") or {}).get("text") or "Contraindication finding")
+    version = (i.get("meta") or {}).get("versionId") if isinstance(i.get("meta"), Mapping) else None
+    mits = [m for m in i.get("mitigation") or [] if isinstance(m, Mapping)]
+    action = mits[-1].get("action") if mits else None
+    what = ""
+    if isinstance(action, Mapping):
+        what = str(action.get("text") or next((c.get("display") or c.get("code") for c in codings(action)), "") or "")
+    return OpenIssue(f"DetectedIssue/{i.get('id')}", i.get("severity"), text, parse_date(i.get("identifiedDateTime")),
+                     str(version) if version else None, what)
+
+
+# "Rule R ... (absolute; techniques: swedish, deep-tissue; sites: 61685007:left)." - builders/detected_issue.py
+_RULE_LINE = re.compile(r"\(\w+; techniques: (?P<t>[^;]*); sites: (?P<s>[^)]*)\)")
+
+
+def _recorded_scope(issue: Mapping[str, Any]) -> tuple[set[str], list[str]] | None:
+    """The techniques and sites a DetectedIssue written by builders/detected_issue.py names in its ``detail``
+    (None when it is not in that form, e.g. written by another app)."""
+    m = _RULE_LINE.search(str(issue.get("detail") or ""))
+    if not m:
+        return None
+    techs = {t.strip() for t in m["t"].split(",") if t.strip()}
+    sites = [s.strip() for s in m["s"].split(",") if s.strip()]
+    return (techs, sites) if techs and sites else None
+
+
+def issue_applies(issue: Mapping[str, Any], *, techniques: Sequence[str], sites: Sequence[str],
+                  screening: Any = None, kb: Any = None) -> bool:
+    """Does a recorded DetectedIssue concern the plan's techniques at the plan's sites? The screening engine
+    decides (screening.Finding.applies_to, which needs the finding's own sites, read from the chart):
+
+    1. the re-screen of the plan (``screening``, screening.Screening for the plan's techniques and sites) found
+       the issue's rule: it applies iff the rule is in ``screening.applicable``;
+    2. else the techniques and sites the issue was recorded with (its detail, builders/detected_issue.py) are
+       checked with the same Finding.applies_to; a technique the KB rule does not cover never applies;
+    3. else (no rule id, an unknown rule, a detail in another form): it applies - an unknown finding is kept in
+       front of the physician rather than hidden.
+    """
+    from .knowledge import load_kb, parse_site
+    from .screening import Finding
+
+    rules = _issue_rules(issue)
+    if screening is not None and rules:
+        found = {f.rule for f in getattr(screening, "findings", ()) or ()}
+        if rules & found:
+            return bool(rules & set(getattr(screening, "applicable", ()) or ()))
+    kb = kb or load_kb()
+    known = [kb.rules[r] for r in rules if r in kb.rules]
+    if not known:
+        return True
+    plan_techs = set(techniques)
+    if plan_techs and not any(plan_techs & set(r.techniques) for r in known):
+        return False  # the KB rule is about other techniques (deep pressure, not lymphatic drainage)
+    scope = _recorded_scope(issue)
+    if scope is None:
+        return True
+    techs, site_texts = scope
+    try:
+        recorded_sites = tuple(parse_site(s, kb) for s in site_texts)
+    except Exception:  # noqa: BLE001 - a site this KB does not know cannot be ruled out
+        return True
+    probe = Finding(rule=known[0].id, cls=known[0].cls, techniques=tuple(techs), sites=recorded_sites, evidence=(),
+                    message="", evidence_class="", source="", verified=True, details=())
+    return probe.applies_to(tuple(techniques) or None, tuple(sites) or None, kb=kb)
+
+
+@dataclass(frozen=True)
+class IssueSplit:
+    open: tuple[OpenIssue, ...]  # apply to the plan, no mitigation: the physician has something to decide
+    elsewhere: tuple[OpenIssue, ...]  # recorded with the order but about other techniques or sites
+    addressed: tuple[OpenIssue, ...]  # apply, with a mitigation (overridden or acknowledged)
+
+
+def _ranked(items: Iterable[OpenIssue]) -> tuple[OpenIssue, ...]:
+    order = {"high": 0, "moderate": 1, "low": 2}
+    return tuple(sorted(items, key=lambda x: (order.get(str(x.severity), 3), x.ref)))
+
+
+def split_issues(recorded: Iterable[Mapping[str, Any]], *, techniques: Sequence[str], sites: Sequence[str],
+                 screening: Any = None, kb: Any = None) -> IssueSplit:
+    """The recorded findings of a plan split for the page: open (apply, no mitigation), elsewhere in the chart
+    (do not apply to this plan, whatever their mitigation) and addressed (apply, mitigated). Most severe first."""
+    open_, elsewhere, addressed = [], [], []
+    for i in recorded:
+        if not isinstance(i, Mapping) or i.get("status") in _DEAD:
+            continue
+        item = _as_issue(i)
+        if not issue_applies(i, techniques=techniques, sites=sites, screening=screening, kb=kb):
+            elsewhere.append(item)
+        elif i.get("mitigation"):
+            addressed.append(item)
+        else:
+            open_.append(item)
+    return IssueSplit(_ranked(open_), _ranked(elsewhere), _ranked(addressed))
+
+
+# --- status and precautions ---------------------------------------------------------------------------------------
+
+# builders/plan.py order_status_update writes the reason as a note "<label>: <reason>" (R4 ServiceRequest has no
+# statusReason); a change by a covering physician adds "<action label>: done by a physician other than ...".
+_STATUS_LABEL = {"on-hold": "On hold", "active": "Resumed", "revoked": "Revoked", "completed": "Completed"}
+
+
+@dataclass(frozen=True)
+class StatusNote:
+    status: str
+    reason: str  # "" when the change was made without a reason
+    author_ref: str | None
+    time: datetime | None
+
+
+def status_note(sr: Mapping[str, Any]) -> StatusNote | None:
+    """Why the order is in its current status: the latest note order_status_update wrote for that status (its
+    reason, author and time). For a status with no such note, the last update (meta.lastUpdated) without a
+    reason; None for an active order never put on hold or a draft."""
+    status = str(sr.get("status") or "")
+    label = _STATUS_LABEL.get(status)
+    if label is None:
+        return None
+    for n in reversed([n for n in sr.get("note") or [] if isinstance(n, Mapping)]):
+        text = str(n.get("text") or "")
+        if text.startswith(label + ": "):
+            return StatusNote(status, text[len(label) + 2:].strip(), ref_key(n.get("authorReference")),
+                              _parse_instant(n.get("time")))
+    if status == "active":
+        return None
+    meta = sr.get("meta") if isinstance(sr.get("meta"), Mapping) else {}
+    return StatusNote(status, "", None, _parse_instant(meta.get("lastUpdated")))
+
+
+def _parse_instant(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def order_precautions(sr: Mapping[str, Any]) -> tuple[str, ...]:
+    """Pressure and positioning as ordered (builders/order.py order_details: ServiceRequest.orderDetail coded in
+    ORDER_DETAIL_SYSTEM, "pressure-*" and "positioning", the text holding the physician's words). An order from
+    another app without those codes: its "Precautions: ..." note, as written."""
+    out: list[str] = []
+    for d in sr.get("orderDetail") or []:
+        if not isinstance(d, Mapping):
+            continue
+        codes = {c.get("code") for c in codings(d) if c.get("system") == ORDER_DETAIL_SYSTEM}
+        if any(str(c).startswith("pressure-") or c == "positioning" for c in codes):
+            text = str(d.get("text") or next((c.get("display") for c in codings(d) if c.get("display")), ""))
+            if text and text not in out:
+                out.append(text)
+    if not out:
+        for n in sr.get("note") or []:
+            text = str(n.get("text") or "") if isinstance(n, Mapping) else ""
+            if text.startswith("Precautions: "):
+                out.append(text[len("Precautions: "):].rstrip("."))
+    return tuple(out)
+
+
 def new_findings(screening: Any, recorded: Iterable[Mapping[str, Any]], *, patient_ref: str,
                  order_refs: Sequence[str], now: datetime) -> list[dict[str, Any]]:
     """Findings of ``screening`` (screening.Screening for the plan's techniques and sites) that apply to the plan
@@ -234,7 +405,10 @@ def group_plans(service_requests: Iterable[Mapping[str, Any]], rows: Sequence[Pl
         common = dict(key=key, rows=tuple(grows), techniques=techniques, sites=sites, site_codes=site_codes,
                       schedule_text=next((r.schedule_text for r in grows if r.schedule_text), ""),
                       status=statuses.pop() if len(statuses) == 1 else "mixed", authored=authored,
-                      open_issues=open_issues(recorded_issues(srs, issues)))
+                      **_issue_fields(split_issues(recorded_issues(srs, issues), techniques=techniques,
+                                                   sites=site_codes)),
+                      status_note=next((n for n in (status_note(sr) for sr in srs) if n), None),
+                      precautions=tuple(dict.fromkeys(p for sr in srs for p in order_precautions(sr))))
         if stats is not None:  # counted in visits by coordination (one visit = one session of the plan)
             out.append(PlanGroup(
                 **common, sessions_done=stats.sessions_done, sessions_planned=stats.sessions_planned,
@@ -251,6 +425,16 @@ def group_plans(service_requests: Iterable[Mapping[str, Any]], rows: Sequence[Pl
                                    for t in techniques)))
     out.sort(key=lambda g: (g.active, g.authored or date.min, g.key), reverse=True)
     return out
+
+
+def _issue_fields(split: IssueSplit) -> dict[str, tuple[OpenIssue, ...]]:
+    return {"open_issues": split.open, "elsewhere_issues": split.elsewhere, "addressed_issues": split.addressed}
+
+
+def with_rescreen(group: PlanGroup, recorded: Iterable[Mapping[str, Any]], screening: Any) -> PlanGroup:
+    """The plan with its recorded findings split again by the re-screen (the chart's own finding sites)."""
+    return replace(group, **_issue_fields(split_issues(recorded, techniques=group.techniques,
+                                                       sites=group.site_codes, screening=screening)))
 
 
 def _merged_trend(points: Sequence[PainPoint]) -> PainTrend:

@@ -373,3 +373,132 @@ def test_a_change_by_someone_other_than_the_requester_is_recorded_plainly(acting
             assert "Practitioner/dr" in notes[0]["text"] and sr["note"][-1] is notes[0]
         prov = bundle["entry"][-1]["resource"]
         assert prov["agent"][0]["who"] == {"reference": acting}  # the Provenance author is who acted
+
+
+# --- open issues: only findings that apply to the plan's techniques and sites ------------------------------------
+
+DVT_LEFT_LEG = {"resourceType": "Condition", "id": "dvt1", "subject": {"reference": "Patient/p1"},
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                               "code": "active"}]},
+                "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I82.402"}]},
+                "onsetDateTime": "2026-11-10"}
+RIGHT_SHOULDER, LEFT_LOWER_LEG = "16982005:right", "30021000:left"
+
+
+def signed_issues(sites, *, acknowledged=(), techniques=("swedish",)):
+    """What signing writes: EVERY finding in the chart as a DetectedIssue implicating the order, a mitigation only
+    on those the physician acted on."""
+    from fhir_massage.builders.detected_issue import detected_issue
+    s = screen(from_resources([PATIENT, DVT_LEFT_LEG]), techniques=list(techniques), sites=list(sites), today=TODAY)
+    out = []
+    for n, f in enumerate(s.findings):
+        i = detected_issue(f, patient_ref="Patient/p1", now=NOW, order_ref="ServiceRequest/sr1")
+        i["id"] = f"di-{f.rule}"
+        if f.rule in acknowledged:
+            i["mitigation"] = [{"action": {"text": "Acknowledged at signing"}}]
+        out.append(i)
+    return out
+
+
+def _rules(items):
+    return sorted(i.ref.removeprefix("DetectedIssue/di-") for i in items)
+
+
+@pytest.mark.parametrize("signed_at, plan_sites, acknowledged, rescreen, want_open, want_elsewhere, want_addressed", [
+    pytest.param([RIGHT_SHOULDER], [RIGHT_SHOULDER], (), True,
+                 ["dvt-acute-elsewhere"], ["dvt-acute", "dvt-acute-mld"], [],
+                 id="left-leg DVT on a right-shoulder Swedish order: only the whole-body DVT caution is open, "
+                    "the left-leg rule and the MLD-only rule are elsewhere"),
+    pytest.param([RIGHT_SHOULDER], [RIGHT_SHOULDER], (), False,
+                 ["dvt-acute-elsewhere"], ["dvt-acute", "dvt-acute-mld"], [],
+                 id="same without a re-screen (plan inactive): the recorded techniques and sites decide"),
+    pytest.param([RIGHT_SHOULDER], [RIGHT_SHOULDER], ("dvt-acute-elsewhere",), True,
+                 [], ["dvt-acute", "dvt-acute-mld"], ["dvt-acute-elsewhere"],
+                 id="the DVT caution acknowledged at signing is addressed, nothing is open"),
+    pytest.param([LEFT_LOWER_LEG], [LEFT_LOWER_LEG], (), True,
+                 ["dvt-acute", "dvt-acute-elsewhere"], ["dvt-acute-mld"], [],
+                 id="Swedish on the leg with the DVT: the local DVT rule is open"),
+    pytest.param([LEFT_LOWER_LEG], [LEFT_LOWER_LEG], (), False,
+                 ["dvt-acute", "dvt-acute-elsewhere"], ["dvt-acute-mld"], [],
+                 id="the leg with the DVT without a re-screen: still open from the recorded sites"),
+    pytest.param([LEFT_LOWER_LEG], [RIGHT_SHOULDER], (), True,
+                 ["dvt-acute-elsewhere"], ["dvt-acute", "dvt-acute-mld"], [],
+                 id="the plan was changed from the left leg to the shoulder: the leg DVT no longer affects it"),
+])
+def test_split_issues_open_only_what_applies(signed_at, plan_sites, acknowledged, rescreen, want_open,
+                                             want_elsewhere, want_addressed):
+    from fhir_massage.plan_view import split_issues
+    issues = signed_issues(signed_at, acknowledged=acknowledged)
+    s = (screen(from_resources([PATIENT, DVT_LEFT_LEG]), techniques=["swedish"], sites=plan_sites, today=TODAY)
+         if rescreen else None)
+    split = split_issues(issues, techniques=("swedish",), sites=tuple(plan_sites), screening=s)
+    assert _rules(split.open) == want_open
+    assert _rules(split.elsewhere) == want_elsewhere
+    assert _rules(split.addressed) == want_addressed
+
+
+@pytest.mark.parametrize("issue, applies", [
+    pytest.param({"resourceType": "DetectedIssue", "id": "x", "status": "final", "severity": "high",
+                  "detail": "Written by another app"}, True,
+                 id="a finding without a rule id cannot be placed: it stays open, never hidden"),
+    pytest.param({"resourceType": "DetectedIssue", "id": "x", "status": "final", "severity": "high",
+                  "identifier": [{"system": RULE_IDENTIFIER_SYSTEM, "value": "no-such-rule"}]}, True,
+                 id="an unknown rule stays open"),
+    pytest.param({"resourceType": "DetectedIssue", "id": "x", "status": "final", "severity": "high",
+                  "identifier": [{"system": RULE_IDENTIFIER_SYSTEM, "value": "dvt-acute-mld"}]}, False,
+                 id="a rule about lymphatic drainage only never applies to a Swedish plan (KB techniques)"),
+    pytest.param({"resourceType": "DetectedIssue", "id": "x", "status": "final", "severity": "high",
+                  "identifier": [{"system": RULE_IDENTIFIER_SYSTEM, "value": "dvt-acute"}],
+                  "detail": "DVT\n\nRule dvt-acute (absolute; techniques: swedish; sites: 61685007:bogus)."}, True,
+                 id="recorded sites this KB cannot read cannot be ruled out"),
+])
+def test_issue_applies_is_cautious_with_what_it_cannot_read(issue, applies):
+    from fhir_massage.plan_view import issue_applies
+    assert issue_applies(issue, techniques=("swedish",), sites=(RIGHT_SHOULDER,)) is applies
+
+
+# --- status with its reason; precautions --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action, reason, want", [
+    pytest.param("hold", "New DVT on ultrasound", ("on-hold", "New DVT on ultrasound", "Practitioner/dr"),
+                 id="on hold: the reason the physician typed, by whom"),
+    pytest.param("revoke", "Patient moved away", ("revoked", "Patient moved away", "Practitioner/dr"),
+                 id="revoked: the revoke reason, not an older hold reason"),
+    pytest.param("hold", None, ("on-hold", "", None), id="held without a reason: said so, nothing invented"),
+])
+def test_status_note_reads_what_order_status_update_wrote(action, reason, want):
+    from fhir_massage.builders.plan import order_status_update
+    from fhir_massage.plan_view import status_note
+    (sr,) = orders_of(draft())
+    sr = order_status_update(sr, "hold", reason_text="Waiting for labs", author_ref="Practitioner/dr", now=NOW)
+    if action == "revoke":
+        sr = order_status_update(sr, "revoke", reason_text=reason, author_ref="Practitioner/dr", now=NOW)
+    elif reason is not None:
+        sr["note"] = []
+        sr["status"] = "active"
+        sr = order_status_update(sr, "hold", reason_text=reason, author_ref="Practitioner/dr", now=NOW)
+    else:
+        sr["note"] = []
+    n = status_note(sr)
+    assert (n.status, n.reason, n.author_ref) == want
+    if want[2]:
+        assert n.time == NOW
+
+
+def test_an_active_order_never_held_has_no_status_note():
+    from fhir_massage.plan_view import status_note
+    (sr,) = orders_of(draft())
+    assert status_note(sr) is None
+
+
+def test_precautions_read_back_what_the_order_builder_wrote():
+    from dataclasses import replace as dc_replace
+    from fhir_massage.plan_view import order_precautions
+    d = dc_replace(draft(), pressure="light", pressure_note="on anticoagulants", positioning=("side-lying only",))
+    (sr,) = orders_of(d)
+    assert order_precautions(sr) == ("Light pressure: on anticoagulants", "side-lying only")
+    foreign = {"resourceType": "ServiceRequest", "note": [{"text": "Precautions: Light pressure; no prone."}]}
+    assert order_precautions(foreign) == ("Light pressure; no prone",)
+    (plain,) = orders_of(draft())
+    assert order_precautions(plain) == ()
