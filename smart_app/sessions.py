@@ -61,6 +61,7 @@ from fhir_massage.plan_view import requisition_of
 from fhir_massage.writes import PartialWrite, batch_or_each, raise_conflict
 
 from . import errors, identity, writes
+from .forms import review_label
 from .drafts import DraftAlreadyWritten, DraftError, DraftKey, DraftStore, is_draft_id, new_draft_id
 from .launch import LaunchContext, fhir_client, require_launch
 
@@ -386,9 +387,56 @@ class PlanSummary:
         return tuple(o.technique for o in self.orders if o.technique and o.task is not None and not o.all_done
                      and (o.task_status or "") in _OPEN_TASK)
 
+    @property
+    def status(self) -> str:
+        """The plan's order status: active when any of its orders is (the others are then shown per technique),
+        else the lead order's (on-hold, completed, revoked)."""
+        statuses = [o.status for o in self.orders]
+        return "active" if "active" in statuses else (self.lead.status or "unknown")
+
+    @property
+    def status_label(self) -> str:
+        return ORDER_STATUS_WORDS.get(self.status, self.status.replace("-", " ").capitalize())
+
+    @property
+    def hold_reason(self) -> str | None:
+        """The physician's reason for the latest hold: the last ``On hold: ...`` note (R4 ServiceRequest has no
+        statusReason, so builders/plan.py order_status_update writes it as a note), None when none was given."""
+        return _status_reason(self.orders, "On hold: ")
+
+    @property
+    def status_reason(self) -> str | None:
+        """The physician's reason for the current status (hold, revoke or complete), when one was given."""
+        prefix = {"on-hold": "On hold: ", "revoked": "Revoked: ", "completed": "Completed: "}.get(self.status)
+        return _status_reason(self.orders, prefix) if prefix else None
+
     def technique_rows(self) -> list[tuple[OrderSummary, str]]:
         """(order, "3 of 8 sessions") per technique, for the per-technique details."""
         return [(o, f"{o.done} of {o.total}" if o.total else str(o.done)) for o in self.orders]
+
+
+# ServiceRequest.status (request-status) in the words a therapist reads on the worklist
+ORDER_STATUS_WORDS = {"active": "Active", "on-hold": "On hold", "completed": "Completed", "revoked": "Revoked",
+                      "draft": "Draft", "entered-in-error": "Entered in error", "unknown": "Unknown status"}
+# what the worklist lists: active plans to document, held ones to see (with the reason), and past ones in short
+WORKLIST_STATUSES = ("active", "on-hold", "completed", "revoked")
+
+
+def _status_reason(orders: Sequence[OrderSummary], prefix: str) -> str | None:
+    for o in orders:
+        for n in reversed(o.notes):
+            if n.startswith(prefix) and n[len(prefix):].strip():
+                return n[len(prefix):].strip()
+    return None
+
+
+def split_worklist(plans: Iterable[PlanSummary]) -> tuple[list[PlanSummary], list[PlanSummary], list[PlanSummary]]:
+    """(active, on hold, past) plans; a draft or entered-in-error order is not the therapist's business."""
+    active, held, past = [], [], []
+    for plan in plans:
+        {"active": active, "on-hold": held}.get(plan.status, past if plan.status in ("completed", "revoked")
+                                                else []).append(plan)
+    return active, held, past
 
 
 def _technique_rank(o: OrderSummary) -> tuple[int, str]:
@@ -951,7 +999,9 @@ def index() -> Any:
     patient_id = _patient(ctx)
     p = ("patient", patient_id)
     answer = batch_or_each(fhir_client(), batch_bundle([
-        request_entry("GET", "ServiceRequest?" + urlencode([p, ("status", "active"), ("_revinclude", "Task:focus"),
+        # active, held and past orders (comma = OR, search.html#combining): a hold must not make an order vanish
+        request_entry("GET", "ServiceRequest?" + urlencode([p, ("status", ",".join(WORKLIST_STATUSES)),
+                                                            ("_revinclude", "Task:focus"),
                                                             ("_include", "ServiceRequest:requester"),
                                                             ("_count", "100")])),
         request_entry("GET", "Communication?" + urlencode([p, ("_count", "200")])),
@@ -962,9 +1012,19 @@ def index() -> Any:
         raise outcomes[0] if isinstance(outcomes[0], FhirError) else FhirError("The EHR did not list the orders.")
     comms = [r for r in _searchset(outcomes[1]) or [] if r.get("resourceType") == "Communication"]
     drafts = _drafts()
-    rows = []
+    rows, held_rows = [], []
     names = _names_for(ctx, practitioner_names(found))
-    for plan in group_orders(with_missing_tasks(fhir_client(), pair_orders_and_tasks(found), found), names):
+    pairs = with_missing_tasks(fhir_client(), pair_orders_and_tasks(found), found)
+    # one plan per status: a plan whose swedish order is held and whose stretching order is active is documented
+    # for stretching and shown on hold for swedish
+    by_status: dict[str, list[tuple[dict, dict | None]]] = {}
+    for sr, task in pairs:
+        by_status.setdefault(str(sr.get("status") or ""), []).append((sr, task))
+    plans = [plan for status in WORKLIST_STATUSES for plan in group_orders(by_status.get(status, []), names)]
+    active, held, past = split_worklist(plans)
+    for plan in held:
+        held_rows.append((plan, thread(comms, order_ref=plan.refs, me=ctx.user_ref, names=names)))
+    for plan in active:
         draft = None
         if ctx.user_ref:
             try:
@@ -973,7 +1033,7 @@ def index() -> Any:
                 draft = None
         rows.append((plan, thread(comms, order_ref=plan.refs, me=ctx.user_ref, names=names), draft))
     recorded = request.args.get("recorded")
-    return render_template("sessions/index.html", rows=rows, recorded=recorded,
+    return render_template("sessions/index.html", rows=rows, held_rows=held_rows, past=past, recorded=recorded,
                            sent=request.args.get("sent"), messages_ok=_searchset(outcomes[1]) is not None)
 
 
@@ -1007,8 +1067,25 @@ def _render_document(order_id: str, data: PageData, *, fields: Mapping[str, Any]
         messages=thread(data.comms, order_ref=plan.refs, me=ctx.user_ref, names=_names_for(ctx, data.names)),
         message_categories=[(k, v[0]) for k, v in MESSAGE_CATEGORIES.items()], stop_message=stop_message,
         stop_about=about, message_id=new_draft_id(), today=now.date().isoformat(), marked_sites=marked,
+        closed=closed_order_text(data.sr),
+        review_items=[{"label": review_label(r), "reason": r.get("reason"), "evidence": r.get("evidence")}
+                      for r in (result.screening.needs_review if result.screening else ())],
         technique_cpt_map={t: technique_cpt(t) for t in TECHNIQUES},
     ), status
+
+
+def closed_order_text(sr: Mapping[str, Any] | None) -> str | None:
+    """Why no session can be documented on this order (it is not active), in plain words; None when it can."""
+    status = str((sr or {}).get("status") or "")
+    if status == "active":
+        return None
+    if status == "on-hold":
+        reason = _status_reason([order_summary(sr or {}, None)], "On hold: ")
+        return ("The physician has put this order on hold" + (f" ({reason})" if reason else "") + ", so no session "
+                "can be documented on it. Message the physician, or wait until the order is resumed.")
+    words = {"completed": "completed", "revoked": "revoked (cancelled)", "draft": "not signed yet",
+             "entered-in-error": "entered in error"}.get(status, status or "in an unknown state")
+    return f"This order is {words}, so no session can be documented on it. Ask the physician for a new order."
 
 
 def _load_or_404(order_id: str) -> PageData:
@@ -1211,6 +1288,9 @@ def submit(order_id: str) -> Any:
         return redirect(url_for("sessions.document", order_id=order_id, saved="1") + "#note", code=303)
     assert data is not None and data.order is not None
     plan = data.order
+    closed = closed_order_text(data.sr)
+    if closed:
+        return _not_sent(order_id, closed, draft, status=409)
     note, problems = note_from_fields(draft["fields"], draft_id=draft["draft_id"], plan=plan,
                                       patient_ref=f"Patient/{ctx.patient_id}", performer_ref=ctx.user_ref, now=now)
     if problems or note is None:
@@ -1279,4 +1359,4 @@ def message(order_id: str) -> Any:
 __all__ = ["bp", "order_summary", "order_technique", "site_key", "pair_orders_and_tasks", "group_orders",
            "PlanSummary", "rescreen", "Rescreen", "known_findings", "note_from_fields", "form_fields", "thread",
            "write_visit", "write_session", "load_order_page", "site_choices", "finding_message_text",
-           "visit_minutes_and_units", "minutes_field"]
+           "visit_minutes_and_units", "minutes_field", "split_worklist", "closed_order_text", "ORDER_STATUS_WORDS"]

@@ -704,3 +704,55 @@ def test_latex_allergy_is_shown_to_the_therapist_as_information_not_as_new(sandb
     assert 'data-testid="stop"' not in html
     # shown inside the re-screen, before the note form
     assert html.index('data-testid="rescreen"') < html.index('data-testid="information"') < html.index('id="note"')
+
+
+def test_held_order_is_listed_with_its_reason_and_cannot_be_documented(sandbox, app):
+    # a hold must not make the order vanish from the therapist's worklist: it is listed "On hold" with the
+    # physician's reason (ServiceRequest.note from builders/plan.py order_status_update) and the messages, without
+    # "Document a session"; a session posted anyway is refused in plain words and nothing is written
+    from fhir_massage.builders.plan import order_status_update
+
+    order_id, task_id = post_order(sandbox, SUZI, notes="Hold test order")
+    past_id, _ = post_order(sandbox, SUZI, technique="stretching", notes="Past test order")
+    t = Therapist(sandbox, app, SUZI)
+    page = t.page(order_id)  # opened while still active: the therapist has the form
+    assert 'id="note"' in page.text
+    client = ehr_client(sandbox, SUZI)
+    now = datetime.now(timezone.utc)
+    held = order_status_update(client.read("ServiceRequest", order_id), "hold",
+                               reason_text="Awaiting the rheumatology review", author_ref=f"Practitioner/{PHYSICIAN}",
+                               now=now)
+    client.update(held)
+    client.update(order_status_update(client.read("ServiceRequest", past_id), "revoke",
+                                      reason_text="Duplicate order", author_ref=f"Practitioner/{PHYSICIAN}", now=now))
+    client.create(communication(order_ref=f"ServiceRequest/{order_id}", patient_ref=f"Patient/{SUZI}",
+                                sender_ref="Practitioner/dr-ada-grey", recipient_ref=THERAPIST_REF,
+                                text="Holding until rheumatology has seen her.", category="request", now=now,
+                                draft_id=str(uuid.uuid4())))
+
+    listing = t.http.get(f"{t.base}/", timeout=30)
+    assert listing.status_code == 200
+    html = unescape(listing.text)
+    start = html.index(f'data-order="{order_id}"')
+    card = html[start:html.index('</details>', start)]
+    assert 'data-status="on-hold"' in card and "On hold" in card
+    assert "The physician put this order on hold: Awaiting the rheumatology review" in card
+    assert "Holding until rheumatology has seen her." in card
+    assert "Document a session" not in card and f"/sessions/{order_id}\"" not in card
+    past = html[html.index('data-testid="past-orders"'):]
+    assert f'data-order="{past_id}"' in past and "revoked (Duplicate order)" in past
+
+    # the note form is gone from the order's page, and a post is refused server-side
+    again = t.page(order_id)
+    assert again.status_code == 200 and 'data-testid="order-closed"' in again.text and 'id="note"' not in again.text
+    r = t.submit(order_id, page.text, note_fields())
+    assert r.status_code == 409
+    assert "The physician has put this order on hold (Awaiting the rheumatology review)" in unescape(r.text)
+    assert session_resources(client, order_id)["Procedure"] == []
+    assert sessions_done_of(client, task_id) == 0
+
+
+def sessions_done_of(client: FhirClient, task_id: str) -> int:
+    from fhir_massage.builders.order import sessions_done
+
+    return sessions_done(client.read("Task", task_id))
