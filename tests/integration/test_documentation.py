@@ -756,3 +756,18 @@ def sessions_done_of(client: FhirClient, task_id: str) -> int:
     from fhir_massage.builders.order import sessions_done
 
     return sessions_done(client.read("Task", task_id))
+
+
+def test_rescreen_shows_entries_it_could_not_screen_plainly(sandbox, app):
+    # Helen Brooks' text-only "hx of blood clot in leg" cannot be coded: the therapist's re-screen lists it as an
+    # entry to check, in plain words, with its chart reference
+    helen = "demo-helen-brooks"
+    order_id, _ = post_order(sandbox, helen)
+    t = Therapist(sandbox, app, helen)
+    page = t.page(order_id)
+    assert page.status_code == 200, page.text[:800]
+    html = unescape(page.text)
+    block = html[html.index('data-testid="needs-review"'):]
+    block = block[:block.index("</details>")]
+    assert re.search(r"'hx of blood clot in leg'</strong>: not screened automatically — check the chart entry", block)
+    assert re.search(r"\[Condition/[^\]]+\]", block)
