@@ -29,7 +29,7 @@ node-deps: system-deps
 
 ## make test: installs everything the tests need, then runs all of them (unit, HTTP, integration, browser).
 test: install node-deps
-	$(PY) -m pytest
+	FHIR_MASSAGE_REQUIRE_ALL=1 $(PY) -m pytest
 
 ## make bench: speed figures (never part of the tests).
 bench: install node-deps

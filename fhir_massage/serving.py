@@ -6,6 +6,7 @@ with a deadline instead of sleeping (house style).
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,8 +44,20 @@ class KeepAliveHandler(WSGIRequestHandler):
 
 
 def make_threaded_server(host: str, port: int, app: Any) -> BaseWSGIServer:
-    """A threaded WSGI server with keep-alive (the sandbox, the app, the demo, tests)."""
-    return make_server(host, port, app, threaded=True, request_handler=KeepAliveHandler)
+    """A threaded WSGI server with keep-alive (the sandbox, the app, the demo, tests).
+
+    A busy or forbidden address raises OSError (callers turn it into one plain line): we bind the socket ourselves
+    and hand werkzeug its descriptor, because werkzeug's own bind answers a busy port with two lines on stderr and
+    sys.exit(1).
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug does: TIME_WAIT is not "busy"
+        sock.bind((host, port))
+        sock.listen(128)
+        return make_server(host, port, app, threaded=True, request_handler=KeepAliveHandler, fd=sock.fileno())
+    finally:
+        sock.close()  # werkzeug serves on its own duplicate of the descriptor
 
 
 def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> RunningServer:

@@ -74,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
     config["TRUST_PROXY_TLS"] = bool(args.trust_proxy_tls or config.get("TRUST_PROXY_TLS"))
     if args.store_url:
         config["STORE_URL"] = args.store_url
-    server = make_threaded_server(args.host, args.port, _LazyApp())
+    try:
+        server = make_threaded_server(args.host, args.port, _LazyApp())
+    except OSError as exc:
+        raise InvalidInput(f"Cannot listen on {args.host}:{args.port} ({exc.strerror}). Is the app already "
+                           "running? Pick another port with --port N (0 = any free port).") from None
     host = f"[{args.host}]" if ":" in args.host else args.host
     config["PUBLIC_URL"] = args.public_url or config.get("PUBLIC_URL") or f"http://{host}:{server.port}"
     app = create_app(config)

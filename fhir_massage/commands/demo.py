@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import secrets
-import socket
 import sys
 import threading
 from datetime import date
@@ -46,26 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _bind(host: str, port: int, what: str, flag: str) -> Any:
-    from werkzeug.serving import make_server
+    from fhir_massage.serving import make_threaded_server
 
-    from fhir_massage.serving import KeepAliveHandler
-
-    # We bind the socket ourselves and hand werkzeug its fd: werkzeug's own bind answers a busy port with two
-    # lines on stderr and sys.exit(1), which would skip our one-line error and exit code 2.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug does: TIME_WAIT is not "busy"
-        sock.bind((host, port))
-        sock.listen(128)
+        return make_threaded_server(host, port, _NotYet())
     except OSError as exc:
-        sock.close()
         raise InvalidInput(f"Cannot listen on {host}:{port} for the {what} ({exc.strerror}). Is another demo "
                            f"running? Pick another port with {flag} N (0 = any free port).") from None
-    try:
-        return make_server(host, port, _NotYet(), threaded=True, request_handler=KeepAliveHandler,
-                           fd=sock.fileno())
-    finally:
-        sock.close()  # werkzeug serves on its own duplicate of the descriptor
 
 
 def run(args: argparse.Namespace) -> int:
