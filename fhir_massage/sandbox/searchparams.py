@@ -78,6 +78,7 @@ SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
         "intent": _p("token", "intent"),
         "code": _p("token", "medicationCodeableConcept"),
         "authoredon": _p("date", "authoredOn"),
+        "medication": _p("reference", "medicationReference", targets=("Medication",)),
         "encounter": _p("reference", "encounter", targets=("Encounter",)),
     },
     "MedicationStatement": {
@@ -87,6 +88,7 @@ SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
         "status": _p("token", "status"),
         "code": _p("token", "medicationCodeableConcept"),
         "effective": _p("date", "effectiveDateTime", "effectivePeriod"),
+        "medication": _p("reference", "medicationReference", targets=("Medication",)),
     },
     "MedicationAdministration": {
         "identifier": _p("token", "identifier"),
@@ -95,6 +97,7 @@ SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
         "status": _p("token", "status"),
         "code": _p("token", "medicationCodeableConcept"),
         "effective-time": _p("date", "effectiveDateTime", "effectivePeriod"),
+        "medication": _p("reference", "medicationReference", targets=("Medication",)),
     },
     "AllergyIntolerance": {
         "identifier": _p("token", "identifier"),

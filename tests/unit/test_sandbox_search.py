@@ -152,6 +152,20 @@ def test_include_and_revinclude(svc: FhirService) -> None:
         ("include", "c3"), ("include", "c4"), ("match", "p2")]
 
 
+def test_medication_orders_include_their_medication(svc: FhirService) -> None:
+    # R4 defines `medication` (a reference to Medication) on the three medication resources; EHRs that send
+    # anticoagulants as medicationReference are read with _include=MedicationRequest:medication.
+    put(svc, {"resourceType": "Medication", "id": "apixaban",
+              "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "1364445"}]}})
+    put(svc, {"resourceType": "MedicationRequest", "id": "mr1", "status": "active", "intent": "order",
+              "subject": {"reference": "Patient/p1"}, "medicationReference": {"reference": "Medication/apixaban"}})
+    body = svc.search(OPEN, BASE, "MedicationRequest",
+                      [("patient", "p1"), ("_include", "MedicationRequest:medication")]).body
+    assert sorted((e["search"]["mode"], e["resource"]["id"]) for e in body["entry"]) == [
+        ("include", "apixaban"), ("match", "mr1")]
+    assert ids(svc.search(OPEN, BASE, "MedicationRequest", [("medication", "Medication/apixaban")])) == ["mr1"]
+
+
 def test_include_of_a_non_reference_param_is_a_400(svc: FhirService) -> None:
     with pytest.raises(FhirProblem):
         svc.search(OPEN, BASE, "Condition", [("_include", "Condition:code")])
