@@ -34,7 +34,7 @@ from fhir_massage.builders.messages import CATEGORIES, MESSAGE_ID_SYSTEM, commun
 from fhir_massage.builders.order import IDENTIFIER_BASE, annotation, instant, provenance, provenance_entry
 from fhir_massage.builders.plan import ACTIONS, modify_order, order_status_update, task_follow_order
 from fhir_massage.chart_fetch import chart_searches
-from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
+from fhir_massage.codes import NUCC, NUCC_MASSAGE_THERAPIST, TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
 from fhir_massage.errors import FhirConflict, FhirError, InvalidInput
 from fhir_massage.writes import PartialWrite, batch_or_each
 from fhir_massage.fhir import FhirClient, FhirResult, batch_bundle, entry_outcomes, request_entry, resources, \
@@ -44,7 +44,7 @@ from fhir_massage.screening import screen
 
 from . import identity, writes
 from .charts import pain_chart_svg
-from .launch import fhir_client, require_launch
+from .launch import AREAS, fhir_client, require_launch
 
 
 bp = Blueprint("plan", __name__, url_prefix="/p/<lsid>/plan")
@@ -58,6 +58,10 @@ DONE_WORDS = {"hold": "The order is on hold.", "resume": "The order is active ag
               "modify": "The order was changed.", "reply": "Your reply was sent.",
               "finding": "The finding is recorded on the order.", "reviewed": "The finding is marked reviewed.",
               "finding-gone": "That finding is no longer new: the chart changed or someone recorded it already."}
+# DetectedIssue.severity (required binding high | moderate | low) in the words the order page uses for the KB
+# classes it comes from (builders/detected_issue.SEVERITY: absolute -> high, relative -> moderate, local -> low)
+SEVERITY_WORDS = {"high": "Contraindicated", "moderate": "Caution", "low": "Local caution"}
+STATUS_WORDS = {"on-hold": "On hold", "revoked": "Revoked", "completed": "Completed", "active": "Resumed"}
 # What the panel reads across patients (SMART v2 user-level scopes, SC "Scopes for requesting FHIR Resources").
 PANEL_NEEDS: tuple[str, ...] = ("ServiceRequest", "Task", "Procedure", "Observation", "DetectedIssue",
                                 "Communication", "Patient")
@@ -79,6 +83,7 @@ class PlanData:
     issues: list[dict[str, Any]] = field(default_factory=list)
     communications: list[dict[str, Any]] = field(default_factory=list)
     people: dict[str, str] = field(default_factory=dict)  # Practitioner/PractitionerRole ref -> name
+    person_roles: dict[str, str] = field(default_factory=dict)  # the same refs -> identity.PHYSICIAN | THERAPIST
     chart: list[dict[str, Any]] = field(default_factory=list)  # for the re-screen (Patient first)
     user_ref: str | None = None
     roles: list[dict[str, Any]] = field(default_factory=list)  # the user's PractitionerRoles (+ Practitioner)
@@ -138,6 +143,29 @@ def person_names(resources: Sequence[Mapping[str, Any]]) -> dict[str, str]:
                                                       else None)
             if name:
                 out[f"PractitionerRole/{r.get('id')}"] = name
+    return out
+
+
+def person_roles(resources: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Practitioner/PractitionerRole reference -> physician | therapist, from the role's code and specialty (or the
+    practitioner's qualifications), as identity.guess_role reads the user's own; a reference whose role the EHR
+    does not say is left out (the page then says nothing rather than guess)."""
+    practitioners = {f"Practitioner/{r.get('id')}": r for r in resources if r.get("resourceType") == "Practitioner"}
+    roles_of: dict[str, list[Mapping[str, Any]]] = {}
+    for r in resources:
+        if r.get("resourceType") == "PractitionerRole":
+            roles_of.setdefault(co.ref_key(r.get("practitioner")) or "", []).append(r)
+    out: dict[str, str] = {}
+    for ref, p in practitioners.items():
+        guess = identity.guess_role(ref, p, roles_of.get(ref, ()))
+        if guess.role:
+            out[ref] = guess.role
+    for r in resources:
+        if r.get("resourceType") == "PractitionerRole":
+            ref = f"PractitionerRole/{r.get('id')}"
+            guess = identity.guess_role(ref, practitioners.get(co.ref_key(r.get("practitioner")) or ""), [r])
+            if guess.role:
+                out[ref] = guess.role
     return out
 
 
@@ -330,9 +358,10 @@ def load(client: FhirClient, patient_id: str, *, with_chart: bool = True, user_r
     data.issues = [i for i in raw.get("issues", []) if i.get("resourceType") == "DetectedIssue"]
     data.communications = [r for r in raw.get("messages", []) if r.get("resourceType") == "Communication"]
     # names of the message senders, the ordering physicians and the user's roles (all _include'd)
-    data.people = person_names([r for r in raw.get("messages", []) + orders + data.roles
-                                if isinstance(r, dict)
-                                and r.get("resourceType") in ("Practitioner", "PractitionerRole")])
+    people = [r for r in raw.get("messages", []) + orders + data.roles
+              if isinstance(r, dict) and r.get("resourceType") in ("Practitioner", "PractitionerRole")]
+    data.people = person_names(people)
+    data.person_roles = person_roles(people)
     patient = raw.get("patient", [None])[0] if raw.get("patient") else None
     data.patient = patient if isinstance(patient, dict) and patient.get("resourceType") == "Patient" else None
     if with_chart:
@@ -391,8 +420,9 @@ def build_cards(data: PlanData, *, today: date, now: datetime, physician_refs: S
         if chart is not None and grp.active and grp.techniques:
             try:
                 s = screen(chart, techniques=grp.techniques, sites=grp.site_codes or None, today=today)
-                found = pv.new_findings(s, pv.recorded_issues(orders, data.issues), patient_ref=patient_ref,
-                                        order_refs=grp.order_refs, now=now)
+                recorded = pv.recorded_issues(orders, data.issues)
+                found = pv.new_findings(s, recorded, patient_ref=patient_ref, order_refs=grp.order_refs, now=now)
+                grp = pv.with_rescreen(grp, recorded, s)  # open vs elsewhere by the chart's own finding sites
             except InvalidInput as exc:
                 warnings.append(f"The plan could not be screened again: {exc.message}")
         all_new += found
@@ -515,7 +545,50 @@ def render_plan(typed: ChangeForm | None = None, status: int = 200) -> Any:
                            all_sites=_site_choices(), lateralities=list(LATERALITIES), typed=typed,
                            mine=set(mine), authorship=lambda card: authorship(card, mine, data.people),
                            new_id=lambda: uuid.uuid4().hex, tech_names=tech_names,
-                           panel_ok=_panel_missing() == []), status
+                           panel_ok=not _panel_missing() and bool(ctx.user_ref),
+                           panel_needs=" ".join(f"user/{t}.rs" for t in (_panel_missing() or PANEL_NEEDS)),
+                           order_url=_order_url(), severity_words=SEVERITY_WORDS, status_words=STATUS_WORDS,
+                           role_of=lambda ref: message_role(ref, {**session_performers(data.procedures),
+                                                                  **data.person_roles}, mine, cards)), status
+
+
+def _order_url() -> str | None:
+    """Where a physician orders massage, when that area is installed and this launch may use it (the same test
+    as the launch page, launch.LaunchContext.area_status); None otherwise."""
+    from flask import current_app
+    area = next((a for a in AREAS if a.name == "orders"), None)
+    if area is None or "orders.index" not in current_app.view_functions or not g.ctx.area_status(area)[0]:
+        return None
+    return url_for("orders.index")
+
+
+def message_role(ref: str | None, roles: Mapping[str, str], mine: Sequence[str], cards: Sequence[PlanCard]
+                 ) -> str | None:
+    """The role label of a message's sender, from what the chart says, never guessed: the sender's PractitionerRole
+    code or qualification (``person_roles``); this physician or an ordering physician of a plan here is a
+    physician; a performer of this patient's massage sessions whose Procedure.performer.function is the NUCC
+    massage therapist code is a massage therapist. None: the chart does not say (the page shows the name only)."""
+    role = roles.get(ref or "")
+    if role is None and ref and (ref in mine or any(co.ref_key(o.get("requester")) == ref for c in cards
+                                                    for o in c.orders)):
+        role = identity.PHYSICIAN
+    return identity.ROLE_LABELS.get(role) if role else None
+
+
+def session_performers(procedures: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Performer reference -> therapist, for the performers of massage sessions whose function is coded as
+    massage therapist (NUCC 225700000X, as builders/session.py writes Procedure.performer.function)."""
+    out: dict[str, str] = {}
+    for p in procedures:
+        for perf in p.get("performer") or []:
+            if not isinstance(perf, Mapping):
+                continue
+            if any(str(c.get("system") or "").split("|")[0] == NUCC and c.get("code") == NUCC_MASSAGE_THERAPIST
+                   for c in codings(perf.get("function"))):
+                who = co.ref_key(perf.get("actor"))
+                if who:
+                    out[who] = identity.THERAPIST
+    return out
 
 
 def tech_names(techniques: Sequence[str], sep: str = ", ") -> str:

@@ -127,3 +127,83 @@ def test_a_change_mistake_comes_back_with_what_was_typed_and_the_problem_at_the_
         assert sr["note"][-1]["text"] == "Changed: Shorter sessions, more often"
     finally:
         context.close()
+
+
+DANA = "demo-dana-whitfield"
+RIGHT_SHOULDER = "16982005:right"
+
+
+def _sign_like_the_order_page(w, patient, *, sites, techniques=("swedish",), acknowledged=(), **kw):
+    """What signing writes: EVERY finding of the chart as a DetectedIssue, a mitigation only where the physician
+    acted (the order page's overrides and acknowledgements)."""
+    from fhir_massage.builders.detected_issue import detected_issue
+    from fhir_massage.chart import from_resources
+    from fhir_massage.chart_fetch import fetch_chart_resources
+    from fhir_massage.screening import screen
+
+    now = datetime.now(timezone.utc)
+    s = screen(from_resources(fetch_chart_resources(w, patient)), techniques=list(techniques), sites=list(sites),
+               today=now.date())
+    issues = []
+    for f in s.findings:
+        i = detected_issue(f, patient_ref=f"Patient/{patient}", now=now)
+        if f.rule in acknowledged:
+            i["mitigation"] = [{"action": {"text": "Acknowledged at signing"}, "author": {"reference": DR_REF}}]
+        issues.append(i)
+    return s, sign_order(w, patient, techniques=techniques, sites=sites, findings=issues, **kw)
+
+
+def test_dana_shoulder_plan_lists_the_leg_dvt_elsewhere_and_a_held_plan_says_why(
+        make_smart_sandbox, make_app_server, browser):
+    """Dana's SHOULDER order: the left-leg DVT rules were recorded at signing but do not affect a shoulder plan -
+    they are 'elsewhere in the chart', collapsed, never an open issue; what does apply stays open. Held, the plan
+    says why, by whom and when; the page has no developer detail and the panel link only when usable."""
+    sandbox = make_smart_sandbox()
+    w = writer(sandbox, patient=DANA)
+    s, plan = _sign_like_the_order_page(w, DANA, sites=(RIGHT_SHOULDER,),
+                                        authored=datetime.now(timezone.utc) - timedelta(days=3))
+    applies = set(s.applicable)
+    elsewhere = [f for f in s.findings if f.rule not in applies]
+    assert elsewhere, "Dana's chart should hold a finding that does not apply to a shoulder order"
+    app = make_app_server(sandbox)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        frame = launch_in_ehr(page, sandbox, app, "dr-ada-grey", DANA)
+        frame.get_by_role("link", name="Plan").click()
+        frame.get_by_test_id("plan").wait_for()
+        open_text = (frame.get_by_test_id("open-issues").inner_text() if frame.get_by_test_id("open-issues").count()
+                     else "")
+        other = frame.get_by_test_id("elsewhere-issues")
+        assert other.count() == 1 and not other.locator("ul").is_visible()  # collapsed
+        assert f"({len(elsewhere)})" in other.locator("summary").inner_text()
+        for f in elsewhere:
+            assert f.message.split("\n")[0][:40] not in open_text, f.rule
+        for f in s.findings:
+            if f.rule in applies:
+                assert f.message.split("\n")[0][:40] in open_text, f.rule
+        body = frame.locator("body").inner_text()
+        assert "Read from the EHR" not in body and "Messages from the therapist" not in body
+        # a patient launch has no user/ scopes: no dead-end link to the panel, a muted line instead
+        assert frame.get_by_test_id("panel-link").count() == 0
+        line = frame.get_by_test_id("panel-unavailable")
+        assert "user/ServiceRequest.rs" in line.inner_text()
+        assert "user/Communication.rs" in (line.get_attribute("data-missing-scopes") or "")
+        app_frame = next(f for f in page.frames if f.url.startswith(app.url))
+        whole = context.new_page()
+        whole.goto(app_frame.url)
+        whole.get_by_text("Elsewhere in the chart").click()
+        whole.screenshot(path="/tmp/plan-dana-shoulder.png", full_page=True)
+
+        frame.get_by_label("Reason (goes into the order's notes)").fill("Awaiting vascular review of the DVT")
+        frame.get_by_role("button", name="Put on hold").click()
+        frame.get_by_text("The order is on hold.").wait_for()
+        note = frame.get_by_test_id("status-note").inner_text()
+        assert note.startswith("On hold since ") and "by Ada Grey" in note, note
+        assert "“Awaiting vascular review of the DVT”" in note, note
+        whole.goto(app_frame.url.split("?")[0])
+        whole.screenshot(path="/tmp/plan-dana-on-hold.png", full_page=True)
+        whole.close()
+    finally:
+        context.close()

@@ -17,8 +17,8 @@ from fhir_massage.fhir import FhirClient, StaticToken
 from fhir_massage.smart import default_scopes
 from smart_app import plan as plan_area
 from tests.fixtures.smart_sandbox import create_launch, get_token, start_smart_sandbox
-from tests.integration.test_plan_helpers import (DR_REF, DR_ROLE_REF, LMT_REF, PHYSICIAN, document, message,
-                                                 sign_order, writer)
+from tests.integration.test_plan_helpers import (DR_REF, DR_ROLE_REF, LMT_REF, PHYSICIAN, THERAPIST, document,
+                                                 message, sign_order, writer)
 
 pytestmark = pytest.mark.integration
 
@@ -123,6 +123,7 @@ def test_plan_view_shows_counts_adherence_pain_not_done_and_the_new_finding_firs
 
 def test_reply_writes_a_communication_in_response_to_the_therapist(sandbox, w, make_app_server):
     plan = sign_order(w, "demo-helen-brooks", authored=NOW - timedelta(days=7))
+    document(w, plan, start=NOW - timedelta(days=3), pain=(6, 4))  # Sam gave a session: his role is on record
     original = message(w, plan, "New bruise on the left calf; I skipped the legs.", category="condition-change")
     app = make_app_server(sandbox)
     browser, url = launch(sandbox, app, "demo-helen-brooks")
@@ -139,7 +140,14 @@ def test_reply_writes_a_communication_in_response_to_the_therapist(sandbox, w, m
     assert reply["sender"]["reference"] == DR_REF and reply["recipient"] == [{"reference": LMT_REF}]
     assert reply["payload"][0]["contentString"] == "Thanks. Hold the legs until I have seen her."
     # the thread is answered now: no more "awaiting your reply" on it
-    assert "Awaiting your reply" not in browser.get(url, timeout=30).text
+    page = browser.get(url, timeout=30).text
+    assert "Awaiting your reply" not in page
+    # the section holds both sides, so it is "Messages", each message with its author and role
+    assert re.search(r'<h3 id="msg-1-h">Messages</h3>', page) and "Messages from the therapist" not in page
+    authors = re.findall(r'data-testid="message-author">([^<]+)</strong>( <span class="message__role" '
+                         r'data-testid="message-role">([^<]+)</span>)?', page)
+    assert [(a, role) for a, _, role in authors] == [("Sam Reyes", "Massage therapist"), ("Ada Grey", "Physician")], \
+        authors
     # a re-sent form (double click, lost answer) writes nothing new: the draft id keys a conditional create
     post(browser, app, form, text="Thanks. Hold the legs until I have seen her.", category="request")
     assert len([c for c in w.search_all("Communication", {"based-on": plan.order_ref}) if c.get("inResponseTo")]) == 1
@@ -248,6 +256,38 @@ def test_panel_without_user_scopes_says_which_to_ask_for(sandbox, make_app_serve
     assert "user/ServiceRequest.rs" in needed and "user/Communication.rs" in needed
 
 
+def test_without_user_scopes_the_plan_has_no_dead_end_panel_link(sandbox, make_app_server):
+    """A patient launch grants patient/ scopes only: the panel could only say what is missing, so the plan page
+    shows no link to it, just one muted line naming what the EHR would have to grant."""
+    app = make_app_server(sandbox)
+    browser, url = launch(sandbox, app, "demo-tom-becker")
+    html = browser.get(url, timeout=30).text
+    assert 'data-testid="panel-link"' not in html and "All my patients with massage orders</a>" not in html
+    line = re.search(r'data-testid="panel-unavailable" data-missing-scopes="([^"]*)">(.*?)</p>', html, re.S)
+    assert line and "user/ServiceRequest.rs" in line.group(1) and "user/Communication.rs" in line.group(1)
+    assert "patient-level access only" in line.group(2)
+    assert "Read from the EHR in" not in html and re.search(r'data-round-trips="\d+"', html)
+
+
+def test_an_empty_plan_offers_to_order_massage(make_app_server):
+    """No orders yet: a physician who may order (the orders area's role and scopes, as the launch page decides)
+    gets the link to order; a therapist does not."""
+    sb = start_smart_sandbox()
+    try:
+        app = make_app_server(sb)
+        browser, url = launch(sb, app, "demo-maria-santos")
+        html = browser.get(url, timeout=30).text
+        assert 'data-testid="no-orders"' in html
+        link = re.search(r'<a href="([^"]+)" data-testid="order-link">Order massage</a>', html)
+        assert link and link.group(1).endswith("/orders/"), html[-2000:]
+        assert browser.get(app.url + unescape(link.group(1)), timeout=30).status_code == 200
+        browser, url = launch(sb, app, "demo-maria-santos", user=THERAPIST)
+        html = browser.get(url, timeout=30).text
+        assert 'data-testid="no-orders"' in html and 'data-testid="order-link"' not in html
+    finally:
+        sb.stop()
+
+
 def test_panel_with_user_scopes_lists_patients_by_attention(sandbox, w, make_app_server):
     calm = sign_order(w, "demo-dana-whitfield", techniques=("lymphatic-drainage",), sites=("53120007:right",),
                       authored=NOW - timedelta(days=2))
@@ -255,6 +295,7 @@ def test_panel_with_user_scopes_lists_patients_by_attention(sandbox, w, make_app
     message(w, worried, "He looked unwell today.", category="condition-change")
     app = make_app_server(sandbox, registration={"scopes": USER_SCOPES})
     browser, url = launch(sandbox, app, "demo-dana-whitfield")
+    assert 'data-testid="panel-link"' in browser.get(url, timeout=30).text  # usable: linked from the plan
     r = browser.get(url + "panel", timeout=30)
     assert r.status_code == 200, r.text[:800]
     order = re.findall(r'<tr data-patient="(Patient/[^"]+)"', r.text)
