@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from . import codes as C
 from .errors import MassageError
 from .knowledge import KnowledgeBase, Site, load_kb
+from .units import quantity_text, unit_text
 
 __all__ = [
     "SERVICES", "SOURCE_LABEL", "OVERRIDE_REASON_SYSTEM", "OVERRIDE_REASONS", "CPT_INFERRED", "CARD_TOPIC_SYSTEM",
@@ -574,7 +575,10 @@ def _evidence_md(ev: Any) -> str:
         parts.append(md_escape(display))
     bits = []
     if value is not None:
-        bits.append(f"value {_detail_value(value)} {unit or ''}".strip())
+        # the unit as a clinician reads it ("38.9 °C", not UCUM's "38.9 Cel"): fhir_massage.units
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        shown = quantity_text(value, unit) if number else f"{_detail_value(value)} {unit_text(unit)}".strip()
+        bits.append(f"value {shown}")
     for k, v in (dates.items() if isinstance(dates, Mapping) else ()):
         bits.append(f"{k} {_detail_value(v)}")
     if status:

@@ -24,6 +24,7 @@ full chart can be screened at any date inside an episode and give the answer a c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ from fhir_massage.chart import (
 from fhir_massage.codes import TECHNIQUES
 from fhir_massage.errors import InvalidInput
 from fhir_massage.knowledge import CodeMatch, KnowledgeBase, Rule, Site, load_kb, norm_icd, parse_site
+from fhir_massage.units import quantity_text, unit_text
 
 __all__ = ["Screening", "Finding", "Evidence", "screen", "screen_bundle", "VERDICTS", "normalize_techniques", "normalize_sites"]
 
@@ -65,8 +67,7 @@ class Evidence:
         parts = [self.display]
         bits = []
         if self.value is not None:
-            v = f"{self.value:g}" if isinstance(self.value, float) else str(self.value)
-            bits.append(f"{v} {self.unit or ''}".strip())
+            bits.append(quantity_text(self.value, self.unit))  # "38.9 °C", never "38.9 Cel" (fhir_massage.units)
         for k, v in self.dates.items():
             bits.append(f"{k} {v}")
         if self.status:
@@ -247,7 +248,7 @@ class _Acc:
             shown = [d.summary() for d in details[:3]]
             if len(details) > 3:
                 shown.append(f"and {len(details) - 3} more")
-            message = rule.message + " Evidence: " + "; ".join(shown) + "."
+            message = named_thresholds(rule, self.kb) + " Evidence: " + "; ".join(shown) + "."
             if unconfirmed:
                 message += " (Recorded as unconfirmed/provisional: confirm with the physician.)"
             out.append(Finding(
@@ -669,7 +670,8 @@ class _Engine:
             sysv, diav = values.get("systolic"), values.get("diastolic")
             shown = f"{sysv:g}" if sysv is not None else "?"
             shown += f"/{diav:g}" if diav is not None else "/?"
-            return Evidence(ref=o.ref, display=(o.display or "Blood pressure") + f" {shown} mm[Hg]", status=o.status,
+            return Evidence(ref=o.ref, display=(o.display or "Blood pressure") + f" {shown} {unit_text('mm[Hg]')}",
+                            status=o.status,
                             dates=dates, code=cm)
         return Evidence(ref=o.ref, display=o.display or o.kind, status=o.status, dates=dates, value=o.value,
                         unit=o.unit, code=cm)
@@ -869,6 +871,42 @@ def _o_code_trimester(system: str, code: str) -> int | None:
     if not c.startswith("O") or len(c) not in (5, 6) or c[-1] not in "123":
         return None
     return int(c[-1])
+
+
+# "the fever threshold", "the threshold", optionally followed by a parenthesis of words ("(supratherapeutic)")
+_THRESHOLD_WORDS = re.compile(r"\bthe (?:[a-z]+ )?threshold\b(?: \(([^()0-9]*)\))?")
+
+
+def threshold_text(kb: KnowledgeBase, keys: str | Sequence[str]) -> str:
+    """The value of a threshold (or "180/110 mmHg" for a systolic/diastolic pair) as a person reads it; a
+    temperature keeps one decimal ("38.0 °C")."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    units = [str((kb.threshold_meta.get(k) or {}).get("unit") or "") for k in keys]
+    # a temperature and an INR are read with one decimal (38.0 °C, INR 4.0)
+    decimals = 1 if units and units[0] in ("Cel", "[degF]", "1") else None
+    if len(keys) == 2 and units[0] == units[1]:
+        return quantity_text(f"{kb.thresholds[keys[0]]:g}/{kb.thresholds[keys[1]]:g}", units[0])
+    return " or ".join(quantity_text(kb.thresholds[k], u, decimals=decimals) for k, u in zip(keys, units))
+
+
+def named_thresholds(rule: Rule, kb: KnowledgeBase) -> str:
+    """The rule's message with the value after "the X threshold" ("the fever threshold (38.0 °C)"): a message that
+    names a threshold without its value makes the reader look it up. The value is the knowledge base's current one
+    (kb overrides included)."""
+    spec = rule.observation or {}
+    keys = spec.get("threshold")
+    if not keys or not rule.message:
+        return rule.message
+    try:
+        shown = threshold_text(kb, keys)
+    except (KeyError, TypeError, ValueError):
+        return rule.message
+
+    def name(m: re.Match[str]) -> str:
+        words = m.group(0).split(" (", 1)[0]
+        return f"{words} ({shown}; {m.group(1)})" if m.group(1) else f"{words} ({shown})"
+
+    return _THRESHOLD_WORDS.sub(name, rule.message, count=1)
 
 
 def _obs_key(o: ObservationFact) -> tuple:

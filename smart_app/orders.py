@@ -43,6 +43,7 @@ from fhir_massage.knowledge import Site as KbSite
 from fhir_massage.knowledge import load_kb
 from fhir_massage.orders_model import LATERALITIES, _sites as known_sites
 from fhir_massage.screening import screen
+from fhir_massage.units import quantity_text
 
 from . import forms, identity, writes
 from .launch import LaunchContext, fhir_client, require_launch
@@ -214,8 +215,7 @@ def finding_views(screening: Any, actions: list[forms.Action]) -> list[dict[str,
         for d in f.details:
             bits = [f"{k} {v}" for k, v in d.dates.items()]
             if d.value is not None:
-                bits.insert(0, f"{d.value:g} {d.unit or ''}".strip() if isinstance(d.value, float)
-                            else f"{d.value} {d.unit or ''}".strip())
+                bits.insert(0, quantity_text(d.value, d.unit))  # "38.9 °C", not the UCUM code "38.9 Cel"
             if d.status:
                 bits.append(d.status)
             code = d.code

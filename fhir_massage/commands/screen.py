@@ -164,6 +164,7 @@ def render_text(result, kb) -> str:
         lines.append(f"      why: {f.message}")
         lines.append(f"      evidence: {', '.join(f.evidence)}")
         lines.append(f"      evidence class: {f.evidence_class}{'' if f.verified else '  (includes codes not verified)'}")
+        lines.append(f"      source: {f.source or 'none recorded'}")
     if result.information:
         lines.append("")
         lines.append("For your information (does not change the verdict):")
@@ -173,6 +174,7 @@ def render_text(result, kb) -> str:
         lines.append(f"      evidence: {', '.join(f.evidence)}")
         unverified = "" if f.verified else "  (includes codes not verified)"
         lines.append(f"      evidence class: {f.evidence_class}{unverified}")
+        lines.append(f"      source: {f.source or 'none recorded'}")
     if result.needs_review:
         lines.append("")
         lines.append("Needs a clinician's review:")

@@ -150,3 +150,33 @@ def test_help_says_allergies_are_information():
     r = subprocess.run([sys.executable, "-m", "fhir_massage.cli", "screen", "--help"], capture_output=True, timeout=60)
     words = " ".join(r.stdout.decode().split())
     assert '"information"' in words and "never change the verdict" in words
+
+
+def test_text_report_names_each_source_and_prints_units_for_people(tmp_path):
+    # --help promises the source of each finding; the text is for a person: "35 ×10⁹/L" and "38.5 °C", never the UCUM
+    # codes "10*9/L" / "Cel"; the JSON keeps its raw UCUM "unit" (a stable interface)
+    path = tmp_path / "units.json"
+    path.write_text(json.dumps(bundle(allergy("a", "Latex allergy", "300916003"),
+                                      observation("p", "777-3", 35, "10*3/uL"),
+                                      observation("t", "8310-5", 101.3, "[degF]"))))
+    r = cli("--bundle", str(path), "--today", "2024-06-01", "--format", "text")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode()
+    # one block per finding / information item: a line "  [CLASS] rule — title" or "  rule — title", then its
+    # indented lines
+    items: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("  ") and not line.startswith("   ") and " — " in line:
+            items.append([line])
+        elif line.startswith("      ") and items:
+            items[-1].append(line)
+    assert len(items) >= 3, text  # platelets, fever, the latex information item
+    for block in items:
+        sources = [ln.strip()[len("source: "):] for ln in block if ln.strip().startswith("source: ")]
+        assert len(sources) == 1 and sources[0].strip() and sources[0] != "none recorded", block
+    assert "35 ×10⁹/L" in text and "°C" in text and "the fever threshold (38.0 °C)" in text
+    for raw in ("10*9/L", " Cel", "[degF]", "10*3/uL"):
+        assert raw not in text, raw
+    out = json.loads(cli("--bundle", str(path), "--today", "2024-06-01", "--format", "json").stdout)
+    units = {d.get("unit") for f in out["findings"] for d in f["details"] if "unit" in d}
+    assert units >= {"10*9/L", "Cel"}, units

@@ -47,7 +47,8 @@ def test_detected_issue_is_valid_r4_with_code_and_severity(rule_id, resource, co
 def test_detail_carries_dates_and_values():
     result, finding = _finding("platelets-low", observation("o", "777-3", 35, "10*3/uL"))
     issue = detected_issue(finding, patient_ref=result.patient, now=NOW)
-    assert "35 10*9/L" in issue["detail"] and "2024-05-31" in issue["detail"]
+    assert "35 ×10⁹/L" in issue["detail"] and "2024-05-31" in issue["detail"]  # UCUM 10*9/L, printed (units.py)
+    assert "10*9/L" not in issue["detail"]
     assert "implicated" in issue and "ServiceRequest" not in str(issue["implicated"])
 
 
