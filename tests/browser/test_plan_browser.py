@@ -183,6 +183,8 @@ def test_dana_shoulder_plan_lists_the_leg_dvt_elsewhere_and_a_held_plan_says_why
         for f in s.findings:
             if f.rule in applies:
                 assert f.message.split("\n")[0][:40] in open_text, f.rule
+        # signed 3 days ago at twice a week: not one session due yet
+        assert frame.get_by_test_id("adherence").inner_text() == "too early to tell: the first week isn't over"
         body = frame.locator("body").inner_text()
         assert "Read from the EHR" not in body and "Messages from the therapist" not in body
         # a patient launch has no user/ scopes: no dead-end link to the panel, a muted line instead

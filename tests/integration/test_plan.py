@@ -552,3 +552,43 @@ def test_a_covering_physician_changes_the_order_and_the_record_says_so(sandbox, 
     assert r.status_code == 200
     assert not read(w, mine.order_ref).get("note") or all(
         "other than the ordering one" not in n["text"] for n in read(w, mine.order_ref)["note"])
+
+
+def test_findings_acknowledged_at_signing_leave_no_open_issue_and_the_rest_is_elsewhere(make_app_server):
+    """Dana's right-shoulder Swedish order, signed with every finding of her chart recorded and the applying ones
+    acknowledged: nothing is open ('overridden or acknowledged at signing'), the acknowledged ones are listed with
+    what was done, and the left-leg DVT rules are 'elsewhere in the chart', collapsed."""
+    from fhir_massage.builders.detected_issue import detected_issue
+    from fhir_massage.chart import from_resources
+    from fhir_massage.chart_fetch import fetch_chart_resources
+    from fhir_massage.screening import screen
+
+    sb = start_smart_sandbox()
+    try:
+        w = writer(sb, patient="demo-dana-whitfield")
+        s = screen(from_resources(fetch_chart_resources(w, "demo-dana-whitfield")), techniques=["swedish"],
+                   sites=["16982005:right"], today=NOW.date())
+        assert s.applicable and len(s.applicable) < len(s.findings)
+        issues = []
+        for f in s.findings:
+            i = detected_issue(f, patient_ref="Patient/demo-dana-whitfield", now=NOW)
+            if f.rule in s.applicable:
+                i["mitigation"] = [{"action": {"text": "Light pressure, away from the leg"}}]
+            issues.append(i)
+        sign_order(w, "demo-dana-whitfield", sites=("16982005:right",), findings=issues,
+                   authored=NOW - timedelta(days=1))
+        app = make_app_server(sb)
+        browser, url = launch(sb, app, "demo-dana-whitfield")
+        html = browser.get(url, timeout=30).text
+        section = html.split('id="oi-1-h"')[1].split("</section>")[0]
+        assert 'data-testid="open-issues"' not in section
+        assert "No open issues: every finding that applies was overridden or acknowledged at signing." in section
+        addressed = re.search(r'data-testid="addressed-issues"><summary>[^<]*\((\d+)\)</summary>(.*?)</details>',
+                              section, re.S)
+        assert addressed and int(addressed.group(1)) == len(s.applicable)
+        assert "Light pressure, away from the leg" in addressed.group(2)
+        elsewhere = re.search(r'<details class="issues-other" data-testid="elsewhere-issues"><summary>Elsewhere in the '
+                              r'chart, not affecting this plan \((\d+)\)</summary>', section)
+        assert elsewhere and int(elsewhere.group(1)) == len(s.findings) - len(s.applicable)
+    finally:
+        sb.stop()
