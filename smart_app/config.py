@@ -53,6 +53,7 @@ Relative ``private_key_file`` paths are relative to the TOML file.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -109,7 +110,7 @@ class Registration:
         env = os.environ if environ is None else environ
         unknown = set(data) - _REG_KEYS
         if unknown:
-            raise InvalidInput(f"Unknown key(s) in an EHR registration: {', '.join(sorted(unknown))}.")
+            raise InvalidInput(unknown_keys_text(data, unknown))
         iss = data.get("iss")
         client_id = data.get("client_id")
         if not isinstance(iss, str) or urlsplit(iss).scheme not in ("http", "https") or not urlsplit(iss).netloc:
@@ -144,8 +145,10 @@ class Registration:
             try:
                 key = smart.load_private_key(key_src)
                 auth = smart.PrivateKeyJwt(client_id, key, data.get("private_key_alg"))
-            except Exception as exc:  # LaunchError from smart: re-raise as a config problem
-                raise InvalidInput(f"Private key for {iss}: {exc}") from None
+            except Exception as exc:  # LaunchError from smart: re-raise as a config problem, in words
+                where = f" ({data['private_key_file']})" if data.get("private_key") is None else " (private_key)"
+                raise InvalidInput(f"The private key for {iss}{where} cannot be used: "
+                                   f"{key_problem(key_src, exc, private=True)}") from None
         next_jwk = None
         if data.get("next_public_key") is not None or data.get("next_public_key_file"):
             if method != "private_key_jwt":
@@ -156,7 +159,9 @@ class Registration:
             try:
                 next_jwk = smart.public_jwk(src, alg=data.get("private_key_alg"))
             except Exception as exc:
-                raise InvalidInput(f"Next public key for {iss}: {exc}") from None
+                where = f" ({data['next_public_key_file']})" if data.get("next_public_key") is None else ""
+                raise InvalidInput(f"The next public key for {iss}{where} cannot be used: "
+                                   f"{key_problem(src, exc, private=False)}") from None
         dialect = data.get("scope_dialect", "auto")
         if dialect not in ("auto", "v1", "v2"):
             raise InvalidInput(f"scope_dialect for {iss} must be auto, v1 or v2.")
@@ -175,6 +180,84 @@ class Registration:
                    next_public_jwk=next_jwk)
 
 
+def unknown_keys_text(data: Mapping[str, Any], unknown: set[str]) -> str:
+    """"The registration for https://ehr/fhir has an unknown key: client-id (did you mean client_id?)": names the
+    EHR (its iss) so that a file of several registrations points at the right table, and suggests the key meant
+    when the unknown one is a near miss (a hyphen for an underscore, a typo, a different case)."""
+    import difflib
+
+    iss = data.get("iss")
+    who = f"The registration for {iss}" if isinstance(iss, str) and iss else "An EHR registration (without an iss)"
+    normal = {k.replace("_", "").lower(): k for k in _REG_KEYS}
+    parts = []
+    for key in sorted(unknown, key=str):
+        text = str(key)
+        guess = normal.get(re.sub(r"[\-_\s]", "", text).lower()) or next(
+            iter(difflib.get_close_matches(text, sorted(_REG_KEYS), n=1, cutoff=0.75)), None)
+        parts.append(f"{text} (did you mean {guess}?)" if guess else text)
+    noun = "an unknown key" if len(parts) == 1 else "unknown keys"
+    return (f"{who} has {noun}: {', '.join(parts)}. The keys a registration takes: "
+            f"{', '.join(sorted(_REG_KEYS))}.")
+
+
+def key_problem(src: Any, exc: BaseException | None = None, *, private: bool = True) -> str:
+    """What is wrong with a key (PEM text or JWK), in words an operator can act on, never the key itself nor an
+    exception class name."""
+    if isinstance(src, str) and not src.strip():
+        return "the key is empty."
+    if isinstance(src, Mapping) or (isinstance(src, str) and src.lstrip().startswith("{")):
+        if isinstance(src, str):
+            try:
+                jwk = json.loads(src)
+            except ValueError:
+                return "it looks like a JWK (JSON) but is not valid JSON."
+        else:
+            jwk = dict(src)
+        if not isinstance(jwk, dict):
+            return "a JWK must be a JSON object."
+        if "keys" in jwk and "kty" not in jwk:
+            return "this is a JWK Set (\"keys\": [...]); give the one key (a single JWK object) instead."
+        kty = jwk.get("kty")
+        if kty not in ("RSA", "EC"):
+            return (f"the key type (kty) {kty!r} is not supported; use an RSA key or an EC key on the P-384 curve."
+                    if kty else "the JWK has no key type (kty); use an RSA key or an EC key on the P-384 curve.")
+        if kty == "EC" and jwk.get("crv") not in (None, "P-384"):
+            return f"the EC curve {jwk.get('crv')!r} is not supported; SMART asks for ES384, which uses P-384."
+        if private and "d" not in jwk:
+            return "the JWK holds a public key only (no \"d\"); the app signs with the private key."
+        own = _own_words(exc)
+        if own:
+            return own
+        return (f"the JWK's {kty} values do not form a valid key (check "
+                + ("n, e" + (" and d" if private else "") if kty == "RSA" else "crv, x, y" + (" and d" if private else ""))
+                + ").")
+    if not isinstance(src, str):
+        return "give a file name (private_key_file), PEM text or a JWK object."
+    if "-----BEGIN" not in src:
+        return "it is neither PEM text (-----BEGIN ... KEY-----) nor a JWK (JSON)."
+    if "ENCRYPTED" in src:
+        return "the PEM key is protected with a passphrase; export it without one (and keep the file private)."
+    if private and re.search(r"-----BEGIN (?:RSA )?PUBLIC KEY-----|-----BEGIN CERTIFICATE-----", src):
+        return "it holds a public key or a certificate, not the private key the app signs with."
+    if "-----END" not in src:
+        return "the PEM text is cut off (no -----END line)."
+    own = _own_words(exc)
+    if own:
+        return own
+    kind = "private" if private else "public or private"
+    return (f"the PEM text could not be read as an RSA or EC (P-384) {kind} key; check that the whole key was "
+            "copied, with its BEGIN and END lines.")
+
+
+def _own_words(exc: BaseException | None) -> str | None:
+    """The message of our own error (e.g. a key algorithm that does not fit the key), unless it only names an
+    exception class ("could not be read (ValueError).")."""
+    message = getattr(exc, "message", None)
+    if not isinstance(message, str) or not message or re.search(r"\(\w+\)\.?$", message):
+        return None
+    return message[:1].lower() + message[1:] if message[1:2].islower() else message  # "ES384 needs ..." stays
+
+
 def _read_key_file(name: Any, base_dir: Path | None, what: str) -> str:
     """A key file named in a registration; a relative name is read beside the registrations file."""
     path = Path(str(name))
@@ -182,8 +265,17 @@ def _read_key_file(name: Any, base_dir: Path | None, what: str) -> str:
         path = base_dir / path
     try:
         return path.read_text()
+    except FileNotFoundError:
+        raise InvalidInput(f"Cannot read {what}: there is no file {path}.") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"Cannot read {what}: {path} is a directory, not a key file.") from None
+    except PermissionError:
+        raise InvalidInput(f"Cannot read {what}: this process may not read {path} (permissions).") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"Cannot read {what}: {path} is not text (a key file is PEM text or a JWK in JSON; "
+                           "convert a DER or PKCS#12 file to PEM).") from None
     except OSError as exc:
-        raise InvalidInput(f"Cannot read {what} ({exc.strerror}).") from None
+        raise InvalidInput(f"Cannot read {what}: {path} ({exc.strerror or 'the system refused'}).") from None
 
 
 # A host is DNS labels or a bracketed IPv6 literal; anything else (";", spaces, quotes, "*") would change the
@@ -214,13 +306,26 @@ def load_registrations_toml(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidInput(f"Cannot read the registrations file: there is no file {path}.") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"Cannot read the registrations file: {path} is a directory.") from None
+    except PermissionError:
+        raise InvalidInput(f"Cannot read the registrations file {path}: this process may not read it "
+                           "(permissions).") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"The registrations file {path} is not UTF-8 text (TOML files are).") from None
     except OSError as exc:
-        raise InvalidInput(f"Cannot read {path} ({exc.strerror}).") from None
+        raise InvalidInput(f"Cannot read the registrations file {path} ({exc.strerror or 'the system refused'}).") \
+            from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"{path} is not valid TOML: {exc}.") from None
     tables = data.get("ehr")
     if not isinstance(tables, list) or not tables:
         raise InvalidInput(f"{path} has no [[ehr]] tables.")
+    if not all(isinstance(t, dict) for t in tables):
+        raise InvalidInput(f"In {path}, ehr must be a list of [[ehr]] tables (each with iss, client_id, ...), not "
+                           "plain values.")
     out = []
     for t in tables:
         t = dict(t)

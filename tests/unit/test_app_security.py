@@ -194,7 +194,7 @@ scope_dialect = "v1"
     ({"iss": "ftp://x", "client_id": "a"}, "absolute http"),
     ({"iss": ISS}, "client_id"),
     ({"iss": ISS, "client_id": "a", "auth": "magic"}, "auth"),
-    ({"iss": ISS, "client_id": "a", "colour": "red"}, "Unknown key"),
+    ({"iss": ISS, "client_id": "a", "colour": "red"}, f"registration for {ISS} has an unknown key: colour"),
     ({"iss": ISS, "client_id": "a", "frame_ancestors": ["https://x.org/path"]}, "origins"),
     ({"iss": ISS, "client_id": "a", "auth": "private_key_jwt"}, "private_key_file"),
 ])
