@@ -34,7 +34,10 @@ from .builders.detected_issue import RULE_IDENTIFIER_SYSTEM, detected_issue
 from .builders.order import business_status, instant, sessions_done
 from .codes import ORDER_DETAIL_SYSTEM, SNOMED, TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
 from .coordination import PainPoint, PainTrend, PlanRow, pain_trend, parse_date, ref_key, requisition_key
+from .errors import InvalidInput
+from .knowledge import load_kb, parse_site
 from .orders_model import Schedule, is_lateralizable
+from .screening import Finding
 
 __all__ = [
     "PlanGroup", "OpenIssue", "DiffRow", "group_plans", "order_sites", "order_techniques", "recorded_issues",
@@ -175,6 +178,8 @@ def recorded_issues(orders: Sequence[Mapping[str, Any]], issues: Iterable[Mappin
 
 
 def open_issues(recorded: Iterable[Mapping[str, Any]]) -> tuple[OpenIssue, ...]:
+    """Every unmitigated recorded finding, most severe first, WITHOUT asking whether it applies to the plan: the
+    page uses ``split_issues`` (signing records findings about other techniques and sites too)."""
     order = {"high": 0, "moderate": 1, "low": 2}
     out = []
     for i in recorded:
@@ -227,9 +232,6 @@ def issue_applies(issue: Mapping[str, Any], *, techniques: Sequence[str], sites:
     3. else (no rule id, an unknown rule, a detail in another form): it applies - an unknown finding is kept in
        front of the physician rather than hidden.
     """
-    from .knowledge import load_kb, parse_site
-    from .screening import Finding
-
     rules = _issue_rules(issue)
     if screening is not None and rules:
         found = {f.rule for f in getattr(screening, "findings", ()) or ()}
@@ -248,7 +250,7 @@ def issue_applies(issue: Mapping[str, Any], *, techniques: Sequence[str], sites:
     techs, site_texts = scope
     try:
         recorded_sites = tuple(parse_site(s, kb) for s in site_texts)
-    except Exception:  # noqa: BLE001 - a site this KB does not know cannot be ruled out
+    except InvalidInput:  # a site this KB does not know cannot be ruled out
         return True
     probe = Finding(rule=known[0].id, cls=known[0].cls, techniques=tuple(techs), sites=recorded_sites, evidence=(),
                     message="", evidence_class="", source="", verified=True, details=())

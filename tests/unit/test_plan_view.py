@@ -391,7 +391,7 @@ def signed_issues(sites, *, acknowledged=(), techniques=("swedish",)):
     from fhir_massage.builders.detected_issue import detected_issue
     s = screen(from_resources([PATIENT, DVT_LEFT_LEG]), techniques=list(techniques), sites=list(sites), today=TODAY)
     out = []
-    for n, f in enumerate(s.findings):
+    for f in s.findings:
         i = detected_issue(f, patient_ref="Patient/p1", now=NOW, order_ref="ServiceRequest/sr1")
         i["id"] = f"di-{f.rule}"
         if f.rule in acknowledged:
