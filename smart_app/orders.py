@@ -95,7 +95,8 @@ def _validate_enabled() -> bool:
 def unavailable_reason(ctx: LaunchContext) -> tuple[str, str, list[str]] | None:
     """(title, explanation, missing scopes) when this launch cannot order; None when it can."""
     if ctx.role != identity.PHYSICIAN:
-        who = ctx.role_label.lower() if ctx.role else "a user without a known role"
+        label = ctx.role_label.lower() if ctx.role else ""
+        who = (f"{'an' if label[:1] in 'aeiou' else 'a'} {label}" if label else "a user without a known role")
         return ("Ordering is for physicians",
                 f"You are signed in as {who}. Only the ordering physician can order medical massage; therapists "
                 "see the orders in the plan and document sessions against them.", [])

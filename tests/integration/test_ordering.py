@@ -257,6 +257,7 @@ def test_therapist_is_not_offered_ordering(smart_sandbox, app):
     r = browser.get(landing + "orders/", timeout=30)
     assert r.status_code == 403
     assert "Ordering is for physicians" in r.text
+    assert "You are signed in as a massage therapist." in r.text
     # and the JSON endpoints refuse too
     sid = urlsplit(landing).path.split("/")[2]
     csrf = re.search(r'<meta name="csrf-token" content="([^"]+)"', r.text).group(1)
