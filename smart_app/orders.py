@@ -544,6 +544,8 @@ def _finish(draft_id: str, rec: dict[str, Any], ev: _Evaluation, written: Mappin
                       "mitigation": (forms.mitigation(actions[f.rule], author_ref="", when="") or {}).get(
                           "action", {}).get("text") if f.rule in actions else None}
                      for f in ev.screening.findings],
+        # the needs-review entries the physician confirmed: the same words the ServiceRequest note carries
+        "reviewed": forms.review_notes(ev.actions),
     }
     _save_draft(draft_id, rec)
     log.info("order signed (%d order(s))", len(written.get("ServiceRequest", [])))

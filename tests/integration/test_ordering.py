@@ -380,6 +380,7 @@ def test_needs_review_entry_must_be_acknowledged_and_is_recorded_on_the_order(sm
     assert not re.search(r'<select name="override-', refused.text), "Helen's lower back should not be blocked"
     signed = browser.post(sign_url(page), data=dict(base, **{n: "yes" for n in asked}), timeout=60)
     assert signed.status_code == 200 and "/orders/done/" in signed.url, signed.text[:1500]
+    assert 'data-testid="reviewed"' in signed.text and "hx of blood clot in leg" in unescape(signed.text)
     orders = search(reader, helen, "ServiceRequest", draft_id)
     assert len(orders) == 1
     sr = orders[0]
