@@ -32,7 +32,8 @@ stable shape scripts read; the default when stdout is a pipe or file):
   "source", ...}], "information": [{"rule", "techniques", "sites", "evidence", "message", "evidenceClass",
   "source", ...}], "needsReview": [{"evidence", "reason"}], "warnings": [...]}
   findings[].class is absolute, relative or local; information items have the keys of a finding but no class.
-  Keys may be added to this shape, never removed or renamed.
+  Keys may be added to this shape, never removed or renamed. Values keep their UCUM unit codes in "unit"
+  (Cel, 10*9/L, mm[Hg]); human text (messages, the text report) prints them for people (°C, ×10⁹/L, mmHg).
 
 Exit status: 0 when the chart was screened, whatever the verdict; 2 with one line on stderr when the input cannot
 be used (not JSON, not a Bundle, no or several patients, unknown technique, malformed site).
