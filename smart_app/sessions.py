@@ -5,8 +5,10 @@ Pages (all under the launch, ``/p/<lsid>/sessions``; therapists only):
 
 * ``GET  /``                     the patient's active massage plans (the per-technique orders of one requisition,
                                  grouped as plan_view.group_plans does) with their fulfilment Tasks and message
-                                 threads: ONE batch request (ServiceRequest search with ``_revinclude=Task:focus``,
-                                 Communications of the patient).
+                                 threads; held plans ("On hold", the physician's reason, the messages, no "Document
+                                 a session"); completed and revoked ones as a short "Past orders" list: ONE batch
+                                 request (ServiceRequest search with ``_revinclude=Task:focus``, Communications).
+                                 A session on an order that is not active is refused (``closed_order_text``).
 * ``GET  /<order_id>``           the plan of that order (any of its orders leads to the same page), the re-screen
                                  for the union of the plan's techniques and sites ("new since the order" first) and
                                  ONE note for the visit, prefilled from the server-side draft. ONE batch request: the
