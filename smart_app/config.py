@@ -228,9 +228,8 @@ def key_problem(src: Any, exc: BaseException | None = None, *, private: bool = T
         own = _own_words(exc)
         if own:
             return own
-        return (f"the JWK's {kty} values do not form a valid key (check "
-                + ("n, e" + (" and d" if private else "") if kty == "RSA" else "crv, x, y" + (" and d" if private else ""))
-                + ").")
+        members = ("n, e" if kty == "RSA" else "crv, x, y") + (" and d" if private else "")
+        return f"the JWK's {kty} values do not form a valid key (check {members})."
     if not isinstance(src, str):
         return "give a file name (private_key_file), PEM text or a JWK object."
     if "-----BEGIN" not in src:

@@ -288,8 +288,9 @@ def finding_issues(draft: OrderDraft, screening: Any, actions: Sequence[Action],
     contraindication of the knowledge base (its code is a rule of ours, with class, evidence and source), and these
     entries are exactly what the engine could not classify; a DetectedIssue with code "needs review" would be read by
     the therapist's re-screen and by other apps as a finding it is not. The note travels with the order itself (the
-    therapist's worklist and session page show an order's notes as "Physician's notes"), carries the physician as author and the signing time, and is plain
-    R4 (ServiceRequest.note, Annotation), so the order stays valid against our profiles."""
+    therapist's worklist and session page show an order's notes as "Physician's notes"), carries the physician as
+    author and the signing time, and is plain R4 (ServiceRequest.note, Annotation), so the order stays valid against
+    our profiles."""
     when = now.isoformat().replace("+00:00", "Z")
     by_rule = {a.rule: a for a in actions}
     out = []

@@ -153,8 +153,8 @@ def test_help_says_allergies_are_information():
 
 
 def test_text_report_names_each_source_and_prints_units_for_people(tmp_path):
-    # --help promises the source of each finding; the text is for a person: "35 ×10⁹/L" and "38.5 °C", never the UCUM
-    # codes "10*9/L" / "Cel"; the JSON keeps its raw UCUM "unit" (a stable interface)
+    # --help promises the source of each finding; the text is for a person: "35 ×10⁹/L" and "38.5 °C", never the
+    # UCUM codes "10*9/L" / "Cel"; the JSON keeps its raw UCUM "unit" (a stable interface)
     path = tmp_path / "units.json"
     path.write_text(json.dumps(bundle(allergy("a", "Latex allergy", "300916003"),
                                       observation("p", "777-3", 35, "10*3/uL"),
