@@ -95,7 +95,7 @@ def _start(name: str, args: list[str], env: dict[str, str], tmp: Path, *, url_li
             raise AssertionError(f"{name} did not print its URL:\n{''.join(seen)[-3000:]}\n{log.read_text()[-3000:]}")
         if m := re.search(url_line, line):
             url = m.group(1)
-    wait_ready(f"{url}/healthz")
+    wait_ready(f"{url}/healthz", deadline_s=START_DEADLINE_S)  # gunicorn workers import the app after the bind
     return Instance(proc, url, log, seen)
 
 
