@@ -43,16 +43,23 @@ def cond(cid: str, patient: str, code: str, onset, status: str = "active", **ext
 @pytest.fixture
 def svc() -> FhirService:
     s = FhirService(Store(None))
-    put(s, {"resourceType": "Patient", "id": "p1", "name": [{"family": "Müller", "given": ["Zoë"]}],
-            "gender": "female", "birthDate": "1970-05-06",
-            "identifier": [{"system": "urn:mrn", "value": "MRN-1"}]})
-    put(s, {"resourceType": "Patient", "id": "p2", "name": [{"family": "Mullins", "given": ["Ann"]}],
-            "gender": "male", "birthDate": "1980"})
-    put(s, cond("c1", "p1", "128053003", "2020-03-15"))
-    put(s, cond("c2", "p1", "38341003", "2021-07-01T10:00:00Z", status="resolved"))
-    put(s, cond("c3", "p2", "128053003", {"start": "2019-12-30", "end": "2020-01-05"}))
-    put(s, cond("c4", "p2", "44054006", {"start": "2022-01-01"}))  # open-ended: ongoing
+    for resource in seed_resources():
+        put(s, resource)
     return s
+
+
+def seed_resources() -> list[dict]:
+    """The data every row of SEARCHES runs against (also over HTTP: tests/integration/test_sandbox_search_http.py)."""
+    return [
+        {"resourceType": "Patient", "id": "p1", "name": [{"family": "Müller", "given": ["Zoë"]}],
+         "gender": "female", "birthDate": "1970-05-06", "identifier": [{"system": "urn:mrn", "value": "MRN-1"}]},
+        {"resourceType": "Patient", "id": "p2", "name": [{"family": "Mullins", "given": ["Ann"]}],
+         "gender": "male", "birthDate": "1980"},
+        cond("c1", "p1", "128053003", "2020-03-15"),
+        cond("c2", "p1", "38341003", "2021-07-01T10:00:00Z", status="resolved"),
+        cond("c3", "p2", "128053003", {"start": "2019-12-30", "end": "2020-01-05"}),
+        cond("c4", "p2", "44054006", {"start": "2022-01-01"}),  # open-ended: ongoing
+    ]
 
 
 SEARCHES = [
