@@ -2,9 +2,12 @@
 an EHR does with the cards: shows them, applies accepted suggestions, records overrides, sends feedback, blocks
 signing on unaddressed critical cards and launches the SMART app from a card's ``smart`` link.
 
-The user picks a clinician, a patient, massage technique(s) and body site(s); the page builds draft
-ServiceRequests (one per technique, status ``draft``, ids assigned now as an EHR does for pending orders) and keeps
-them in a server-side *order session* (in memory, 2 h, id in the URL; no cookies, no scripts). Server-side:
+The user picks a clinician, a patient, massage technique(s) and body site(s); with the authorization server, a
+clinician is offered, and may order for, only the patients on their care teams (``SandboxAuth.accessible_patients``,
+as ``/ehr`` does; another patient is refused with a 403 page); an open sandbox (``--open``) offers every patient.
+The page builds draft ServiceRequests (one per technique, status ``draft``, ids assigned now as an EHR does for
+pending orders) and keeps them in a server-side *order session* (in memory, 2 h, id in the URL; no cookies, no
+scripts). Server-side:
 
 1. reads the CDS service's discovery document (``GET {cds_base}/cds-services``) and picks the service for the hook;
 2. fills its prefetch templates from the sandbox's own FHIR data (only ``{{context.patientId}}`` /
@@ -289,10 +292,22 @@ def _users() -> list[dict[str, Any]]:
     return [u for u in demo.DEMO_USERS if u.get("role") == "physician"] or list(demo.DEMO_USERS)
 
 
-def _patients() -> list[dict[str, Any]]:
+def _patients(user: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every demo patient, or with ``user`` and the authorization server, only the patients whose charts that user
+    may open (an EHR offers a clinician the patients of their care relationships; same rule as ``/ehr`` and the
+    FHIR API's user/ grants). An open sandbox has no access rules: every patient."""
     from fhir_massage.sandbox import demo
 
-    return list(demo.DEMO_PATIENTS)
+    patients = list(demo.DEMO_PATIENTS)
+    auth = _sandbox().get("auth")
+    if auth is None or user is None:
+        return patients
+    mine = auth.accessible_patients(user)
+    return [p for p in patients if p["id"] in mine]
+
+
+def _may_order(user: Mapping[str, Any], patient: Mapping[str, Any]) -> bool:
+    return any(p["id"] == patient["id"] for p in _patients(user))
 
 
 def _site_options() -> list[tuple[str, str]]:
@@ -314,17 +329,28 @@ def _site_options() -> list[tuple[str, str]]:
 def _render(status: int = 200, **ctx: Any) -> Response:
     """The new-order form (with errors, or with the cards of a call that failed before a session existed)."""
     form = ctx.pop("form", {})
+    users = _users()
+    chosen = None
+    counts: dict[str, int] = {}
+    if _sandbox().get("auth") is not None:
+        # The page runs no script to refill the patient list when another clinician is chosen: the list is the
+        # chosen clinician's ("Show this clinician's patients" reloads it), and send() refuses any other patient.
+        chosen = next((u for u in users if u["id"] == form.get("user")), users[0] if users else None)
+        counts = {u["id"]: len(_patients(u)) for u in users}
     resp = current_app.make_response((render_template(
-        "ehr_orders/index.html", users=_users(), patients=_patients(), techniques=C.TECHNIQUES,
-        technique_display=C.TECHNIQUE_DISPLAY, sites=_site_options(), form=form, cds_base=_state().cds_base_url,
-        render_markdown=render_markdown, **ctx), status))
+        "ehr_orders/index.html", users=users, patients=_patients(chosen), chosen=chosen, counts=counts,
+        techniques=C.TECHNIQUES, technique_display=C.TECHNIQUE_DISPLAY, sites=_site_options(), form=form,
+        cds_base=_state().cds_base_url, render_markdown=render_markdown, **ctx), status))
     return _secure(resp)
 
 
 @bp.get("")
 @bp.get("/")
 def index() -> Response:
-    return _render(form={"patient": request.args.get("patient", ""), "user": request.args.get("user", "")})
+    # "Show this clinician's patients" comes back here (GET) with the whole form: keep what was already chosen
+    a = request.args
+    return _render(form={"patient": a.get("patient", ""), "user": a.get("user", ""),
+                         "techniques": a.getlist("technique"), "sites": a.getlist("site")})
 
 
 @bp.get("/cards.css")
@@ -865,6 +891,11 @@ def send() -> Response:
     techniques = [t for t in form["techniques"] if t in C.TECHNIQUES]
     valid_sites = dict(_site_options())
     sites = [s for s in form["sites"] if s in valid_sites]
+    if patient is not None and user is not None and not _may_order(user, patient):
+        # As /ehr/launch: an EHR does not open a chart outside the user's care relationships.
+        return _render(403, form=form, errors=[
+            f"{user['name']} may not order for this patient: they are not on the patient's care team (nor the "
+            "patient's primary care provider). Choose one of their patients."])
     if patient is None:
         errors.append("Choose a patient.")
     if user is None:

@@ -83,8 +83,8 @@ def pair():
 
 
 def order(pair: CdsPair, *, action="sign", patient=DANA, techniques=("deep-tissue",),
-          sites=("30021000:left",)) -> requests.Response:
-    data = [("user", "dr-ada-grey"), ("patient", patient), ("action", action)]
+          sites=("30021000:left",), user="dr-ada-grey") -> requests.Response:
+    data = [("user", user), ("patient", patient), ("action", action)]
     data += [("technique", t) for t in techniques] + [("site", s) for s in sites]
     return requests.post(f"{pair.sandbox_url}/ehr/orders", data=data, timeout=30)
 
@@ -228,6 +228,67 @@ def test_a_clear_patient_gets_no_cards_and_sign_goes_straight_through(pair):
 def test_form_errors_are_shown_not_sent(pair):
     r = order(pair, techniques=())
     assert r.status_code == 400 and "Choose at least one technique." in r.text
+
+
+def offered(page: str, select: str) -> list[str]:
+    """The option values of the form's <select id=...> (what the page lets the user choose)."""
+    m = re.search(rf'<select id="{select}"[^>]*>(.*?)</select>', page, flags=re.S)
+    return re.findall(r'<option value="([^"]*)"', m.group(1)) if m else []
+
+
+def selected(page: str, select: str) -> list[str]:
+    m = re.search(rf'<select id="{select}"[^>]*>(.*?)</select>', page, flags=re.S)
+    return re.findall(r'<option value="([^"]*)" selected>', m.group(1)) if m else []
+
+
+def test_the_form_offers_a_clinician_only_the_patients_on_their_care_teams(pair):
+    # docs/sandbox-fhir.md: Dr. Lee Chen is only on Tom Becker's and Dana Whitfield's care teams
+    r = requests.get(f"{pair.sandbox_url}/ehr/orders", params={"user": "dr-lee-chen"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert offered(r.text, "patient") == ["demo-tom-becker", DANA]
+    assert selected(r.text, "user") == ["dr-lee-chen"]
+    assert "Dr. Lee Chen, MD (2 patients)</option>" in r.text
+    # Dr. Ada Grey is on every team; she is the clinician when none is chosen
+    r = requests.get(f"{pair.sandbox_url}/ehr/orders", timeout=10)
+    assert selected(r.text, "user") == ["dr-ada-grey"]
+    assert "demo-maria-santos" in offered(r.text, "patient") and DANA in offered(r.text, "patient")
+    # no script on the page: choosing another clinician and pressing "Show this clinician's patients" reloads the
+    # form (GET) with that clinician's patients, keeping what was already ticked
+    (form,) = [f for f in _parse(r.text).forms
+               if any(b["text"].startswith("Show this clinician") for b in f["buttons"])]
+    (button,) = [b for b in form["buttons"] if b["text"].startswith("Show this clinician")]
+    r = requests.get(urljoin(r.url, button["formaction"]), timeout=10,
+                     params=[("user", "dr-lee-chen"), ("patient", DANA), ("technique", "swedish")])
+    assert offered(r.text, "patient") == ["demo-tom-becker", DANA] and selected(r.text, "patient") == [DANA]
+    assert 'value="swedish" checked' in r.text
+
+
+def test_a_patient_outside_the_clinicians_care_teams_is_refused_plainly(pair):
+    before = len(_card_records(pair))
+    r = order(pair, user="dr-lee-chen", patient="demo-maria-santos", action="select")
+    assert r.status_code == 403
+    assert "/ehr/orders/s/" not in r.url  # no order session was made
+    assert "Dr. Lee Chen, MD may not order for this patient: they are not on the patient's care team" in \
+        html.unescape(r.text)
+    assert "Traceback" not in r.text and "<script" not in r.text
+    assert offered(r.text, "patient") == ["demo-tom-becker", DANA]  # the form again, with their own patients
+    assert len(_card_records(pair)) == before  # the CDS service was not called for a chart the user may not open
+    # one of their own patients goes through
+    r = order(pair, user="dr-lee-chen", patient=DANA, action="select")
+    assert r.status_code == 200 and "/ehr/orders/s/" in r.url, r.text
+
+
+def test_an_open_sandbox_offers_every_patient_to_every_clinician():
+    p = start_cds_pair(secured=False)
+    try:
+        r = requests.get(f"{p.sandbox_url}/ehr/orders", params={"user": "dr-lee-chen"}, timeout=10)
+        assert "demo-maria-santos" in offered(r.text, "patient")
+        assert "Show this clinician" not in r.text and "(2 patients)" not in r.text
+        r = order(p, user="dr-lee-chen", patient="demo-maria-santos", techniques=("swedish",), sites=("77568009",),
+                  action="select")
+        assert r.status_code == 200 and "/ehr/orders/s/" in r.url, r.text
+    finally:
+        p.stop()
 
 
 def test_settings_are_loopback_only_and_checked(pair):
