@@ -19,11 +19,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from fhir_massage.errors import FhirError, FhirNotFound
+from fhir_massage.errors import FhirAuthError, FhirError, FhirNotFound
 from fhir_massage.fhir import FhirClient, FhirResult, batch_bundle, entry_outcomes, request_entry, resources
 from fhir_massage.knowledge import load_kb
 
-__all__ = ["fetch_chart_resources", "chart_searches"]
+__all__ = ["fetch_chart_resources", "chart_searches", "batch_patient"]
 
 _COUNT = "200"
 _PAGE_CAP = 50
@@ -44,6 +44,24 @@ def chart_searches(patient_id: str) -> list[tuple[str, list[tuple[str, str]]]]:
         ("AllergyIntolerance", [p, ("_count", _COUNT)]),
         ("Procedure", [p, ("_count", _COUNT)]),
     ]
+
+
+def batch_patient(entry: FhirResult | FhirError) -> dict[str, Any] | None:
+    """The Patient of a batch-response entry that read it (``GET Patient/<id>``; entry_outcomes gives a FhirResult or
+    the entry's FhirError, and a page reading one by one hands in what the read raised), for every page that reads
+    the patient in its batch. None when the entry holds no Patient for another reason (not found, unsupported, a
+    server error): the caller retries or says what is missing.
+
+    A refused read (401/403) is raised as the FhirAuthError it is. An EHR refuses the patient itself when the token
+    does not reach that chart (user/ scopes reach only what "the current user can access", SMART App Launch 2.2
+    "Scopes and Launch Context": a patient outside the user's care team), and nothing a page shows about the patient
+    can be right then: the user must read that the EHR refused, not that the data has no Patient."""
+    if isinstance(entry, FhirAuthError):
+        raise entry
+    if isinstance(entry, FhirResult) and isinstance(entry.resource, dict) \
+            and entry.resource.get("resourceType") == "Patient":
+        return entry.resource
+    return None
 
 
 def _query(params: list[tuple[str, str]]) -> str:
@@ -76,12 +94,13 @@ def fetch_chart_resources(client: FhirClient, patient_id: str) -> list[dict[str,
         outcomes = None  # batch not supported (or refused): search one by one below
     if outcomes is not None and len(outcomes) == len(entries):
         first = outcomes[0]
-        if isinstance(first, FhirError):
-            if isinstance(first, FhirNotFound):
-                raise FhirNotFound(f"Patient {patient_id} was not found on the FHIR server.", status=404)
+        patient = batch_patient(first)  # a refused Patient raises FhirAuthError
+        if patient is not None:
+            out.append(patient)
+        elif isinstance(first, FhirNotFound):
+            raise FhirNotFound(f"Patient {patient_id} was not found on the FHIR server.", status=404)
+        else:
             failed.append(-1)
-        elif first.resource is not None:
-            out.append(first.resource)
         for i, result in enumerate(outcomes[1:]):
             if isinstance(result, FhirResult) and isinstance(result.resource, dict) \
                     and result.resource.get("resourceType") == "Bundle":

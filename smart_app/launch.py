@@ -31,6 +31,7 @@ import requests
 from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 
 from fhir_massage import smart
+from fhir_massage.chart_fetch import batch_patient
 from fhir_massage.errors import FhirError, LaunchError
 from fhir_massage.fhir import FhirClient, entry_outcomes, request_entry
 from fhir_massage.writes import batch_or_each
@@ -451,7 +452,11 @@ def callback() -> Response:
         notes.append(f"The EHR granted fewer permissions than asked ({len(trimmed)} not granted).")
     # One batch for the landing page: the patient and the user's Practitioner/PractitionerRole (benchmark target).
     client = FhirClient(iss, token_source=token_source(sid, iss), timeout=state.timeout, session=state.http)
-    patient, practitioner, roles = _landing_reads(client, patient_id, user_ref, notes)
+    try:
+        patient, practitioner, roles = _landing_reads(client, patient_id, user_ref, notes)
+    except FhirError:
+        _store().delete(NS_TOKENS, sid)  # no session is made: nothing will use these tokens
+        raise
     session["banner"] = identity.banner(patient)
     if practitioner is not None:
         session["user_name"] = identity.human_name(practitioner) or session["user_name"]
@@ -536,6 +541,8 @@ def _landing_reads(client: FhirClient, patient_id: str | None, user_ref: str | N
     patient = practitioner = None
     roles: list[dict] = []
     for (kind, _), result, body in zip(entries, results, bodies):
+        if kind == "patient":
+            batch_patient(result)  # the EHR refused this launch's patient (FhirAuthError): say so, not "no details"
         if isinstance(result, FhirError):
             notes.append({"patient": "The patient's record could not be read.",
                           "practitioner": "Your user record could not be read.",

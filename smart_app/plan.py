@@ -33,7 +33,7 @@ from fhir_massage import plan_view as pv
 from fhir_massage.builders.messages import CATEGORIES, MESSAGE_ID_SYSTEM, communication
 from fhir_massage.builders.order import IDENTIFIER_BASE, annotation, instant, provenance, provenance_entry
 from fhir_massage.builders.plan import ACTIONS, modify_order, order_status_update, task_follow_order
-from fhir_massage.chart_fetch import chart_searches
+from fhir_massage.chart_fetch import batch_patient, chart_searches
 from fhir_massage.codes import NUCC, NUCC_MASSAGE_THERAPIST, TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES, codings
 from fhir_massage.errors import FhirConflict, FhirError, InvalidInput
 from fhir_massage.writes import PartialWrite, batch_or_each
@@ -233,6 +233,8 @@ def _run_batch(client: FhirClient, searches: Sequence[tuple[str, str]], out: dic
         return [(k, u) for k, u in searches]
     retry = []
     for (key, url), result in zip(searches, outcomes):
+        if key == "patient":
+            batch_patient(result)  # a refused Patient raises FhirAuthError: the plan of this patient cannot be shown
         if isinstance(result, FhirResult) and isinstance(result.resource, dict):
             res = result.resource
             out[key] = (_pages(client, res, _WHAT.get(key, key.split(":")[-1]), warnings)
@@ -266,6 +268,8 @@ def fetch(client: FhirClient, patient_id: str, *, with_chart: bool = True, user_
             except FhirError as exc:
                 if exc.status == 401:
                     raise
+                if key == "patient":
+                    batch_patient(exc)  # refused: raised as in the batch
                 out[key] = [_outcome(key, exc)]
     elif retry:
         _run_batch(client, retry, out, warnings, last=True)

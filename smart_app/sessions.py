@@ -53,7 +53,7 @@ from fhir_massage.builders.order import ORDER_DETAIL_SYSTEM, sessions_done
 from fhir_massage.builders.session import (VISIT_ID_SYSTEM, SessionNote, VisitNote, VisitOrder, cpt_units,
                                            session_recorded, technique_cpt, visit_cpt_minutes, visit_problems,
                                            visit_transaction, visit_units)
-from fhir_massage.chart_fetch import chart_searches
+from fhir_massage.chart_fetch import batch_patient, chart_searches
 from fhir_massage.codes import TECHNIQUE_DISPLAY, TECHNIQUE_SYSTEM, TECHNIQUES
 from fhir_massage.errors import FhirAuthError, FhirConflict, FhirError, InvalidInput, LaunchError
 from fhir_massage.fhir import FhirResult, batch_bundle, entry_outcomes, request_entry, resources
@@ -926,9 +926,9 @@ def load_order_page(client: Any, patient_id: str, order_id: str, *, with_chart: 
         data.problems.append("The messages about this order could not be read.")
     data.comms = [r for r in comms or [] if r.get("resourceType") == "Communication"]
     if with_chart:
-        patient = outcomes[3]
-        if isinstance(patient, FhirResult) and isinstance(patient.resource, dict):
-            data.chart_resources.append(patient.resource)
+        patient = batch_patient(outcomes[3])  # a refused Patient raises FhirAuthError
+        if patient is not None:
+            data.chart_resources.append(patient)
         for (rtype, _), result in zip(searches, outcomes[4:]):
             page = _searchset(result)
             if page is None:

@@ -191,6 +191,51 @@ def test_narrowed_scopes_show_ordering_unavailable(sandbox, app_for):
     assert "unavailable" in block and "create ServiceRequest" in block and "href" not in block
 
 
+# A client the EHR allows user/ scopes only: its token reaches the patients on the user's care teams, whatever
+# patient the launch names (docs/sandbox-fhir.md: Dr. Lee Chen is on Tom Becker's and Dana Whitfield's teams only).
+USER_SCOPES = ("launch openid fhirUser online_access user/Patient.rs user/Condition.rs user/Observation.rs "
+               "user/MedicationRequest.rs user/MedicationStatement.rs user/MedicationAdministration.rs "
+               "user/AllergyIntolerance.rs user/Procedure.crus user/ServiceRequest.crus user/DetectedIssue.crs "
+               "user/Task.crus user/Communication.crs user/Provenance.crs user/CarePlan.rs user/Practitioner.rs "
+               "user/PractitionerRole.rs")
+LEE = "dr-lee-chen"
+MARIA = "demo-maria-santos"
+
+
+def test_a_launch_on_a_patient_the_ehr_refuses_says_the_ehr_did_not_allow_it(sandbox, make_app_server):
+    # POST /_sandbox/launches does not check care teams (the FHIR API does): the launch lands on Maria Santos, whose
+    # Patient read the EHR refuses (403). The app says the EHR refused, not "The data has no Patient resource".
+    app = make_app_server(sandbox, {"allowed_scopes": USER_SCOPES.split()}, registration={"scopes": USER_SCOPES})
+    browser = requests.Session()
+    r = browser.get(create_launch(sandbox, app.client_id, LEE, MARIA)["launch_url"], timeout=30)
+    assert r.status_code == 403, r.text[:800]
+    assert "The EHR did not allow this" in r.text
+    assert "no Patient resource" not in r.text and "Traceback" not in r.text
+    assert app.store._exec("SELECT count(*) FROM kv WHERE ns=?", (NS_TOKENS,)) == [(0,)]  # no session was kept
+    # the same app and user on one of Dr. Chen's own patients: the launch and the chart pages work
+    r = browser.get(create_launch(sandbox, app.client_id, LEE, DANA[0])["launch_url"], timeout=30)
+    assert r.status_code == 200 and banner_name(r.text) == DANA[1]
+    assert browser.get(f"{app.url}/p/{lsid_of(r.url)}/plan/", timeout=30).status_code == 200
+
+
+def test_every_chart_load_raises_the_ehrs_refusal_of_the_patient(sandbox):
+    # One helper (chart_fetch.batch_patient) reads the Patient out of every page's batch: the orders chart, the plan
+    # and the therapist's order page all raise the FhirAuthError that smart_app/errors.py shows as a plain page.
+    from fhir_massage.chart_fetch import fetch_chart_resources
+    from fhir_massage.errors import FhirAuthError
+    from smart_app import plan, sessions
+
+    tok = get_token(sandbox, "test-public", LEE, MARIA, scopes="launch openid fhirUser user/*.rs")
+    ehr = FhirClient(sandbox.fhir_base, token_source=StaticToken(tok["access_token"]))
+    loads = {"orders": lambda: fetch_chart_resources(ehr, MARIA), "plan": lambda: plan.load(ehr, MARIA),
+             "sessions": lambda: sessions.load_order_page(ehr, MARIA, "any-order")}
+    for name, load in loads.items():
+        with pytest.raises(FhirAuthError) as refused:
+            load()
+        assert refused.value.status == 403, name
+    assert fetch_chart_resources(ehr, DANA[0])[0]["id"] == DANA[0]  # his own patient is read
+
+
 @pytest.mark.parametrize("tamper", ["altered", "dropped", "replayed"])
 def test_state_tampering_gives_a_clear_page(sandbox, app_for, tamper):
     app = app_for()
