@@ -245,6 +245,10 @@ def _run_batch(client: FhirClient, searches: Sequence[tuple[str, str]], out: dic
             retry.append((key, _without_include(url)))
         elif not last and isinstance(result, FhirError) and result.retryable:
             retry.append((key, url))
+        elif key == "patient" and isinstance(result, FhirError):
+            # Without the Patient no part of the plan can be shown: say what the EHR answered (not found, did not
+            # answer, ...) through the app's error pages instead of a misleading "the data has no Patient".
+            raise result
         else:
             out[key] = [_outcome(key, result)]
     return retry
@@ -269,7 +273,7 @@ def fetch(client: FhirClient, patient_id: str, *, with_chart: bool = True, user_
                 if exc.status == 401:
                     raise
                 if key == "patient":
-                    batch_patient(exc)  # refused: raised as in the batch
+                    raise  # refused, missing or unanswered: as in the batch, no plan without the patient
                 out[key] = [_outcome(key, exc)]
     elif retry:
         _run_batch(client, retry, out, warnings, last=True)
