@@ -163,19 +163,14 @@ def render_text(result, kb) -> str:
         lines.append(f"      techniques: {', '.join(f.techniques)}")
         lines.append(f"      sites: {', '.join(site_name(s) for s in f.sites)}")
         lines.append(f"      why: {f.message}")
-        lines.append(f"      evidence: {', '.join(f.evidence)}")
-        lines.append(f"      evidence class: {f.evidence_class}{'' if f.verified else '  (includes codes not verified)'}")
-        lines.append(f"      source: {f.source or 'none recorded'}")
+        lines.extend(_evidence_lines(f))
     if result.information:
         lines.append("")
         lines.append("For your information (does not change the verdict):")
     for f in result.information:
         lines.append(f"  {f.rule} — {f.title}")
         lines.append(f"      {f.message}")
-        lines.append(f"      evidence: {', '.join(f.evidence)}")
-        unverified = "" if f.verified else "  (includes codes not verified)"
-        lines.append(f"      evidence class: {f.evidence_class}{unverified}")
-        lines.append(f"      source: {f.source or 'none recorded'}")
+        lines.extend(_evidence_lines(f))
     if result.needs_review:
         lines.append("")
         lines.append("Needs a clinician's review:")
@@ -189,3 +184,11 @@ def render_text(result, kb) -> str:
     if not result.findings and not result.needs_review:
         lines.append("No contraindication found in the chart for this proposal.")
     return "\n".join(lines) + "\n"
+
+
+def _evidence_lines(f) -> list[str]:
+    """What a finding or an information item rests on: the chart entries, the evidence class, the source."""
+    unverified = "" if f.verified else "  (includes codes not verified)"
+    return [f"      evidence: {', '.join(f.evidence)}",
+            f"      evidence class: {f.evidence_class}{unverified}",
+            f"      source: {f.source or 'none recorded'}"]
